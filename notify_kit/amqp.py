@@ -1,0 +1,187 @@
+"""RabbitMQ: the topology (declared here and nowhere else) and a confirming publisher.
+
+Topology::
+
+    exchange notify.jobs (direct, durable)          (names take an optional prefix)
+      "email"  -> email.queue   (quorum)
+      "push"   -> push.queue    (quorum)
+      "failed" -> failed.queue  (quorum; dead letters with their history)
+    email.retry.N, push.retry.N (quorum, x-message-ttl = backoff of attempt N,
+      dead-lettering at-least-once back to notify.jobs with the work routing key)
+
+Every message is persistent and published with ``mandatory`` and a publisher confirm,
+so ``publish`` returns only once the broker owns the message; an unroutable message
+raises instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from notify_kit.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5
+# Delay before attempt N+1, in milliseconds (attempt 1 failed -> wait 2 s, ...).
+RETRY_DELAYS_MS = (2_000, 10_000, 30_000, 120_000)
+_QUORUM = {"x-queue-type": "quorum"}
+
+
+@dataclass(frozen=True, slots=True)
+class JobKind:
+    """One kind of job: its routing key and protobuf type name."""
+
+    key: str
+    message_type: str
+
+
+EMAIL = JobKind("email", "notify.v1.EmailJob")
+PUSH = JobKind("push", "notify.v1.PushJob")
+KINDS = (EMAIL, PUSH)
+FAILED_KEY = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Every exchange and queue name, derived from one optional prefix.
+
+    Production uses no prefix (``email.queue``, ``push.queue``, ``failed.queue``); the
+    test suite uses a unique prefix per run so it never steals a developer's messages.
+    """
+
+    prefix: str = ""
+
+    @property
+    def exchange(self) -> str:
+        """The direct exchange every job is published to."""
+        return f"{self.prefix}notify.jobs"
+
+    @property
+    def failed_queue(self) -> str:
+        """Dead letters: jobs that failed permanently or ran out of attempts."""
+        return f"{self.prefix}failed.queue"
+
+    def queue(self, kind: JobKind) -> str:
+        """The work queue of ``kind``."""
+        return f"{self.prefix}{kind.key}.queue"
+
+    def retry_queue(self, kind: JobKind, attempt: int) -> str:
+        """The delay queue a job waits in after failing ``attempt`` (1-based)."""
+        return f"{self.prefix}{kind.key}.retry.{attempt}"
+
+    def all_queues(self) -> list[str]:
+        """Every queue name, for purging and deleting in tests and tooling."""
+        names = [self.failed_queue]
+        for kind in KINDS:
+            names.append(self.queue(kind))
+            names += [self.retry_queue(kind, a) for a in range(1, len(RETRY_DELAYS_MS) + 1)]
+        return names
+
+    async def declare(self, channel: AbstractChannel) -> None:
+        """Declare the exchange, work, retry and failed queues (idempotent)."""
+        exchange = await channel.declare_exchange(
+            self.exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        failed = await channel.declare_queue(self.failed_queue, durable=True, arguments=_QUORUM)
+        await failed.bind(exchange, FAILED_KEY)
+        for kind in KINDS:
+            queue = await channel.declare_queue(self.queue(kind), durable=True, arguments=_QUORUM)
+            await queue.bind(exchange, kind.key)
+            for attempt, delay in enumerate(RETRY_DELAYS_MS, start=1):
+                await channel.declare_queue(
+                    self.retry_queue(kind, attempt),
+                    durable=True,
+                    arguments={
+                        **_QUORUM,
+                        "x-message-ttl": delay,
+                        "x-dead-letter-exchange": self.exchange,
+                        "x-dead-letter-routing-key": kind.key,
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": "reject-publish",
+                    },
+                )
+
+
+async def connect(url: str, *, timeout: float = 10.0) -> AbstractRobustConnection:
+    """A robust connection (reconnects and re-declares on its own)."""
+    return await aio_pika.connect_robust(url, timeout=timeout)
+
+
+class Publisher:
+    """Publishes persistent messages and waits for the broker's confirm.
+
+    One channel serves every concurrent request: aio-pika tracks confirms by delivery
+    tag, so concurrent ``publish`` calls pipeline instead of waiting one by one.
+    """
+
+    def __init__(
+        self, connection: AbstractRobustConnection, topology: Topology, *, timeout: float = 5.0
+    ) -> None:
+        self._connection = connection
+        self._topology = topology
+        self._timeout = timeout
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+
+    async def start(self) -> None:
+        """Open the confirming channel and make sure the topology exists."""
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        await self._topology.declare(self._channel)
+        self._exchange = await self._channel.get_exchange(self._topology.exchange)
+
+    async def close(self) -> None:
+        """Close the channel (the connection belongs to the caller)."""
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+    async def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_type: str,
+        message_id: str,
+        correlation_id: str,
+        headers: Mapping[str, str] | None = None,
+        direct_to_queue: bool = False,
+    ) -> None:
+        """Publish and wait for the confirm; raise ``Unavailable`` on any failure.
+
+        ``direct_to_queue`` publishes through the default exchange straight to the
+        queue named ``routing_key`` (used for the retry delay queues).
+        """
+        assert self._channel is not None and self._exchange is not None, "start() first"
+        message = aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/x-protobuf",
+            type=message_type,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            headers=dict(headers or {}),
+        )
+        target = self._channel.default_exchange if direct_to_queue else self._exchange
+        try:
+            confirmation = await target.publish(
+                message, routing_key, mandatory=True, timeout=self._timeout
+            )
+        except (
+            aio_pika.exceptions.AMQPError,
+            aiormq.exceptions.AMQPError,
+            TimeoutError,
+            ConnectionError,
+            RuntimeError,
+        ) as exc:
+            log.warning("publish failed", extra={"routing_key": routing_key, "error": repr(exc)})
+            raise Unavailable("QUEUE_UNAVAILABLE", "the message broker did not confirm") from exc
+        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+            raise Unavailable("QUEUE_REJECTED", f"the broker refused the message: {confirmation!r}")

@@ -1,0 +1,175 @@
+"""The one place where domain errors become gRPC statuses, and gRPC errors become ours.
+
+Servicers raise a ``ServiceError`` subclass with a machine-readable ``reason``; the
+server interceptor turns it into a ``google.rpc.Status`` carrying an ``ErrorInfo``
+(AIP-193), plus a ``BadRequest`` when fields are at fault. Clients call
+``from_rpc_error`` so the raw ``grpc.aio.AioRpcError`` never leaks past a client module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "notify.dev"
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class ServiceError(Exception):
+    """An error with a gRPC code, an ErrorInfo reason and optional field violations."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.metadata = dict(metadata or {})
+        self.field_violations = list(field_violations)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason!r}, {self.message!r})"
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed; retrying it unchanged will fail again."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    """A named resource does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    """A resource with that identity exists (or an idempotency key was reused)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServiceError):
+    """The system is not in a state that allows the request."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(ServiceError):
+    """No or bad credentials."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(ServiceError):
+    """A rate limit or quota was hit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Aborted(ServiceError):
+    """A concurrent request holds the same resource; retry later."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class Unavailable(ServiceError):
+    """A dependency is down; the caller may retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    """The work did not finish in time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(ServiceError):
+    """A bug or an unexpected state; details are in the server log, not the response."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Unauthenticated,
+        PermissionDenied,
+        ResourceExhausted,
+        Aborted,
+        Unavailable,
+        DeadlineExceeded,
+        Internal,
+    )
+}
+
+
+def to_status(err: ServiceError) -> grpc.Status:
+    """Build the rich status for ``err``: ErrorInfo always, BadRequest for field errors."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+    details = [info]
+    if err.field_violations:
+        bad = any_pb2.Any()
+        bad.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    for f, d in err.field_violations
+                ]
+            )
+        )
+        details.append(bad)
+    code = err.code.value[0]
+    return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=details))
+
+
+def error_info(metadata: Iterable[tuple[str, str | bytes]] | None) -> error_details_pb2.ErrorInfo:
+    """Extract the ErrorInfo from trailing metadata (an empty one when absent)."""
+    for key, value in metadata or ():
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                found = error_details_pb2.ErrorInfo()
+                if detail.Unpack(found):
+                    return found
+    return error_details_pb2.ErrorInfo()
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> ServiceError:
+    """Map a failed outbound RPC to our error type, keeping the upstream reason."""
+    code = exc.code()
+    cls = _BY_CODE.get(code, Internal)
+    if code == grpc.StatusCode.CANCELLED:
+        cls = Unavailable
+    info = error_info(exc.trailing_metadata())
+    reason = info.reason or f"UPSTREAM_{code.name}"
+    return cls(reason, exc.details() or code.name, metadata=dict(info.metadata))
+
+
+def status_code_number(code: grpc.StatusCode) -> int:
+    """The numeric code (``google.rpc.Code``) of a ``grpc.StatusCode``."""
+    number: int = code.value[0]
+    return number

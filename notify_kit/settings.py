@@ -1,0 +1,100 @@
+"""Settings read from the environment once, in ``__main__``, failing fast.
+
+Every service composes its frozen config dataclass from these helpers, so a missing or
+malformed variable stops the process at start-up with the variable's name in the
+message instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SettingsError(RuntimeError):
+    """A required environment variable is missing or malformed."""
+
+
+def env_str(name: str, default: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Return ``name`` from the environment, or ``default``; raise when neither exists."""
+    source = os.environ if env is None else env
+    value = source.get(name, default)
+    if value is None or value == "":
+        raise SettingsError(f"environment variable {name} is required")
+    return value
+
+
+def env_int(name: str, default: int | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Return ``name`` as an int; raise with the variable's name when it is not one."""
+    raw = env_str(name, None if default is None else str(default), env)
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"environment variable {name} must be an integer, got {raw!r}") from exc
+
+
+def env_float(
+    name: str, default: float | None = None, env: Mapping[str, str] | None = None
+) -> float:
+    """Return ``name`` as a float; raise with the variable's name when it is not one."""
+    raw = env_str(name, None if default is None else str(default), env)
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"environment variable {name} must be a number, got {raw!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """Where this service's certificate, key and the CA that signs the mesh live."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    @classmethod
+    def for_service(cls, service: str, env: Mapping[str, str] | None = None) -> TlsSettings:
+        """``NOTIFY_TLS_DIR`` (default ``var/certs``) holds ``ca.pem``, ``NAME.pem``, ``NAME-key.pem``."""
+        directory = Path(env_str("NOTIFY_TLS_DIR", "var/certs", env))
+        settings = cls(
+            ca_file=Path(env_str("NOTIFY_TLS_CA", str(directory / "ca.pem"), env)),
+            cert_file=Path(env_str("NOTIFY_TLS_CERT", str(directory / f"{service}.pem"), env)),
+            key_file=Path(env_str("NOTIFY_TLS_KEY", str(directory / f"{service}-key.pem"), env)),
+        )
+        for path in (settings.ca_file, settings.cert_file, settings.key_file):
+            if not path.is_file():
+                raise SettingsError(f"TLS file {path} is missing; run `make certs`")
+        return settings
+
+
+@dataclass(frozen=True, slots=True)
+class CommonSettings:
+    """What every service needs: identity, listen address, TLS, logging."""
+
+    service: str
+    listen: str
+    tls: TlsSettings
+    log_level: str
+    shutdown_grace: float
+
+    @classmethod
+    def from_env(
+        cls, service: str, default_port: int, env: Mapping[str, str] | None = None
+    ) -> CommonSettings:
+        """Read ``NOTIFY_<SERVICE>_LISTEN``, TLS paths, ``NOTIFY_LOG_LEVEL``, grace."""
+        key = service.upper()
+        return cls(
+            service=service,
+            listen=env_str(f"NOTIFY_{key}_LISTEN", f"127.0.0.1:{default_port}", env),
+            tls=TlsSettings.for_service(service, env),
+            log_level=env_str("NOTIFY_LOG_LEVEL", "INFO", env),
+            shutdown_grace=env_float("NOTIFY_SHUTDOWN_GRACE", 5.0, env),
+        )
+
+
+def postgres_dsn(database: str, env: Mapping[str, str] | None = None) -> str:
+    """DSN for one service database: ``NOTIFY_PG_DSN_BASE`` plus ``/database``."""
+    base = env_str("NOTIFY_PG_DSN_BASE", "postgresql://postgres@127.0.0.1:5432", env)
+    return f"{base.rstrip('/')}/{database}"

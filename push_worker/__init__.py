@@ -1,0 +1,1 @@
+"""push_worker service."""

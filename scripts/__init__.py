@@ -1,0 +1,1 @@
+"""Project scripts: code generation, certificates, local run, and the dev peers."""
