@@ -22,16 +22,16 @@ from dataclasses import dataclass
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel
+from pamqp.common import AbstractExchange, AbstractRobustConnection, FieldTable
 
 from notify_kit.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 5
 # Delay before attempt N+1, in milliseconds (attempt 1 failed -> wait 2 s, ...).
 RETRY_DELAYS_MS = (2_000, 10_000, 30_000, 120_000)
-_QUORUM = {"x-queue-type": "quorum"}
+_QUORUM: FieldTable = {"x-queue-type": "quorum"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +53,13 @@ class Topology:
     """Every exchange and queue name, derived from one optional prefix.
 
     Production uses no prefix (``email.queue``, ``push.queue``, ``failed.queue``); the
-    test suite uses a unique prefix per run so it never steals a developer's messages.
+    test suite uses a unique prefix per run so it never steals a developer's messages,
+    and short retry delays so retry paths are tested in seconds. A job gets
+    ``len(retry_delays_ms) + 1`` attempts.
     """
 
     prefix: str = ""
+    retry_delays_ms: tuple[int, ...] = RETRY_DELAYS_MS
 
     @property
     def exchange(self) -> str:
@@ -81,8 +84,13 @@ class Topology:
         names = [self.failed_queue]
         for kind in KINDS:
             names.append(self.queue(kind))
-            names += [self.retry_queue(kind, a) for a in range(1, len(RETRY_DELAYS_MS) + 1)]
+            names += [self.retry_queue(kind, a) for a in range(1, len(self.retry_delays_ms) + 1)]
         return names
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts a job gets before it is dead-lettered."""
+        return len(self.retry_delays_ms) + 1
 
     async def declare(self, channel: AbstractChannel) -> None:
         """Declare the exchange, work, retry and failed queues (idempotent)."""
@@ -94,7 +102,7 @@ class Topology:
         for kind in KINDS:
             queue = await channel.declare_queue(self.queue(kind), durable=True, arguments=_QUORUM)
             await queue.bind(exchange, kind.key)
-            for attempt, delay in enumerate(RETRY_DELAYS_MS, start=1):
+            for attempt, delay in enumerate(self.retry_delays_ms, start=1):
                 await channel.declare_queue(
                     self.retry_queue(kind, attempt),
                     durable=True,

@@ -101,7 +101,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     """Adds the correlation id and a default deadline to every outbound unary call."""
 
     def __init__(self, default_timeout: float) -> None:

@@ -26,6 +26,12 @@ def env_str(name: str, default: str | None = None, env: Mapping[str, str] | None
     return value
 
 
+def env_optional(name: str, env: Mapping[str, str] | None = None) -> str:
+    """Return ``name`` from the environment, or an empty string when unset."""
+    source = os.environ if env is None else env
+    return source.get(name, "")
+
+
 def env_int(name: str, default: int | None = None, env: Mapping[str, str] | None = None) -> int:
     """Return ``name`` as an int; raise with the variable's name when it is not one."""
     raw = env_str(name, None if default is None else str(default), env)
@@ -56,7 +62,7 @@ class TlsSettings:
 
     @classmethod
     def for_service(cls, service: str, env: Mapping[str, str] | None = None) -> TlsSettings:
-        """``NOTIFY_TLS_DIR`` (default ``var/certs``) holds ``ca.pem``, ``NAME.pem``, ``NAME-key.pem``."""
+        """``NOTIFY_TLS_DIR`` (default ``var/certs``) holds ``ca.pem``, ``NAME[-key].pem``."""
         directory = Path(env_str("NOTIFY_TLS_DIR", "var/certs", env))
         settings = cls(
             ca_file=Path(env_str("NOTIFY_TLS_CA", str(directory / "ca.pem"), env)),

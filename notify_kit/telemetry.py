@@ -27,8 +27,8 @@ def setup_tracing(service: str, *, console: bool = False) -> TracerProvider:
     if console:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)
-    GrpcAioInstrumentorServer().instrument()
-    GrpcAioInstrumentorClient().instrument()
+    GrpcAioInstrumentorServer().instrument()  # type: ignore[no-untyped-call]
+    GrpcAioInstrumentorClient().instrument()  # type: ignore[no-untyped-call]
     return provider
 
 

@@ -12,7 +12,7 @@ delivery guarantees so they are written once:
 * a job whose notification the ledger already shows delivered is not sent again
   (redeliveries after a crash), but its DELIVERED status is reported again;
 * ``TransientError``: republished to the delay queue of its attempt with ``attempt+1``,
-  status RETRYING; after ``MAX_ATTEMPTS`` it goes to ``failed.queue``, status FAILED;
+  status RETRYING; after ``Topology.max_attempts`` it goes to ``failed.queue``, status FAILED;
 * ``PermanentError``: straight to ``failed.queue``, status FAILED;
 * anything unexpected (a bug, a dependency down while recording): the message is
   requeued by ``message.process`` and the runner backs off briefly, so nothing is lost.
@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeAlias, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from google.protobuf import timestamp_pb2
@@ -33,13 +33,13 @@ from notify.v1 import common_pb2, jobs_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from notify_kit.amqp import FAILED_KEY, MAX_ATTEMPTS, JobKind, Publisher, Topology
+from notify_kit.amqp import FAILED_KEY, JobKind, Publisher, Topology
 from notify_kit.context import new_correlation_id, set_correlation_id
 from notify_kit.telemetry import extract_trace_context
 
 log = logging.getLogger(__name__)
 
-Status = common_pb2.NotificationStatus.ValueType
+Status: TypeAlias = common_pb2.NotificationStatus.ValueType
 DELIVERED = common_pb2.NOTIFICATION_STATUS_DELIVERED
 FAILED = common_pb2.NOTIFICATION_STATUS_FAILED
 RETRYING = common_pb2.NOTIFICATION_STATUS_RETRYING
@@ -108,7 +108,7 @@ class JobRunner(Generic[J]):
         self._connection = connection
         self._topology = topology
         self._publisher = publisher
-        self._handler = handler
+        self._handler: JobHandler[J] = handler
         self._ledger = ledger
         self._report_status = report
         self._settings = settings
@@ -182,7 +182,7 @@ class JobRunner(Generic[J]):
             await self._fail(job, nid, attempt, f"permanent: {exc}")
             return
         except TransientError as exc:
-            if attempt >= MAX_ATTEMPTS:
+            if attempt >= self._topology.max_attempts:
                 await self._fail(job, nid, attempt, f"gave up after {attempt} attempts: {exc}")
             else:
                 await self._retry(job, nid, attempt, str(exc))

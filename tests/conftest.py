@@ -100,7 +100,7 @@ def amqp_url() -> str:
 @pytest.fixture(scope="session")
 async def topology(amqp_url: str) -> AsyncIterator[Topology]:
     """RabbitMQ names unique to this run; every queue and the exchange deleted at the end."""
-    topo = Topology(prefix=f"t{RUN_ID}.")
+    topo = Topology(prefix=f"t{RUN_ID}.", retry_delays_ms=(200, 400, 800, 1600))
     yield topo
     connection = await aio_pika.connect(amqp_url, timeout=10)
     async with connection:

@@ -1,0 +1,109 @@
+"""The gateway process, wired by hand: pools, channels, publisher, servicers, server."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import grpc
+from notify.v1 import (
+    notification_service_pb2,
+    notification_service_pb2_grpc,
+    template_service_pb2,
+    template_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
+
+from gateway.auth import ALL_SCOPES, ApiKeyInterceptor, Authenticator
+from gateway.cache import IdempotencyCache
+from gateway.config import Config
+from gateway.proxy import ForwardingHandler
+from gateway.server import NotificationServicer
+from gateway.store import KeyStore
+from notify_kit import amqp, db
+from notify_kit.kv import redis_client
+from notify_kit.rpc import secure_channel
+from notify_kit.server import GrpcServer
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+SERVICE_NAMES = (
+    notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
+    user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
+    template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
+)
+
+
+class App:
+    """A running gateway."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack, server: GrpcServer) -> None:
+        self._stack = stack
+        self.server = server
+        self.port = server.port
+
+    @classmethod
+    async def start(cls, config: Config) -> App:
+        """Build everything; on any failure close what was opened and re-raise."""
+        async with contextlib.AsyncExitStack() as stack:
+            await db.ensure_database(config.dsn)
+            pool = await db.create_pool(config.dsn, application="gateway", max_size=5)
+            stack.push_async_callback(pool.close)
+            await db.migrate(pool, MIGRATIONS)
+            keys = KeyStore(pool)
+            if config.bootstrap_api_key:
+                await keys.ensure(config.bootstrap_api_key, "bootstrap", ALL_SCOPES)
+            redis = redis_client(config.redis_url)
+            stack.push_async_callback(redis.aclose)
+            connection = await amqp.connect(config.amqp_url)
+            stack.push_async_callback(connection.close)
+            publisher = amqp.Publisher(connection, config.topology, timeout=config.publish_timeout)
+            await publisher.start()
+            stack.push_async_callback(publisher.close)
+            tls = config.common.tls
+            user_channel = secure_channel(
+                config.user_svc_addr, tls, default_timeout=config.upstream_timeout
+            )
+            stack.push_async_callback(user_channel.close)
+            template_channel = secure_channel(
+                config.template_svc_addr, tls, default_timeout=config.upstream_timeout
+            )
+            stack.push_async_callback(template_channel.close)
+            servicer = NotificationServicer(
+                user_service_pb2_grpc.UserServiceStub(user_channel),
+                template_service_pb2_grpc.TemplateServiceStub(template_channel),
+                publisher,
+                IdempotencyCache(redis, ttl=config.idempotency_ttl),
+                upstream_timeout=config.upstream_timeout,
+                template_cache_ttl=config.template_cache_ttl,
+            )
+            forwarding = ForwardingHandler(
+                {"user_svc": user_channel, "template_svc": template_channel},
+                timeout=config.upstream_timeout,
+            )
+
+            def register(server: grpc.aio.Server) -> None:
+                notification_service_pb2_grpc.add_NotificationServiceServicer_to_server(
+                    servicer, server
+                )
+                server.add_generic_rpc_handlers((forwarding,))
+
+            server = GrpcServer(
+                config.common,
+                [register],
+                SERVICE_NAMES,
+                extra_interceptors=[
+                    ApiKeyInterceptor(Authenticator(keys, ttl=config.auth_cache_ttl))
+                ],
+            )
+            await server.start()
+            stack.push_async_callback(server.stop)
+            return cls(stack.pop_all(), server)
+        raise AssertionError("unreachable")
+
+    async def stop(self) -> None:
+        """Drain the server first (stack order), then close channels, broker, pools."""
+        await self._stack.aclose()

@@ -1,0 +1,105 @@
+"""API-key authentication and scope checks for every external method.
+
+Runs as a server interceptor inside the shared one, so a call without a valid key, or
+with a key lacking the method's scope, never reaches a handler. Keys are looked up by
+hash and cached in-process for a short TTL (revocation takes effect within it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+
+from gateway.cache import TtlCache
+from gateway.store import ApiKey, KeyStore
+from notify_kit.errors import PermissionDenied, Unauthenticated
+from notify_kit.interceptors import metadata_value
+
+API_KEY_HEADER = "x-api-key"
+SEND, READ, ADMIN = "send", "read", "admin"
+ALL_SCOPES = frozenset({SEND, READ, ADMIN})
+
+# Every external method and the scope it needs. A method missing here is refused.
+METHOD_SCOPES: dict[str, str] = {
+    "/notify.v1.NotificationService/SendNotification": SEND,
+    "/notify.v1.NotificationService/GetNotification": READ,
+    "/notify.v1.NotificationService/ListNotifications": READ,
+    "/notify.v1.UserService/CreateUser": ADMIN,
+    "/notify.v1.UserService/GetUser": READ,
+    "/notify.v1.UserService/UpdatePreferences": ADMIN,
+    "/notify.v1.UserService/RegisterDevice": ADMIN,
+    "/notify.v1.UserService/DeleteDevice": ADMIN,
+    "/notify.v1.TemplateService/CreateTemplate": ADMIN,
+    "/notify.v1.TemplateService/GetTemplate": READ,
+    "/notify.v1.TemplateService/CreateTemplateVersion": ADMIN,
+}
+
+_CALLER: ContextVar[ApiKey] = ContextVar("api_key")
+
+
+class Authenticator:
+    """Resolves raw keys to ``ApiKey`` with a small TTL cache in front of the store."""
+
+    def __init__(self, store: KeyStore, *, ttl: float) -> None:
+        self._store = store
+        self._cache: TtlCache[str, ApiKey | None] = TtlCache(ttl)
+
+    async def authenticate(self, raw: str | None) -> ApiKey:
+        """The key's owner, or ``Unauthenticated``."""
+        if not raw or len(raw) > 256:
+            raise Unauthenticated(
+                "API_KEY_MISSING", f"send an API key in the {API_KEY_HEADER} header"
+            )
+        hit = self._cache.lookup(raw)
+        key = hit[0] if hit is not None else await self._store.find(raw)
+        if hit is None:
+            self._cache.put(raw, key)  # unknown keys too, so guessing costs no DB reads
+        if key is None:
+            raise Unauthenticated("API_KEY_INVALID", "the API key is unknown or revoked")
+        return key
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates and authorises ``/notify.v1.*`` calls; health/reflection pass."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wrap unary handlers of external methods with the key and scope check."""
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith("/notify."):
+            return handler
+        scope = METHOD_SCOPES.get(method)
+        inner = handler.unary_unary
+        auth = self._auth
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            key = await auth.authenticate(metadata_value(context, API_KEY_HEADER))
+            if scope is None or scope not in key.scopes:
+                raise PermissionDenied(
+                    "SCOPE_MISSING",
+                    f"this API key lacks the scope {scope or 'internal'!r}",
+                    metadata={"required_scope": scope or "internal", "key": key.name},
+                )
+            _CALLER.set(key)  # each RPC runs in its own task: this stays with the call
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def current_api_key() -> ApiKey:
+    """The API key that authenticated the current call (set by the interceptor)."""
+    return _CALLER.get()

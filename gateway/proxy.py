@@ -1,0 +1,59 @@
+"""Forwarding of the external UserService/TemplateService methods to their owners.
+
+External clients manage users and templates through the same front door as
+notifications (one API key, one Envoy route), but the data belongs to user_svc and
+template_svc. The gateway registers those methods as raw-bytes handlers and forwards
+each call over its pooled mTLS channel: no decode/encode, the owner validates, and the
+owner's status and error details reach the client unchanged. Only the methods listed in
+``gateway.auth.METHOD_SCOPES`` are exposed; internal ones stay unreachable from outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+from gateway.auth import METHOD_SCOPES
+from notify_kit.rpc import clamp_timeout
+
+_DETAILS_KEY = "grpc-status-details-bin"
+OWNERS = {"notify.v1.UserService": "user_svc", "notify.v1.TemplateService": "template_svc"}
+
+
+def _owner(method: str) -> str | None:
+    service = method.lstrip("/").split("/", 1)[0]
+    return OWNERS.get(service)
+
+
+class ForwardingHandler(grpc.GenericRpcHandler):
+    """Serves the external methods of the owned services by forwarding raw bytes."""
+
+    def __init__(self, channels: Mapping[str, grpc.aio.Channel], *, timeout: float) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method in METHOD_SCOPES:
+            owner = _owner(method)
+            if owner is not None:
+                self._handlers[method] = self._forwarder(channels[owner], method, timeout)
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        """The forwarder for an exposed method, else None (UNIMPLEMENTED)."""
+        return self._handlers.get(handler_call_details.method)
+
+    @staticmethod
+    def _forwarder(channel: grpc.aio.Channel, method: str, timeout: float) -> grpc.RpcMethodHandler:
+        call = channel.unary_unary(method)
+
+        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            try:
+                response: bytes = await call(
+                    request, timeout=clamp_timeout(context.time_remaining(), timeout)
+                )
+            except grpc.aio.AioRpcError as exc:
+                details = [(k, v) for k, v in exc.trailing_metadata() or () if k == _DETAILS_KEY]
+                await context.abort(exc.code(), exc.details() or "", trailing_metadata=details)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(forward)

@@ -1,0 +1,336 @@
+"""NotificationService: validate, dedupe, route to channels, record, queue, answer.
+
+``SendNotification`` answers OK only after every routed channel's job is confirmed by
+the broker. With an idempotency key the notification id is derived from the key
+(UUIDv5), so even a retry that outlives the idempotency lease converges on the same
+record and the same job id, which the workers dedupe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import uuid
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from notify.v1 import (
+    common_pb2,
+    jobs_pb2,
+    notification_service_pb2,
+    notification_service_pb2_grpc,
+    template_service_pb2,
+    template_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
+
+from gateway.auth import current_api_key
+from gateway.cache import IdempotencyCache, TtlCache
+from notify_kit.amqp import EMAIL, PUSH, JobKind, Publisher
+from notify_kit.context import get_correlation_id
+from notify_kit.errors import FailedPrecondition, InvalidArgument
+from notify_kit.interceptors import metadata_value
+from notify_kit.rpc import clamp_timeout, unary
+from notify_kit.status import aggregate
+from notify_kit.telemetry import inject_trace_context
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_HEADER = "idempotency-key"
+_NAMESPACE = uuid.UUID("6f1c1c9e-4d0b-4f43-9a57-8f3e1f9d2a10")
+_TEMPLATE_ID = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+_MIN_TTL, _MAX_TTL, _DEFAULT_TTL = 60, 7 * 24 * 3600, 24 * 3600
+_MAX_VARIABLES_BYTES = 32 * 1024
+
+S = common_pb2
+CHANNEL_KINDS: dict[int, JobKind] = {S.CHANNEL_EMAIL: EMAIL, S.CHANNEL_PUSH: PUSH}
+
+
+def _validate(req: notification_service_pb2.SendNotificationRequest, key: str) -> None:
+    problems: list[tuple[str, str]] = []
+    try:
+        uuid.UUID(req.user_id)
+    except ValueError:
+        problems.append(("user_id", "required; a user id (UUID)"))
+    if not _TEMPLATE_ID.match(req.template_id):
+        problems.append(("template_id", "required; 1-63 of a-z, 0-9, '-', '_'"))
+    if len(set(req.channels)) != len(req.channels):
+        problems.append(("channels", "each channel at most once"))
+    if any(c not in CHANNEL_KINDS for c in req.channels):
+        problems.append(("channels", "only CHANNEL_EMAIL and CHANNEL_PUSH"))
+    if req.language and not _LANGUAGE.match(req.language):
+        problems.append(("language", "a BCP 47 language tag such as 'en' or 'fr-CA'"))
+    if req.HasField("ttl") and not _MIN_TTL <= req.ttl.seconds <= _MAX_TTL:
+        problems.append(("ttl", "between 60s and 604800s"))
+    if req.variables.ByteSize() > _MAX_VARIABLES_BYTES:
+        problems.append(("variables", f"at most {_MAX_VARIABLES_BYTES} bytes"))
+    if key and not (len(key) <= 128 and key.isascii() and key.isprintable()):
+        problems.append(("idempotency_key", "1-128 printable ASCII characters"))
+    if problems:
+        raise InvalidArgument(
+            "INVALID_REQUEST", "the request has invalid fields", field_violations=problems
+        )
+
+
+def _template_channels(
+    template: template_service_pb2.Template,
+) -> set[common_pb2.Channel.ValueType]:
+    channels: set[common_pb2.Channel.ValueType] = set()
+    for content in template.contents:
+        if content.HasField("email"):
+            channels.add(S.CHANNEL_EMAIL)
+        if content.HasField("push"):
+            channels.add(S.CHANNEL_PUSH)
+    return channels
+
+
+def _suppression(channel: int, profile: user_service_pb2.DeliveryProfile) -> str:
+    """Why ``channel`` must not be used for this user ('' when it may)."""
+    if channel == S.CHANNEL_EMAIL and profile.preferences.email_opt_out:
+        return "user opted out of e-mail"
+    if channel == S.CHANNEL_PUSH and profile.preferences.push_opt_out:
+        return "user opted out of push"
+    if channel == S.CHANNEL_PUSH and not profile.devices:
+        return "user has no push devices"
+    return ""
+
+
+class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServicer):
+    """The public front door for notifications."""
+
+    def __init__(
+        self,
+        users: user_service_pb2_grpc.UserServiceStub,
+        templates: template_service_pb2_grpc.TemplateServiceStub,
+        publisher: Publisher,
+        idempotency: IdempotencyCache,
+        *,
+        upstream_timeout: float,
+        template_cache_ttl: float,
+    ) -> None:
+        self._users = users
+        self._templates = templates
+        self._publisher = publisher
+        self._idempotency = idempotency
+        self._timeout = upstream_timeout
+        self._template_cache: TtlCache[str, template_service_pb2.Template] = TtlCache(
+            template_cache_ttl
+        )
+
+    async def SendNotification(  # noqa: N802 (gRPC method name)
+        self,
+        request: notification_service_pb2.SendNotificationRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> notification_service_pb2.SendNotificationResponse:
+        """Accept, route and durably queue one notification (see module docstring)."""
+        key = request.idempotency_key or metadata_value(context, IDEMPOTENCY_HEADER) or ""
+        _validate(request, key)
+        timeout = clamp_timeout(context.time_remaining(), self._timeout)
+        if not key:
+            return await self._send(request, str(uuid.uuid4()), "", timeout)
+        api_key = current_api_key()
+        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        claim = await self._idempotency.claim(api_key.id, key, fingerprint)
+        if claim.response is not None:
+            return notification_service_pb2.SendNotificationResponse.FromString(claim.response)
+        notification_id = str(uuid.uuid5(_NAMESPACE, f"{api_key.id}:{key}"))
+        try:
+            response = await self._send(request, notification_id, key, timeout)
+        except BaseException:
+            await self._idempotency.release(claim)
+            raise
+        await self._idempotency.complete(claim, fingerprint, response.SerializeToString())
+        return response
+
+    async def _send(
+        self,
+        request: notification_service_pb2.SendNotificationRequest,
+        notification_id: str,
+        idempotency_key: str,
+        timeout: float,
+    ) -> notification_service_pb2.SendNotificationResponse:
+        profile_task = unary(
+            self._users.GetDeliveryProfile,
+            user_service_pb2.GetDeliveryProfileRequest(user_id=request.user_id),
+            timeout=timeout,
+        )
+        profile_resp, template = await asyncio.gather(
+            profile_task, self._template(request.template_id, timeout)
+        )
+        profile = profile_resp.profile
+        available = _template_channels(template)
+        wanted = list(request.channels) or sorted(available)
+        missing = [c for c in wanted if c not in available]
+        if missing:
+            raise FailedPrecondition(
+                "CHANNEL_NOT_IN_TEMPLATE",
+                f"template {template.id!r} has no content for "
+                + ", ".join(S.Channel.Name(c) for c in missing),
+                metadata={"template_id": template.id},
+            )
+        deliveries = []
+        for channel in wanted:
+            why = _suppression(channel, profile)
+            deliveries.append(
+                S.Delivery(
+                    channel=channel,
+                    status=S.NOTIFICATION_STATUS_SUPPRESSED
+                    if why
+                    else S.NOTIFICATION_STATUS_ACCEPTED,
+                    detail=why,
+                )
+            )
+        record = S.Notification(
+            id=notification_id,
+            user_id=request.user_id,
+            template_id=request.template_id,
+            deliveries=deliveries,
+            correlation_id=get_correlation_id(),
+        )
+        created = await unary(
+            self._users.CreateNotificationRecord,
+            user_service_pb2.CreateNotificationRecordRequest(notification=record),
+            timeout=timeout,
+        )
+        meta = self._meta(request, notification_id, idempotency_key)
+        to_queue = [
+            d.channel
+            for d in created.notification.deliveries
+            if d.status in (S.NOTIFICATION_STATUS_ACCEPTED, S.NOTIFICATION_STATUS_QUEUED)
+        ]
+        language = request.language or profile.locale or "en"
+        await asyncio.gather(
+            *(self._publish(c, meta, request, profile, language) for c in to_queue)
+        )
+        updates = await asyncio.gather(
+            *(
+                unary(
+                    self._users.UpdateDeliveryStatus,
+                    user_service_pb2.UpdateDeliveryStatusRequest(
+                        notification_id=notification_id,
+                        channel=c,
+                        status=S.NOTIFICATION_STATUS_QUEUED,
+                    ),
+                    timeout=timeout,
+                )
+                for c in to_queue
+            )
+        )
+        answer = S.Notification()
+        answer.CopyFrom(created.notification)
+        by_channel = {u.delivery.channel: u.delivery for u in updates}
+        for delivery in answer.deliveries:
+            if delivery.channel in by_channel:
+                delivery.CopyFrom(by_channel[delivery.channel])
+        answer.status = aggregate(d.status for d in answer.deliveries)
+        return notification_service_pb2.SendNotificationResponse(notification=answer)
+
+    def _meta(
+        self,
+        request: notification_service_pb2.SendNotificationRequest,
+        notification_id: str,
+        idempotency_key: str,
+    ) -> jobs_pb2.JobMeta:
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        ttl = (
+            request.ttl if request.HasField("ttl") else duration_pb2.Duration(seconds=_DEFAULT_TTL)
+        )
+        expire = timestamp_pb2.Timestamp(seconds=now.seconds + ttl.seconds, nanos=now.nanos)
+        return jobs_pb2.JobMeta(
+            notification_id=notification_id,
+            attempt=1,
+            correlation_id=get_correlation_id(),
+            trace_context=inject_trace_context(),
+            idempotency_key=idempotency_key,
+            expire_time=expire,
+            enqueue_time=now,
+            user_id=request.user_id,
+        )
+
+    async def _publish(
+        self,
+        channel: int,
+        meta: jobs_pb2.JobMeta,
+        request: notification_service_pb2.SendNotificationRequest,
+        profile: user_service_pb2.DeliveryProfile,
+        language: str,
+    ) -> None:
+        kind = CHANNEL_KINDS[channel]
+        job: jobs_pb2.EmailJob | jobs_pb2.PushJob
+        if kind is EMAIL:
+            job = jobs_pb2.EmailJob(
+                meta=meta,
+                to_address=profile.email,
+                to_name=profile.display_name,
+                template_id=request.template_id,
+                language=language,
+                variables=request.variables,
+            )
+        else:
+            job = jobs_pb2.PushJob(
+                meta=meta,
+                targets=[
+                    jobs_pb2.PushTarget(device_id=d.id, token=d.token, platform=d.platform)
+                    for d in profile.devices
+                ],
+                template_id=request.template_id,
+                language=language,
+                variables=request.variables,
+            )
+        await self._publisher.publish(
+            kind.key,
+            job.SerializeToString(),
+            message_type=kind.message_type,
+            message_id=meta.notification_id,
+            correlation_id=meta.correlation_id,
+        )
+
+    async def _template(self, template_id: str, timeout: float) -> template_service_pb2.Template:
+        hit = self._template_cache.lookup(template_id)
+        if hit is not None:
+            return hit[0]
+        response = await unary(
+            self._templates.GetTemplate,
+            template_service_pb2.GetTemplateRequest(id=template_id),
+            timeout=timeout,
+        )
+        template: template_service_pb2.Template = response.template
+        self._template_cache.put(template_id, template)
+        return template
+
+    async def GetNotification(  # noqa: N802
+        self,
+        request: notification_service_pb2.GetNotificationRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> notification_service_pb2.GetNotificationResponse:
+        """The notification with every channel's status, from UserService."""
+        response = await unary(
+            self._users.GetNotificationRecord,
+            user_service_pb2.GetNotificationRecordRequest(id=request.id),
+            timeout=clamp_timeout(context.time_remaining(), self._timeout),
+        )
+        return notification_service_pb2.GetNotificationResponse(notification=response.notification)
+
+    async def ListNotifications(  # noqa: N802
+        self,
+        request: notification_service_pb2.ListNotificationsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> notification_service_pb2.ListNotificationsResponse:
+        """A user's notifications, newest first, from UserService."""
+        response = await unary(
+            self._users.ListNotificationRecords,
+            user_service_pb2.ListNotificationRecordsRequest(
+                user_id=request.user_id,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+            timeout=clamp_timeout(context.time_remaining(), self._timeout),
+        )
+        return notification_service_pb2.ListNotificationsResponse(
+            notifications=response.notifications, next_page_token=response.next_page_token
+        )
