@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel
-from pamqp.common import AbstractExchange, AbstractRobustConnection, FieldTable
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from pamqp.common import FieldTable
 
 from notify_kit.errors import Unavailable
 
