@@ -1,0 +1,251 @@
+"""Run the whole mesh as local processes: the five services, Envoy, and the dev peers.
+
+One implementation serves ``make run`` (fixed, documented ports), the end-to-end tests
+and the benchmark (free ports, throwaway databases, a private RabbitMQ prefix), so what
+the tests exercise is exactly what a newcomer starts: the real ``python -m`` entry
+points configured through the environment, and the committed ``envoy/envoy.yaml`` with
+only addresses and paths rewritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from notify_kit.settings import TlsSettings
+from notify_kit.tls import channel_credentials
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("user_svc", "template_svc", "gateway", "email_worker", "push_worker")
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """Every port the system listens on."""
+
+    gateway: int = 50051
+    user_svc: int = 50052
+    template_svc: int = 50053
+    email_worker: int = 50054
+    push_worker: int = 50055
+    http: int = 8080
+    envoy_admin: int = 9901
+    smtp: int = 1025
+    fcm: int = 8089
+
+    @classmethod
+    def free(cls) -> Ports:
+        """All ports freshly chosen by the OS (tests, benchmarks)."""
+        return cls(*(free_port() for _ in range(9)))
+
+
+@dataclass(slots=True)
+class SystemConfig:
+    """Where the system keeps its state and how it reaches the backing servers."""
+
+    var: Path
+    certs: Path
+    ports: Ports = field(default_factory=Ports)
+    db_prefix: str = "notify_"
+    amqp_prefix: str = ""
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    pg_base: str = "postgresql://postgres@127.0.0.1:5432"
+    api_key: str = "notify-dev-key"
+    fcm_credentials: Path | None = None
+    log_level: str = "INFO"
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+
+def render_envoy_config(cfg: SystemConfig, out: Path) -> Path:
+    """The committed Envoy config with ports and file paths pointed at ``cfg``."""
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    doc["admin"]["address"]["socket_address"]["port_value"] = cfg.ports.envoy_admin
+    listener = doc["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = cfg.ports.http
+    for flt in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]:
+        if flt["name"] == "envoy.filters.http.grpc_json_transcoder":
+            flt["typed_config"]["proto_descriptor"] = str(ROOT / "gen" / "descriptor.binpb")
+    cluster = doc["static_resources"]["clusters"][0]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"]["port_value"] = cfg.ports.gateway
+    tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    tls["tls_certificates"][0]["certificate_chain"]["filename"] = str(cfg.certs / "envoy.pem")
+    tls["tls_certificates"][0]["private_key"]["filename"] = str(cfg.certs / "envoy-key.pem")
+    tls["validation_context"]["trusted_ca"]["filename"] = str(cfg.certs / "ca.pem")
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def service_env(cfg: SystemConfig, service: str) -> dict[str, str]:
+    """The environment one service process gets."""
+    p = cfg.ports
+    env = {
+        **os.environ,
+        "NOTIFY_TLS_DIR": str(cfg.certs),
+        "NOTIFY_LOG_LEVEL": cfg.log_level,
+        "NOTIFY_PG_DSN_BASE": cfg.pg_base,
+        "NOTIFY_REDIS_URL": cfg.redis_url,
+        "NOTIFY_AMQP_URL": cfg.amqp_url,
+        "NOTIFY_AMQP_PREFIX": cfg.amqp_prefix,
+        "NOTIFY_USER_SVC_ADDR": f"127.0.0.1:{p.user_svc}",
+        "NOTIFY_TEMPLATE_SVC_ADDR": f"127.0.0.1:{p.template_svc}",
+        "NOTIFY_GATEWAY_LISTEN": f"127.0.0.1:{p.gateway}",
+        "NOTIFY_USER_SVC_LISTEN": f"127.0.0.1:{p.user_svc}",
+        "NOTIFY_TEMPLATE_SVC_LISTEN": f"127.0.0.1:{p.template_svc}",
+        "NOTIFY_EMAIL_WORKER_LISTEN": f"127.0.0.1:{p.email_worker}",
+        "NOTIFY_PUSH_WORKER_LISTEN": f"127.0.0.1:{p.push_worker}",
+        "NOTIFY_GATEWAY_DSN": f"{cfg.pg_base}/{cfg.db_prefix}gateway",
+        "NOTIFY_USER_SVC_DSN": f"{cfg.pg_base}/{cfg.db_prefix}user",
+        "NOTIFY_TEMPLATE_SVC_DSN": f"{cfg.pg_base}/{cfg.db_prefix}template",
+        "NOTIFY_EMAIL_WORKER_DSN": f"{cfg.pg_base}/{cfg.db_prefix}email",
+        "NOTIFY_PUSH_WORKER_DSN": f"{cfg.pg_base}/{cfg.db_prefix}push",
+        "NOTIFY_SMTP_HOST": "127.0.0.1",
+        "NOTIFY_SMTP_PORT": str(p.smtp),
+        "NOTIFY_FCM_URL": f"http://127.0.0.1:{p.fcm}/v1/projects/{{0}}/messages:send",
+        "NOTIFY_BOOTSTRAP_API_KEY": cfg.api_key,
+        "PYTHONUNBUFFERED": "1",
+        **cfg.extra_env,
+    }
+    if cfg.fcm_credentials is not None:
+        env["NOTIFY_FCM_CREDENTIALS"] = str(cfg.fcm_credentials)
+    return env
+
+
+class LocalSystem:
+    """Starts and stops the processes; knows how to wait until each is ready."""
+
+    def __init__(self, cfg: SystemConfig) -> None:
+        self.cfg = cfg
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self._logs: list[Any] = []
+        (cfg.var / "log").mkdir(parents=True, exist_ok=True)
+
+    def log_path(self, name: str) -> Path:
+        """Where a process's output goes."""
+        return self.cfg.var / "log" / f"{name}.log"
+
+    async def spawn(self, name: str, *argv: str, env: Mapping[str, str] | None = None) -> None:
+        """Start one process with its output in ``var/log/NAME.log``."""
+        log = self.log_path(name).open("ab")
+        self._logs.append(log)
+        self.procs[name] = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=ROOT,
+            env=dict(env or os.environ),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+    async def start_services(self, timeout: float = 60.0) -> None:
+        """The five services, in dependency order, each waited on via gRPC health."""
+        for group in (("user_svc", "template_svc"), ("gateway", "email_worker", "push_worker")):
+            for service in group:
+                await self.spawn(
+                    service, sys.executable, "-m", service, env=service_env(self.cfg, service)
+                )
+            await asyncio.gather(*(self.wait_healthy(s, timeout) for s in group))
+
+    async def start_envoy(self, timeout: float = 30.0) -> None:
+        """Envoy with the rendered config, waited on until the gateway is healthy behind it."""
+        config = render_envoy_config(self.cfg, self.cfg.var / "envoy.yaml")
+        envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or "envoy"
+        await self.spawn(
+            "envoy", envoy, "-c", str(config), "--disable-hot-restart", "--log-level", "warn"
+        )
+        await self.wait_envoy(timeout)
+
+    def _check_alive(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.returncode is not None:
+            tail = self.log_path(name).read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    async def wait_healthy(self, service: str, timeout: float) -> None:
+        """Poll ``grpc.health.v1.Health/Check`` (as the operator) until SERVING."""
+        port = getattr(self.cfg.ports, service)
+        tls = TlsSettings(
+            self.cfg.certs / "ca.pem",
+            self.cfg.certs / "operator.pem",
+            self.cfg.certs / "operator-key.pem",
+        )
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_credentials(tls)) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                self._check_alive(service)
+                try:
+                    reply = await stub.Check(
+                        health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True
+                    )
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{service} not healthy after {timeout}s")
+                await asyncio.sleep(0.1)  # poll interval of the readiness probe
+
+    async def wait_envoy(self, timeout: float) -> None:
+        """Poll Envoy's admin API until the gateway cluster has a healthy host."""
+        url = f"http://127.0.0.1:{self.cfg.ports.envoy_admin}/clusters?format=json"
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive("envoy")
+            with contextlib.suppress(OSError, ValueError):
+                body = await asyncio.to_thread(_get, url)
+                for cluster in json.loads(body).get("cluster_statuses", []):
+                    for host in cluster.get("host_statuses", []):
+                        if "failed_active_health_check" not in host.get("health_status", {}):
+                            return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"envoy not ready after {timeout}s")
+            await asyncio.sleep(0.1)  # poll interval of the readiness probe
+
+    async def stop(self) -> None:
+        """SIGTERM everything (reverse start order), SIGKILL what ignores it."""
+        for name, proc in reversed(list(self.procs.items())):
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+            del name
+        self.procs.clear()
+        for log in self._logs:
+            log.close()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (our own admin port)
+        body: bytes = resp.read()
+        return body.decode()
