@@ -51,7 +51,7 @@ class App:
         async with contextlib.AsyncExitStack() as stack:
             await db.ensure_database(config.dsn)
             pool = await db.create_pool(config.dsn, application="gateway", max_size=5)
-            stack.push_async_callback(pool.close)
+            stack.push_async_callback(db.close_pool, pool)
             await db.migrate(pool, MIGRATIONS)
             keys = KeyStore(pool)
             if config.bootstrap_api_key:

@@ -34,7 +34,7 @@ from notify_kit.context import get_correlation_id
 from notify_kit.errors import FailedPrecondition, InvalidArgument
 from notify_kit.interceptors import metadata_value
 from notify_kit.rpc import clamp_timeout, unary
-from notify_kit.status import aggregate
+from notify_kit.status import aggregate_status
 from notify_kit.telemetry import inject_trace_context
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         for delivery in answer.deliveries:
             if delivery.channel in by_channel:
                 delivery.CopyFrom(by_channel[delivery.channel])
-        answer.status = aggregate(d.status for d in answer.deliveries)
+        answer.status = aggregate_status(d.status for d in answer.deliveries)
         return notification_service_pb2.SendNotificationResponse(notification=answer)
 
     def _meta(

@@ -7,6 +7,7 @@ several replicas starting together apply each file exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from pathlib import Path
@@ -50,6 +51,15 @@ async def create_pool(
     )
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, *, timeout: float = 10.0) -> None:
+    """Close a pool; a connection leaked by a stuck task must not hang shutdown."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        log.warning("database pool did not close in %ss; terminating", timeout)
+        pool.terminate()
 
 
 async def ensure_database(dsn: str, *, timeout: float = 5.0) -> None:

@@ -14,4 +14,4 @@ def redis_client(url: str, *, timeout: float = 1.0, max_connections: int = 64) -
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool

@@ -1,8 +1,8 @@
 """The lifecycle rules of ``notify.v1.NotificationStatus``, written once.
 
-Both the gateway (answering ``SendNotification``) and UserService (storing records) need
-the same terminal set and the same aggregate, so they live next to the contract's other
-shared code rather than in either service.
+Which statuses are final, which report may replace which, and a notification's
+aggregate status. UserService enforces them when it stores reports; the gateway uses the
+aggregate when it answers ``SendNotification``.
 """
 
 from __future__ import annotations
@@ -13,42 +13,52 @@ from typing import TypeAlias
 from notify.v1 import common_pb2
 
 Status: TypeAlias = common_pb2.NotificationStatus.ValueType
-S = common_pb2
 
+# Once a delivery reaches one of these, no later report changes it.
 TERMINAL: frozenset[Status] = frozenset(
     {
-        S.NOTIFICATION_STATUS_DELIVERED,
-        S.NOTIFICATION_STATUS_FAILED,
-        S.NOTIFICATION_STATUS_SUPPRESSED,
-        S.NOTIFICATION_STATUS_EXPIRED,
+        common_pb2.NOTIFICATION_STATUS_DELIVERED,
+        common_pb2.NOTIFICATION_STATUS_FAILED,
+        common_pb2.NOTIFICATION_STATUS_SUPPRESSED,
+        common_pb2.NOTIFICATION_STATUS_EXPIRED,
     }
 )
 
-# How far an in-flight delivery has come; the aggregate shows the least advanced one.
-PROGRESS: dict[Status, int] = {
-    S.NOTIFICATION_STATUS_ACCEPTED: 0,
-    S.NOTIFICATION_STATUS_QUEUED: 1,
-    S.NOTIFICATION_STATUS_DEFERRED: 2,
-    S.NOTIFICATION_STATUS_RETRYING: 3,
-    S.NOTIFICATION_STATUS_SENDING: 4,
-}
+# Non-terminal statuses from least to most advanced: while anything is in flight the
+# notification reports its slowest delivery, so SENDING means every open channel got there.
+_PROGRESS: tuple[Status, ...] = (
+    common_pb2.NOTIFICATION_STATUS_ACCEPTED,
+    common_pb2.NOTIFICATION_STATUS_QUEUED,
+    common_pb2.NOTIFICATION_STATUS_DEFERRED,
+    common_pb2.NOTIFICATION_STATUS_RETRYING,
+    common_pb2.NOTIFICATION_STATUS_SENDING,
+)
 
 
-def is_terminal(status: Status) -> bool:
-    """True for DELIVERED, FAILED, SUPPRESSED and EXPIRED."""
-    return status in TERMINAL
+# QUEUED is reported by the gateway after the broker confirmed, which can race with a
+# worker that already took the job: it may only replace ACCEPTED, never a later status.
+QUEUED = common_pb2.NOTIFICATION_STATUS_QUEUED
+ACCEPTED = common_pb2.NOTIFICATION_STATUS_ACCEPTED
 
 
-def aggregate(statuses: Iterable[Status]) -> Status:
-    """One status for a notification from its deliveries' statuses.
+def aggregate_status(statuses: Iterable[Status]) -> Status:
+    """The notification's status from its deliveries' statuses, given in delivery order.
 
-    While any delivery is in flight: the least advanced in-flight status. When all are
-    terminal: DELIVERED if any channel delivered, else the first delivery's status.
+    In flight: the least advanced non-terminal status. All terminal: DELIVERED when any
+    channel delivered, else the first delivery's status. No deliveries: UNSPECIFIED.
     """
-    all_ = list(statuses)
-    in_flight = [s for s in all_ if s not in TERMINAL]
-    if in_flight:
-        return min(in_flight, key=lambda s: PROGRESS.get(s, 0))
-    if S.NOTIFICATION_STATUS_DELIVERED in all_:
-        return S.NOTIFICATION_STATUS_DELIVERED
-    return all_[0] if all_ else S.NOTIFICATION_STATUS_UNSPECIFIED
+    ordered = list(statuses)
+    pending = [s for s in ordered if s not in TERMINAL]
+    if pending:
+        return min(pending, key=_rank)
+    if common_pb2.NOTIFICATION_STATUS_DELIVERED in ordered:
+        return common_pb2.NOTIFICATION_STATUS_DELIVERED
+    if ordered:
+        return ordered[0]
+    return common_pb2.NOTIFICATION_STATUS_UNSPECIFIED
+
+
+def _rank(status: Status) -> int:
+    # Validation keeps other numbers out of the table; were one there, it sorts first
+    # rather than hiding behind a more advanced status.
+    return _PROGRESS.index(status) if status in _PROGRESS else -1

@@ -1,1 +1,1 @@
-"""user_svc service."""
+"""user_svc: the UserService (users, preferences, devices, notification status records)."""

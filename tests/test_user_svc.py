@@ -1,0 +1,737 @@
+"""UserService against real PostgreSQL and Redis, called over mTLS as the mesh would.
+
+The service runs in-process on port 0; calls go through a real channel with the
+gateway's certificate (or a worker's, for the access-control checks). Assertions look
+at status codes and ErrorInfo reasons, never at message text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import asyncpg
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from google.rpc import error_details_pb2, status_pb2
+from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
+
+from notify_kit.errors import error_info
+from notify_kit.kv import redis_client
+from notify_kit.rpc import secure_channel
+from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
+from notify_kit.status import aggregate_status
+from user_svc.app import App
+from user_svc.cache import ProfileCache, profile_key
+from user_svc.config import Config
+
+if TYPE_CHECKING:
+    # The async stub type exists for type checkers only.
+    from notify.v1.user_service_pb2_grpc import UserServiceAsyncStub as Stub
+
+pb = user_service_pb2
+TIMEOUT = 5.0
+S = common_pb2
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+async def user_dsn(database: Callable[[str], Awaitable[str]]) -> str:
+    """The service's own database for this module."""
+    return await database("user_svc")
+
+
+@pytest.fixture(scope="module")
+async def user_app(
+    user_dsn: str, redis_url: str, common_for: Callable[[str], CommonSettings]
+) -> AsyncIterator[App]:
+    """user_svc running in-process on an ephemeral port."""
+    app = await App.start(Config(common=common_for("user_svc"), dsn=user_dsn, redis_url=redis_url))
+    yield app
+    await app.stop()
+
+
+async def _connect(port: int, tls: TlsSettings) -> grpc.aio.Channel:
+    channel = secure_channel(f"127.0.0.1:{port}", tls)
+    await asyncio.wait_for(channel.channel_ready(), TIMEOUT)
+    return channel
+
+
+def _stub(channel: grpc.aio.Channel) -> Stub:
+    # grpc has no type information, so the stub's overloads cannot pick the async one.
+    return cast("Stub", user_service_pb2_grpc.UserServiceStub(channel))
+
+
+@pytest.fixture(scope="module")
+async def gateway(user_app: App, tls_for: Callable[[str], TlsSettings]) -> AsyncIterator[Stub]:
+    """A stub calling as the gateway (allowed every UserService method)."""
+    channel = await _connect(user_app.port, tls_for("gateway"))
+    yield _stub(channel)
+    await channel.close()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on the suite's Redis database, to look at what the service cached."""
+    client = redis_client(redis_url)
+    yield client
+    await client.aclose(close_connection_pool=True)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+async def failure(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    """The error a call fails with (the test fails if it succeeds)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+def reason(err: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a failed call."""
+    found: str = error_info(err.trailing_metadata()).reason
+    return found
+
+
+def violated_fields(err: grpc.aio.AioRpcError) -> set[str]:
+    """The fields named by the BadRequest detail of a failed call."""
+    fields: set[str] = set()
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):
+                    fields |= {v.field for v in bad.field_violations}
+    return fields
+
+
+def unique_email() -> str:
+    return f"u{uuid.uuid4().hex}@example.com"
+
+
+async def create_user(stub: Stub, **fields: Any) -> pb.User:
+    fields.setdefault("email", unique_email())
+    request = pb.CreateUserRequest(user=pb.User(**fields))
+    response: pb.CreateUserResponse = await stub.CreateUser(request, timeout=TIMEOUT)
+    return response.user
+
+
+def android(token: str) -> pb.Device:
+    return pb.Device(platform=pb.DEVICE_PLATFORM_ANDROID, token=token)
+
+
+async def register(stub: Stub, user_id: str, token: str) -> pb.Device:
+    response: pb.RegisterDeviceResponse = await stub.RegisterDevice(
+        pb.RegisterDeviceRequest(user_id=user_id, device=android(token)), timeout=TIMEOUT
+    )
+    return response.device
+
+
+async def profile(stub: Stub, user_id: str) -> pb.DeliveryProfile:
+    response: pb.GetDeliveryProfileResponse = await stub.GetDeliveryProfile(
+        pb.GetDeliveryProfileRequest(user_id=user_id), timeout=TIMEOUT
+    )
+    return response.profile
+
+
+def notification(
+    user_id: str, *channels: common_pb2.Channel.ValueType, template_id: str = "welcome"
+) -> common_pb2.Notification:
+    return common_pb2.Notification(
+        id=str(uuid.uuid4()),
+        user_id=user_id,
+        template_id=template_id,
+        deliveries=[common_pb2.Delivery(channel=c) for c in channels or (S.CHANNEL_EMAIL,)],
+    )
+
+
+async def record(stub: Stub, note: common_pb2.Notification) -> common_pb2.Notification:
+    response: pb.CreateNotificationRecordResponse = await stub.CreateNotificationRecord(
+        pb.CreateNotificationRecordRequest(notification=note), timeout=TIMEOUT
+    )
+    return response.notification
+
+
+async def report(
+    stub: Stub,
+    notification_id: str,
+    status: common_pb2.NotificationStatus.ValueType,
+    *,
+    attempt: int = 1,
+    detail: str = "",
+    channel: common_pb2.Channel.ValueType = S.CHANNEL_EMAIL,
+) -> common_pb2.Delivery:
+    response: pb.UpdateDeliveryStatusResponse = await stub.UpdateDeliveryStatus(
+        pb.UpdateDeliveryStatusRequest(
+            notification_id=notification_id,
+            channel=channel,
+            status=status,
+            detail=detail,
+            attempt=attempt,
+        ),
+        timeout=TIMEOUT,
+    )
+    return response.delivery
+
+
+# -------------------------------------------------------------------------- users
+
+
+async def test_create_and_get_user_with_defaults(gateway: Stub) -> None:
+    created = await create_user(gateway, display_name="Zoë 👩‍💻", locale="fr-CA")
+    assert uuid.UUID(created.id)
+    assert (created.locale, created.timezone) == ("fr-CA", "UTC")
+    assert not created.preferences.email_opt_out and not created.preferences.push_opt_out
+    assert created.create_time.seconds > 0
+
+    got = (await gateway.GetUser(pb.GetUserRequest(id=created.id), timeout=TIMEOUT)).user
+    assert got == created
+
+    plain = await create_user(gateway, timezone="Europe/Paris")
+    assert (plain.locale, plain.timezone) == ("en", "Europe/Paris")
+
+
+async def test_email_is_unique_regardless_of_case(gateway: Stub) -> None:
+    email = unique_email()
+    await create_user(gateway, email=email)
+    err = await failure(create_user(gateway, email=email.upper()))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert reason(err) == "EMAIL_TAKEN"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"email": "victim@example.com\r\nBcc: all@example.com"}, "user.email"),
+        ({"email": ""}, "user.email"),
+        ({"email": "no-at-sign.example.com"}, "user.email"),
+        ({"email": "a@b@example.com"}, "user.email"),
+        ({"email": "@example.com"}, "user.email"),
+        ({"email": "x" * 250 + "@example.com"}, "user.email"),
+        ({"email": "zero\u200bwidth@example.com"}, "user.email"),
+        ({"display_name": "Mallory\r\nSubject: hi"}, "user.display_name"),
+        ({"display_name": "n" * 201}, "user.display_name"),
+        ({"locale": "english please"}, "user.locale"),
+        ({"timezone": "Mars/Olympus_Mons"}, "user.timezone"),
+        ({"timezone": "../../etc/passwd"}, "user.timezone"),
+    ],
+)
+async def test_invalid_user_is_rejected_with_its_field(
+    gateway: Stub, fields: dict[str, str], field: str
+) -> None:
+    user = pb.User(email=unique_email())
+    for name, value in fields.items():
+        setattr(user, name, value)
+    err = await failure(gateway.CreateUser(pb.CreateUserRequest(user=user)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(err) == "INVALID_USER"
+    assert violated_fields(err) == {field}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, uid: s.GetUser(pb.GetUserRequest(id=uid)),
+        lambda s, uid: s.GetDeliveryProfile(pb.GetDeliveryProfileRequest(user_id=uid)),
+        lambda s, uid: s.UpdatePreferences(pb.UpdatePreferencesRequest(user_id=uid)),
+        lambda s, uid: s.RegisterDevice(
+            pb.RegisterDeviceRequest(user_id=uid, device=android(uuid.uuid4().hex))
+        ),
+        lambda s, uid: s.DeleteDevice(
+            pb.DeleteDeviceRequest(user_id=uid, device_id=str(uuid.uuid4()))
+        ),
+        lambda s, uid: s.CreateNotificationRecord(
+            pb.CreateNotificationRecordRequest(notification=notification(uid))
+        ),
+        lambda s, uid: s.ListNotificationRecords(pb.ListNotificationRecordsRequest(user_id=uid)),
+    ],
+    ids=["get", "profile", "preferences", "device", "delete", "record", "list"],
+)
+async def test_unknown_user_is_not_found(
+    gateway: Stub, call: Callable[[Stub, str], Awaitable[Any]]
+) -> None:
+    err = await failure(call(gateway, str(uuid.uuid4())))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(err) == "USER_NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.GetUser(pb.GetUserRequest(id="42")),
+        lambda s: s.GetUser(pb.GetUserRequest(id="")),
+        lambda s: s.GetDeliveryProfile(pb.GetDeliveryProfileRequest(user_id="not-a-uuid")),
+        lambda s: s.GetNotificationRecord(pb.GetNotificationRecordRequest(id="'; DROP TABLE")),
+        lambda s: s.DeleteDevice(
+            pb.DeleteDeviceRequest(user_id=str(uuid.uuid4()), device_id="{" + "0" * 32 + "}")
+        ),
+        lambda s: s.UpdateDeliveryStatus(
+            pb.UpdateDeliveryStatusRequest(
+                notification_id="x", channel=S.CHANNEL_EMAIL, status=S.NOTIFICATION_STATUS_QUEUED
+            )
+        ),
+    ],
+)
+async def test_malformed_id_is_invalid(
+    gateway: Stub, call: Callable[[Stub], Awaitable[Any]]
+) -> None:
+    err = await failure(call(gateway))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(err) == "INVALID_ID"
+
+
+async def test_update_preferences_replaces_them(gateway: Stub) -> None:
+    user = await create_user(gateway)
+    response = await gateway.UpdatePreferences(
+        pb.UpdatePreferencesRequest(
+            user_id=user.id, preferences=pb.Preferences(email_opt_out=True)
+        ),
+        timeout=TIMEOUT,
+    )
+    assert response.preferences == pb.Preferences(email_opt_out=True, push_opt_out=False)
+    got = (await gateway.GetUser(pb.GetUserRequest(id=user.id), timeout=TIMEOUT)).user
+    assert got.preferences == response.preferences
+
+
+# ------------------------------------------------------------------------ devices
+
+
+async def test_register_device_is_idempotent_per_token_and_moves_between_users(
+    gateway: Stub,
+) -> None:
+    alice = await create_user(gateway)
+    bob = await create_user(gateway)
+    token = f"fcm:{uuid.uuid4().hex}"
+
+    first = await register(gateway, alice.id, token)
+    again = await register(gateway, alice.id, token)
+    assert again == first
+    assert [d.token for d in (await profile(gateway, alice.id)).devices] == [token]
+
+    moved = await register(gateway, bob.id, token)
+    assert moved.id == first.id
+    assert [d.id for d in (await profile(gateway, bob.id)).devices] == [first.id]
+    # Alice's profile was cached above; the move must have invalidated it too.
+    assert list((await profile(gateway, alice.id)).devices) == []
+
+
+@pytest.mark.parametrize(
+    ("device", "field"),
+    [
+        (pb.Device(token="abc"), "device.platform"),
+        (pb.Device(platform=pb.DEVICE_PLATFORM_IOS), "device.token"),
+        (pb.Device(platform=pb.DEVICE_PLATFORM_IOS, token="abc\ndef"), "device.token"),
+        (pb.Device(platform=pb.DEVICE_PLATFORM_IOS, token="é"), "device.token"),
+        (pb.Device(platform=pb.DEVICE_PLATFORM_WEB, token="t" * 4097), "device.token"),
+    ],
+)
+async def test_invalid_device_is_rejected(gateway: Stub, device: pb.Device, field: str) -> None:
+    user = await create_user(gateway)
+    err = await failure(
+        gateway.RegisterDevice(pb.RegisterDeviceRequest(user_id=user.id, device=device))
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(err) == "INVALID_DEVICE"
+    assert violated_fields(err) == {field}
+
+
+async def test_delete_device(gateway: Stub) -> None:
+    user = await create_user(gateway)
+    device = await register(gateway, user.id, uuid.uuid4().hex)
+    request = pb.DeleteDeviceRequest(user_id=user.id, device_id=device.id)
+    await gateway.DeleteDevice(request, timeout=TIMEOUT)
+    got = (await gateway.GetUser(pb.GetUserRequest(id=user.id), timeout=TIMEOUT)).user
+    assert list(got.devices) == []
+
+    err = await failure(gateway.DeleteDevice(request))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(err) == "DEVICE_NOT_FOUND"
+
+
+# ------------------------------------------------------------------ profile cache
+
+
+async def test_profile_is_cached_and_invalidated_on_every_change(
+    gateway: Stub, redis: aioredis.Redis, user_dsn: str
+) -> None:
+    user = await create_user(gateway, display_name="Ann")
+    first = await profile(gateway, user.id)
+    assert (first.user_id, first.email, first.display_name) == (user.id, user.email, "Ann")
+    assert 0 < await redis.ttl(profile_key(user.id)) <= 300
+
+    # Served from Redis: a change made behind the service's back is not seen...
+    conn = await asyncpg.connect(user_dsn, timeout=TIMEOUT)
+    try:
+        await conn.execute("UPDATE users SET display_name = 'Changed' WHERE id = $1", user.id)
+    finally:
+        await conn.close()
+    assert (await profile(gateway, user.id)).display_name == "Ann"
+
+    # ...but every change through the service is seen at once.
+    device = await register(gateway, user.id, uuid.uuid4().hex)
+    assert await redis.exists(profile_key(user.id)) == 0
+    fresh = await profile(gateway, user.id)
+    assert fresh.display_name == "Changed"
+    assert [d.id for d in fresh.devices] == [device.id]
+
+    await gateway.UpdatePreferences(
+        pb.UpdatePreferencesRequest(user_id=user.id, preferences=pb.Preferences(push_opt_out=True)),
+        timeout=TIMEOUT,
+    )
+    assert (await profile(gateway, user.id)).preferences.push_opt_out
+
+    removed = await gateway.RemoveDeviceToken(
+        pb.RemoveDeviceTokenRequest(user_id=user.id, token=device.token), timeout=TIMEOUT
+    )
+    assert removed.removed == 1
+    assert list((await profile(gateway, user.id)).devices) == []
+    again = await gateway.RemoveDeviceToken(
+        pb.RemoveDeviceTokenRequest(user_id=user.id, token=device.token), timeout=TIMEOUT
+    )
+    assert again.removed == 0
+
+    other = await register(gateway, user.id, uuid.uuid4().hex)
+    assert len((await profile(gateway, user.id)).devices) == 1
+    await gateway.DeleteDevice(
+        pb.DeleteDeviceRequest(user_id=user.id, device_id=other.id), timeout=TIMEOUT
+    )
+    assert list((await profile(gateway, user.id)).devices) == []
+
+
+async def test_fill_is_skipped_when_the_user_changed_during_the_read(
+    redis: aioredis.Redis,
+) -> None:
+    cache = ProfileCache(redis, ttl=60)
+    user_id = str(uuid.uuid4())
+    stale = pb.DeliveryProfile(user_id=user_id, email="old@example.com")
+
+    before = await cache.lookup(user_id)
+    assert before.profile is None and before.generation is not None
+    await cache.invalidate(user_id)  # a writer committed while we read the database
+    assert not await cache.fill(user_id, stale, before.generation)
+    assert await redis.exists(profile_key(user_id)) == 0
+
+    now = await cache.lookup(user_id)
+    assert now.generation is not None
+    assert await cache.fill(user_id, stale, now.generation)
+    assert (await cache.lookup(user_id)).profile == stale
+
+
+async def test_redis_outage_falls_back_to_the_database(
+    database: Callable[[str], Awaitable[str]],
+    common_for: Callable[[str], CommonSettings],
+    tls_for: Callable[[str], TlsSettings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = Config(
+        common=common_for("user_svc"),
+        dsn=await database("user_svc_no_redis"),
+        redis_url="redis://127.0.0.1:1/0",  # nothing listens there
+    )
+    app = await App.start(config)
+    try:
+        channel = await _connect(app.port, tls_for("gateway"))
+        async with channel:
+            stub = _stub(channel)
+            with caplog.at_level(logging.WARNING, logger="user_svc.cache"):
+                user = await create_user(stub)
+                device = await register(stub, user.id, uuid.uuid4().hex)
+                got = await profile(stub, user.id)
+            assert [d.id for d in got.devices] == [device.id]
+            assert any(r.name == "user_svc.cache" for r in caplog.records)
+    finally:
+        await app.stop()
+
+
+async def test_failed_start_releases_what_it_opened(
+    user_app: App,
+    database: Callable[[str], Awaitable[str]],
+    common_for: Callable[[str], CommonSettings],
+    redis_url: str,
+) -> None:
+    dsn = await database("user_svc_failed_start")
+    busy = dataclasses.replace(common_for("user_svc"), listen=f"127.0.0.1:{user_app.port}")
+    with pytest.raises(RuntimeError):
+        await App.start(Config(common=busy, dsn=dsn, redis_url=redis_url))
+    conn = await asyncpg.connect(dsn, timeout=TIMEOUT)
+    try:
+        open_connections = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'user_svc'"
+        )
+    finally:
+        await conn.close()
+    assert open_connections == 0
+
+
+# ---------------------------------------------------------- notification records
+
+
+async def test_create_notification_record_is_idempotent(gateway: Stub) -> None:
+    user = await create_user(gateway)
+    note = notification(user.id, S.CHANNEL_EMAIL, S.CHANNEL_PUSH)
+    note.deliveries[1].status = S.NOTIFICATION_STATUS_SUPPRESSED
+    note.deliveries[1].detail = "push_opt_out"
+    response = await gateway.CreateNotificationRecord(
+        pb.CreateNotificationRecordRequest(notification=note),
+        metadata=(("x-correlation-id", "corr-idem-1"),),
+        timeout=TIMEOUT,
+    )
+    stored = response.notification
+    assert (stored.id, stored.user_id, stored.template_id) == (note.id, user.id, "welcome")
+    assert stored.correlation_id == "corr-idem-1"
+    assert stored.status == S.NOTIFICATION_STATUS_ACCEPTED
+    assert [(d.channel, d.status) for d in stored.deliveries] == [
+        (S.CHANNEL_EMAIL, S.NOTIFICATION_STATUS_ACCEPTED),
+        (S.CHANNEL_PUSH, S.NOTIFICATION_STATUS_SUPPRESSED),
+    ]
+
+    await report(gateway, note.id, S.NOTIFICATION_STATUS_QUEUED)
+    retry = common_pb2.Notification()
+    retry.CopyFrom(note)
+    retry.template_id = "something-else"
+    del retry.deliveries[1]
+    again = await record(gateway, retry)
+    # The first record wins, deliveries are neither duplicated nor reset.
+    assert again.template_id == "welcome"
+    assert [(d.channel, d.status) for d in again.deliveries] == [
+        (S.CHANNEL_EMAIL, S.NOTIFICATION_STATUS_QUEUED),
+        (S.CHANNEL_PUSH, S.NOTIFICATION_STATUS_SUPPRESSED),
+    ]
+    got = await gateway.GetNotificationRecord(
+        pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
+    )
+    assert got.notification == again
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda n: n.ClearField("deliveries"), "notification.deliveries"),
+        (lambda n: setattr(n, "template_id", ""), "notification.template_id"),
+        (lambda n: n.deliveries.add(channel=S.CHANNEL_EMAIL), "notification.deliveries[1].channel"),
+        (lambda n: n.deliveries.add(), "notification.deliveries[1].channel"),
+        (lambda n: setattr(n, "correlation_id", "a b"), "notification.correlation_id"),
+    ],
+)
+async def test_invalid_notification_record_is_rejected(
+    gateway: Stub, mutate: Callable[[common_pb2.Notification], None], field: str
+) -> None:
+    user = await create_user(gateway)
+    note = notification(user.id)
+    mutate(note)
+    err = await failure(
+        gateway.CreateNotificationRecord(pb.CreateNotificationRecordRequest(notification=note))
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(err) == "INVALID_NOTIFICATION"
+    assert violated_fields(err) == {field}
+
+
+async def test_unknown_notification_is_not_found(gateway: Stub) -> None:
+    err = await failure(
+        gateway.GetNotificationRecord(pb.GetNotificationRecordRequest(id=str(uuid.uuid4())))
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(err) == "NOTIFICATION_NOT_FOUND"
+
+
+async def test_terminal_status_is_never_overwritten(gateway: Stub) -> None:
+    user = await create_user(gateway)
+    note = await record(gateway, notification(user.id, S.CHANNEL_EMAIL, S.CHANNEL_PUSH))
+
+    sending = await report(gateway, note.id, S.NOTIFICATION_STATUS_SENDING, attempt=1)
+    assert (sending.status, sending.attempts) == (S.NOTIFICATION_STATUS_SENDING, 1)
+    delivered = await report(
+        gateway, note.id, S.NOTIFICATION_STATUS_DELIVERED, attempt=1, detail="msg-1"
+    )
+    assert delivered.status == S.NOTIFICATION_STATUS_DELIVERED
+
+    late = await report(gateway, note.id, S.NOTIFICATION_STATUS_SENDING, attempt=2, detail="x")
+    assert late == delivered
+    failed = await report(gateway, note.id, S.NOTIFICATION_STATUS_FAILED, attempt=3)
+    assert failed == delivered
+
+    # Push is still in flight, so the notification reports it; then both are terminal.
+    stored = await gateway.GetNotificationRecord(
+        pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
+    )
+    assert stored.notification.status == S.NOTIFICATION_STATUS_ACCEPTED
+    await report(gateway, note.id, S.NOTIFICATION_STATUS_FAILED, channel=S.CHANNEL_PUSH)
+    stored = await gateway.GetNotificationRecord(
+        pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
+    )
+    assert stored.notification.status == S.NOTIFICATION_STATUS_DELIVERED
+    assert stored.notification.deliveries[0] == delivered
+
+
+async def test_late_queued_report_does_not_undo_a_worker(gateway: Stub) -> None:
+    user = await create_user(gateway)
+    note = await record(gateway, notification(user.id))
+    queued = await report(gateway, note.id, S.NOTIFICATION_STATUS_QUEUED)
+    assert queued.status == S.NOTIFICATION_STATUS_QUEUED
+    await report(gateway, note.id, S.NOTIFICATION_STATUS_SENDING, attempt=1)
+    late = await report(gateway, note.id, S.NOTIFICATION_STATUS_QUEUED)
+    assert late.status == S.NOTIFICATION_STATUS_SENDING
+
+
+async def test_attempts_only_grow(gateway: Stub) -> None:
+    user = await create_user(gateway)
+    note = await record(gateway, notification(user.id))
+    await report(gateway, note.id, S.NOTIFICATION_STATUS_RETRYING, attempt=3)
+    late = await report(gateway, note.id, S.NOTIFICATION_STATUS_SENDING, attempt=2)
+    assert (late.status, late.attempts) == (S.NOTIFICATION_STATUS_SENDING, 3)
+
+
+async def test_update_of_unknown_delivery_is_not_found(gateway: Stub) -> None:
+    user = await create_user(gateway)
+    note = await record(gateway, notification(user.id, S.CHANNEL_EMAIL))
+    for notification_id, channel in (
+        (note.id, S.CHANNEL_PUSH),
+        (str(uuid.uuid4()), S.CHANNEL_EMAIL),
+    ):
+        err = await failure(
+            report(gateway, notification_id, S.NOTIFICATION_STATUS_SENDING, channel=channel)
+        )
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert reason(err) == "DELIVERY_NOT_FOUND"
+
+
+async def test_invalid_status_report_is_rejected(gateway: Stub) -> None:
+    user = await create_user(gateway)
+    note = await record(gateway, notification(user.id))
+    err = await failure(report(gateway, note.id, S.NOTIFICATION_STATUS_UNSPECIFIED, attempt=-1))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(err) == "INVALID_DELIVERY_STATUS"
+    assert violated_fields(err) == {"status", "attempt"}
+
+
+async def test_list_notification_records_pages_newest_first(gateway: Stub) -> None:
+    user = await create_user(gateway)
+    created = [await record(gateway, notification(user.id)) for _ in range(5)]
+    await record(gateway, notification((await create_user(gateway)).id))  # someone else's
+
+    pages: list[list[str]] = []
+    token = ""
+    while True:
+        response = await gateway.ListNotificationRecords(
+            pb.ListNotificationRecordsRequest(user_id=user.id, page_size=2, page_token=token),
+            timeout=TIMEOUT,
+        )
+        pages.append([n.id for n in response.notifications])
+        token = response.next_page_token
+        if not token:
+            break
+        assert len(pages) < 5, "pagination does not end"
+    newest_first = [n.id for n in reversed(created)]
+    assert pages == [newest_first[0:2], newest_first[2:4], newest_first[4:5]]
+
+    whole = await gateway.ListNotificationRecords(
+        pb.ListNotificationRecordsRequest(user_id=user.id), timeout=TIMEOUT
+    )
+    assert [n.id for n in whole.notifications] == newest_first
+    assert whole.next_page_token == ""
+    assert all(n.deliveries for n in whole.notifications)
+
+
+@pytest.mark.parametrize(
+    ("page_size", "page_token", "expected"),
+    [
+        (101, "", "INVALID_PAGE_SIZE"),
+        (-1, "", "INVALID_PAGE_SIZE"),
+        (10, "not a token", "INVALID_PAGE_TOKEN"),
+        (10, "MTIzOm5vdC1hLXV1aWQ", "INVALID_PAGE_TOKEN"),  # "123:not-a-uuid"
+    ],
+)
+async def test_bad_paging_is_invalid(
+    gateway: Stub, page_size: int, page_token: str, expected: str
+) -> None:
+    user = await create_user(gateway)
+    err = await failure(
+        gateway.ListNotificationRecords(
+            pb.ListNotificationRecordsRequest(
+                user_id=user.id, page_size=page_size, page_token=page_token
+            )
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(err) == expected
+
+
+# ----------------------------------------------------------------- access control
+
+
+async def test_worker_may_report_status_but_not_manage_users(
+    gateway: Stub, user_app: App, tls_for: Callable[[str], TlsSettings]
+) -> None:
+    user = await create_user(gateway)
+    note = await record(gateway, notification(user.id))
+    channel = await _connect(user_app.port, tls_for("email_worker"))
+    async with channel:
+        worker = _stub(channel)
+        err = await failure(create_user(worker))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert reason(err) == "ACCESS_DENIED"
+
+        delivered = await report(worker, note.id, S.NOTIFICATION_STATUS_DELIVERED)
+        assert delivered.status == S.NOTIFICATION_STATUS_DELIVERED
+
+
+# ------------------------------------------------------------------- pure pieces
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [
+        ([], S.NOTIFICATION_STATUS_UNSPECIFIED),
+        (
+            [S.NOTIFICATION_STATUS_SENDING, S.NOTIFICATION_STATUS_QUEUED],
+            S.NOTIFICATION_STATUS_QUEUED,
+        ),
+        (
+            [S.NOTIFICATION_STATUS_RETRYING, S.NOTIFICATION_STATUS_DEFERRED],
+            S.NOTIFICATION_STATUS_DEFERRED,
+        ),
+        (
+            [S.NOTIFICATION_STATUS_DELIVERED, S.NOTIFICATION_STATUS_SENDING],
+            S.NOTIFICATION_STATUS_SENDING,
+        ),
+        (
+            [S.NOTIFICATION_STATUS_FAILED, S.NOTIFICATION_STATUS_DELIVERED],
+            S.NOTIFICATION_STATUS_DELIVERED,
+        ),
+        (
+            [S.NOTIFICATION_STATUS_SUPPRESSED, S.NOTIFICATION_STATUS_FAILED],
+            S.NOTIFICATION_STATUS_SUPPRESSED,
+        ),
+        ([S.NOTIFICATION_STATUS_EXPIRED], S.NOTIFICATION_STATUS_EXPIRED),
+    ],
+)
+def test_aggregate_status(
+    statuses: list[common_pb2.NotificationStatus.ValueType],
+    expected: common_pb2.NotificationStatus.ValueType,
+) -> None:
+    assert aggregate_status(statuses) == expected
+
+
+def test_config_from_env(certs_dir: Path) -> None:
+    env = {"NOTIFY_TLS_DIR": str(certs_dir)}
+    config = Config.from_env(env)
+    assert config.common.listen == "127.0.0.1:50052"
+    assert config.dsn == "postgresql://postgres@127.0.0.1:5432/notify_user"
+    assert config.redis_url == "redis://127.0.0.1:6379/0"
+    assert config.profile_cache_ttl == 300
+
+    custom = Config.from_env({**env, "NOTIFY_PROFILE_CACHE_TTL": "30"})
+    assert custom.profile_cache_ttl == 30
+    with pytest.raises(SettingsError):
+        Config.from_env({**env, "NOTIFY_PROFILE_CACHE_TTL": "0"})

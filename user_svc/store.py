@@ -1,0 +1,409 @@
+"""PostgreSQL access for users, devices and notification records (asyncpg only).
+
+Every query runs on a connection taken from the pool with an acquire timeout; the pool
+itself (``notify_kit.db.create_pool``) gives each statement a server and a client
+timeout. Methods take validated values and return protobuf messages, so the servicer
+only validates and routes. Constraint violations are mapped here, next to the SQL that
+causes them: the unique e-mail index becomes EMAIL_TAKEN and a missing user behind a
+foreign key becomes USER_NOT_FOUND, which keeps check-then-write races out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+from notify.v1 import common_pb2, user_service_pb2
+
+from notify_kit.errors import AlreadyExists, NotFound
+from notify_kit.status import ACCEPTED, QUEUED, TERMINAL, Status, aggregate_status
+from user_svc.paging import Cursor
+
+_ACQUIRE_TIMEOUT = 5.0
+
+INSERT_USER = """
+INSERT INTO users (email, display_name, locale, timezone, email_opt_out, push_opt_out)
+VALUES ($1, $2, $3, $4, $5, $6)
+RETURNING id, email, display_name, locale, timezone, email_opt_out, push_opt_out, created_at
+"""
+
+SELECT_USER = """
+SELECT id, email, display_name, locale, timezone, email_opt_out, push_opt_out, created_at
+FROM users WHERE id = $1
+"""
+
+USER_EXISTS = "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)"
+
+SELECT_DEVICES = """
+SELECT id, platform, token, created_at FROM devices WHERE user_id = $1 ORDER BY created_at, id
+"""
+
+UPDATE_PREFERENCES = """
+UPDATE users SET email_opt_out = $2, push_opt_out = $3 WHERE id = $1
+RETURNING email_opt_out, push_opt_out
+"""
+
+# A token names one physical device: registering it again keeps the row (and its id),
+# registering it for another user moves it. ``previous_user_id`` tells the caller whose
+# cached profile lost a device. Reads in the CTE see the table as it was before.
+UPSERT_DEVICE = """
+WITH previous AS (SELECT user_id FROM devices WHERE token = $3)
+INSERT INTO devices (user_id, platform, token) VALUES ($1, $2, $3)
+ON CONFLICT (token) DO UPDATE SET user_id = EXCLUDED.user_id, platform = EXCLUDED.platform
+RETURNING id, platform, token, created_at, (SELECT user_id FROM previous) AS previous_user_id
+"""
+
+DELETE_DEVICE = "DELETE FROM devices WHERE id = $1 AND user_id = $2 RETURNING id"
+
+DELETE_REGISTRATION = "DELETE FROM devices WHERE user_id = $1 AND token = $2 RETURNING id"
+
+INSERT_NOTIFICATION = """
+INSERT INTO notifications (id, user_id, template_id, correlation_id) VALUES ($1, $2, $3, $4)
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+
+INSERT_DELIVERY = """
+INSERT INTO deliveries (notification_id, channel, status, detail, attempts)
+VALUES ($1, $2, $3, $4, $5)
+"""
+
+SELECT_NOTIFICATION = """
+SELECT id, user_id, template_id, correlation_id, created_at FROM notifications WHERE id = $1
+"""
+
+LIST_NOTIFICATIONS = """
+SELECT id, user_id, template_id, correlation_id, created_at FROM notifications
+WHERE user_id = $1
+ORDER BY created_at DESC, id DESC
+LIMIT $2
+"""
+
+LIST_NOTIFICATIONS_AFTER = """
+SELECT id, user_id, template_id, correlation_id, created_at FROM notifications
+WHERE user_id = $1 AND (created_at, id) < ($3, $4)
+ORDER BY created_at DESC, id DESC
+LIMIT $2
+"""
+
+SELECT_DELIVERIES = """
+SELECT notification_id, channel, status, detail, attempts, updated_at FROM deliveries
+WHERE notification_id = ANY($1::uuid[])
+ORDER BY notification_id, channel
+"""
+
+# One statement, so no report can slip between a read of the status and the write: the
+# UPDATE skips terminal rows (and a QUEUED report once a worker has moved on: $7/$8),
+# and the second branch returns the row as stored when the
+# UPDATE skipped it (it reads the snapshot from before the UPDATE, hence NOT EXISTS).
+UPDATE_DELIVERY = """
+WITH updated AS (
+    UPDATE deliveries
+    SET status = $3, detail = $4, attempts = greatest(attempts, $5), updated_at = now()
+    WHERE notification_id = $1 AND channel = $2 AND NOT (status = ANY($6::smallint[]))
+      AND ($3::smallint <> $7::smallint OR status = $8::smallint)
+    RETURNING channel, status, detail, attempts, updated_at
+)
+SELECT channel, status, detail, attempts, updated_at FROM updated
+UNION ALL
+SELECT channel, status, detail, attempts, updated_at FROM deliveries
+WHERE notification_id = $1 AND channel = $2 AND NOT EXISTS (SELECT 1 FROM updated)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    """A validated user to create."""
+
+    email: str
+    display_name: str
+    locale: str
+    timezone: str
+    email_opt_out: bool
+    push_opt_out: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewDevice:
+    """A validated push device to register."""
+
+    platform: user_service_pb2.DevicePlatform.ValueType
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """The initial state of one channel of a new notification."""
+
+    channel: common_pb2.Channel.ValueType
+    status: Status
+    detail: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewNotification:
+    """A validated notification record, as the gateway accepted it."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    template_id: str
+    correlation_id: str
+    deliveries: tuple[NewDelivery, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """A validated progress report of one delivery."""
+
+    notification_id: uuid.UUID
+    channel: common_pb2.Channel.ValueType
+    status: Status
+    detail: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRegistration:
+    """The stored device, and the user it was taken from when the token moved."""
+
+    device: user_service_pb2.Device
+    previous_user_id: uuid.UUID | None
+
+
+class UserStore:
+    """Queries of user_svc over one asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def create_user(self, user: NewUser) -> user_service_pb2.User:
+        """Insert ``user``; AlreadyExists(EMAIL_TAKEN) when the address is registered."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            try:
+                row = await conn.fetchrow(
+                    INSERT_USER,
+                    user.email,
+                    user.display_name,
+                    user.locale,
+                    user.timezone,
+                    user.email_opt_out,
+                    user.push_opt_out,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise AlreadyExists(
+                    "EMAIL_TAKEN",
+                    "a user with this e-mail address exists",
+                    field_violations=[("user.email", "is already registered")],
+                ) from exc
+        return _user(row, [])
+
+    async def get_user(self, user_id: uuid.UUID) -> user_service_pb2.User | None:
+        """The user with preferences and devices, or None."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            row = await conn.fetchrow(SELECT_USER, user_id)
+            if row is None:
+                return None
+            devices = await conn.fetch(SELECT_DEVICES, user_id)
+        return _user(row, devices)
+
+    async def delivery_profile(self, user_id: uuid.UUID) -> user_service_pb2.DeliveryProfile | None:
+        """What senders need to reach the user, or None."""
+        user = await self.get_user(user_id)
+        if user is None:
+            return None
+        return user_service_pb2.DeliveryProfile(
+            user_id=user.id,
+            email=user.email,
+            display_name=user.display_name,
+            locale=user.locale,
+            timezone=user.timezone,
+            preferences=user.preferences,
+            devices=user.devices,
+        )
+
+    async def user_exists(self, user_id: uuid.UUID) -> bool:
+        """Whether the user exists (to tell a missing user from a missing child)."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            return bool(await conn.fetchval(USER_EXISTS, user_id))
+
+    async def update_preferences(
+        self, user_id: uuid.UUID, preferences: user_service_pb2.Preferences
+    ) -> user_service_pb2.Preferences | None:
+        """Replace the preferences; None when the user does not exist."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            row = await conn.fetchrow(
+                UPDATE_PREFERENCES, user_id, preferences.email_opt_out, preferences.push_opt_out
+            )
+        if row is None:
+            return None
+        return user_service_pb2.Preferences(
+            email_opt_out=row["email_opt_out"], push_opt_out=row["push_opt_out"]
+        )
+
+    async def register_device(self, user_id: uuid.UUID, device: NewDevice) -> DeviceRegistration:
+        """Store the device for the user; NotFound(USER_NOT_FOUND) when there is no user."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            try:
+                row = await conn.fetchrow(UPSERT_DEVICE, user_id, device.platform, device.token)
+            except asyncpg.ForeignKeyViolationError as exc:
+                raise _user_not_found(user_id) from exc
+        previous: uuid.UUID | None = row["previous_user_id"]
+        return DeviceRegistration(
+            device=_device(row), previous_user_id=None if previous == user_id else previous
+        )
+
+    async def delete_device(self, user_id: uuid.UUID, device_id: uuid.UUID) -> bool:
+        """Delete the user's device; False when the user has no such device."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            return bool(await conn.fetch(DELETE_DEVICE, device_id, user_id))
+
+    async def remove_device_token(self, user_id: uuid.UUID, token: str) -> int:
+        """Delete the user's device with this token; return how many went (0 or 1)."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            return len(await conn.fetch(DELETE_REGISTRATION, user_id, token))
+
+    async def create_notification(self, record: NewNotification) -> common_pb2.Notification:
+        """Insert the record and its deliveries once; return what is stored for the id.
+
+        A repeated id (the gateway retrying) inserts nothing and returns the first record,
+        so retries never duplicate or reset deliveries.
+        """
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn, conn.transaction():
+            try:
+                inserted = await conn.fetchval(
+                    INSERT_NOTIFICATION,
+                    record.id,
+                    record.user_id,
+                    record.template_id,
+                    record.correlation_id,
+                )
+            except asyncpg.ForeignKeyViolationError as exc:
+                raise _user_not_found(record.user_id) from exc
+            if inserted is not None:
+                await conn.executemany(
+                    INSERT_DELIVERY,
+                    [
+                        (record.id, d.channel, d.status, d.detail, d.attempts)
+                        for d in record.deliveries
+                    ],
+                )
+            row = await conn.fetchrow(SELECT_NOTIFICATION, record.id)
+            found = await _notifications(conn, [row])
+        return found[0]
+
+    async def get_notification(self, notification_id: uuid.UUID) -> common_pb2.Notification | None:
+        """The record with its deliveries, or None."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            row = await conn.fetchrow(SELECT_NOTIFICATION, notification_id)
+            if row is None:
+                return None
+            found = await _notifications(conn, [row])
+        return found[0]
+
+    async def list_notifications(
+        self, user_id: uuid.UUID, page_size: int, after: Cursor | None
+    ) -> tuple[list[common_pb2.Notification], Cursor | None]:
+        """One page newest first, and the cursor of the next page (None on the last)."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            # One extra row says whether another page exists without a COUNT.
+            if after is None:
+                rows = await conn.fetch(LIST_NOTIFICATIONS, user_id, page_size + 1)
+            else:
+                rows = await conn.fetch(
+                    LIST_NOTIFICATIONS_AFTER, user_id, page_size + 1, after.created_at, after.id
+                )
+            page = rows[:page_size]
+            records = await _notifications(conn, page)
+        if len(rows) <= page_size:
+            return records, None
+        last = page[-1]
+        return records, Cursor(created_at=last["created_at"], id=last["id"])
+
+    async def update_delivery(self, report: StatusReport) -> common_pb2.Delivery | None:
+        """Apply the report unless the delivery is terminal; the stored row, or None."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            row = await conn.fetchrow(
+                UPDATE_DELIVERY,
+                report.notification_id,
+                report.channel,
+                report.status,
+                report.detail,
+                report.attempt,
+                sorted(TERMINAL),
+                QUEUED,
+                ACCEPTED,
+            )
+        return None if row is None else _delivery(row)
+
+
+def _user_not_found(user_id: uuid.UUID) -> NotFound:
+    return NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": str(user_id)})
+
+
+async def _notifications(
+    conn: asyncpg.Connection, rows: Sequence[Any]
+) -> list[common_pb2.Notification]:
+    """Messages for notification rows, with their deliveries fetched in one query."""
+    deliveries: dict[uuid.UUID, list[common_pb2.Delivery]] = {row["id"]: [] for row in rows}
+    if deliveries:
+        for d in await conn.fetch(SELECT_DELIVERIES, list(deliveries)):
+            deliveries[d["notification_id"]].append(_delivery(d))
+    return [_notification(row, deliveries[row["id"]]) for row in rows]
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _user(row: Any, devices: Sequence[Any]) -> user_service_pb2.User:
+    return user_service_pb2.User(
+        id=str(row["id"]),
+        email=row["email"],
+        display_name=row["display_name"],
+        locale=row["locale"],
+        timezone=row["timezone"],
+        preferences=user_service_pb2.Preferences(
+            email_opt_out=row["email_opt_out"], push_opt_out=row["push_opt_out"]
+        ),
+        devices=[_device(d) for d in devices],
+        create_time=_timestamp(row["created_at"]),
+    )
+
+
+def _device(row: Any) -> user_service_pb2.Device:
+    return user_service_pb2.Device(
+        id=str(row["id"]),
+        platform=user_service_pb2.DevicePlatform.ValueType(row["platform"]),
+        token=row["token"],
+        create_time=_timestamp(row["created_at"]),
+    )
+
+
+def _delivery(row: Any) -> common_pb2.Delivery:
+    return common_pb2.Delivery(
+        channel=common_pb2.Channel.ValueType(row["channel"]),
+        status=Status(row["status"]),
+        detail=row["detail"],
+        attempts=row["attempts"],
+        update_time=_timestamp(row["updated_at"]),
+    )
+
+
+def _notification(row: Any, deliveries: list[common_pb2.Delivery]) -> common_pb2.Notification:
+    return common_pb2.Notification(
+        id=str(row["id"]),
+        user_id=str(row["user_id"]),
+        template_id=row["template_id"],
+        status=aggregate_status(d.status for d in deliveries),
+        deliveries=deliveries,
+        create_time=_timestamp(row["created_at"]),
+        correlation_id=row["correlation_id"],
+    )

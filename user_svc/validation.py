@@ -1,0 +1,259 @@
+"""Request validation for UserService: every field a caller fills is checked here.
+
+Each function collects all problems of one request and raises a single
+``InvalidArgument`` whose field violations name them, so a client fixes everything in
+one round. Values that end up in e-mail headers (address, display name) must not carry
+CR/LF or other control characters: that is how header injection starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+import uuid
+import zoneinfo
+
+from notify.v1 import common_pb2, user_service_pb2
+
+from notify_kit.errors import InvalidArgument
+from notify_kit.status import Status
+from user_svc.store import NewDelivery, NewDevice, NewNotification, NewUser, StatusReport
+
+MAX_EMAIL = 254
+MAX_LOCAL_PART = 64
+MAX_DISPLAY_NAME = 200
+MAX_TOKEN = 4096
+MAX_TEMPLATE_ID = 200
+MAX_CORRELATION_ID = 64
+MAX_DETAIL = 2000
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+DEFAULT_LOCALE = "en"
+DEFAULT_TIMEZONE = "UTC"
+
+# BCP 47-ish: a 2-3 letter language, then subtags of 1-8 letters or digits ("fr-CA",
+# "zh-Hant-TW", "sr-Latn"). Full RFC 5646 checking is not worth a dependency here.
+_LOCALE = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8}){0,6}")
+
+# Control (Cc), format (Cf: zero-width and bidi tricks) and line/paragraph separators.
+_EMAIL_FORBIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp"})
+# Display names may hold emoji sequences (which use the Cf zero-width joiner).
+_NAME_FORBIDDEN = frozenset({"Cc", "Zl", "Zp"})
+
+_Violations = list[tuple[str, str]]
+
+
+def parse_id(value: str, field: str) -> uuid.UUID:
+    """A canonical UUID string, or InvalidArgument(INVALID_ID) naming ``field``."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or str(parsed) != value.lower():
+        raise InvalidArgument(
+            "INVALID_ID", f"{field} must be a UUID", field_violations=[(field, "must be a UUID")]
+        )
+    return parsed
+
+
+def new_user(user: user_service_pb2.User) -> NewUser:
+    """Validate CreateUser's user (ids, devices and timestamps are output only)."""
+    problems: _Violations = []
+    _check_email(user.email, "user.email", problems)
+    _check_display_name(user.display_name, "user.display_name", problems)
+    locale = user.locale or DEFAULT_LOCALE
+    if len(locale) > 35 or not _LOCALE.fullmatch(locale):
+        problems.append(("user.locale", "must be a BCP 47 language tag such as en or fr-CA"))
+    timezone = user.timezone or DEFAULT_TIMEZONE
+    if timezone not in _timezones():
+        problems.append(("user.timezone", "must be an IANA time zone such as Europe/Paris"))
+    if problems:
+        raise InvalidArgument("INVALID_USER", "the user is invalid", field_violations=problems)
+    return NewUser(
+        email=user.email,
+        display_name=user.display_name,
+        locale=locale,
+        timezone=timezone,
+        email_opt_out=user.preferences.email_opt_out,
+        push_opt_out=user.preferences.push_opt_out,
+    )
+
+
+def new_device(device: user_service_pb2.Device) -> NewDevice:
+    """Validate RegisterDevice's device (id and create_time are output only)."""
+    problems: _Violations = []
+    platform = device.platform
+    if platform == user_service_pb2.DEVICE_PLATFORM_UNSPECIFIED or platform not in (
+        user_service_pb2.DevicePlatform.values()
+    ):
+        problems.append(("device.platform", "is required"))
+    check_token(device.token, "device.token", problems)
+    if problems:
+        raise InvalidArgument("INVALID_DEVICE", "the device is invalid", field_violations=problems)
+    return NewDevice(platform=platform, token=device.token)
+
+
+def check_token(token: str, field: str, problems: _Violations) -> None:
+    """A push token is 1..4096 printable ASCII characters."""
+    if not token:
+        problems.append((field, "is required"))
+    elif len(token) > MAX_TOKEN or not (token.isascii() and token.isprintable()):
+        problems.append((field, f"must be at most {MAX_TOKEN} printable ASCII characters"))
+
+
+def device_token(value: str, field: str) -> str:
+    """A push token on its own (RemoveDeviceToken), or InvalidArgument(INVALID_DEVICE)."""
+    problems: _Violations = []
+    check_token(value, field, problems)
+    if problems:
+        raise InvalidArgument("INVALID_DEVICE", "the token is invalid", field_violations=problems)
+    return value
+
+
+def new_notification(
+    notification: common_pb2.Notification, default_correlation_id: str
+) -> NewNotification:
+    """Validate CreateNotificationRecord's record: ids, template and one entry per channel.
+
+    Deliveries start ACCEPTED unless the gateway says otherwise (SUPPRESSED, DEFERRED);
+    the correlation id defaults to the one of the current request.
+    """
+    notification_id = parse_id(notification.id, "notification.id")
+    user_id = parse_id(notification.user_id, "notification.user_id")
+    problems: _Violations = []
+    template_id = notification.template_id
+    if not template_id:
+        problems.append(("notification.template_id", "is required"))
+    elif len(template_id) > MAX_TEMPLATE_ID or not template_id.isprintable():
+        problems.append(
+            ("notification.template_id", f"must be at most {MAX_TEMPLATE_ID} printable characters")
+        )
+    correlation_id = notification.correlation_id or default_correlation_id
+    if len(correlation_id) > MAX_CORRELATION_ID or not (
+        correlation_id.isascii() and correlation_id.isprintable() and " " not in correlation_id
+    ):
+        problems.append(
+            (
+                "notification.correlation_id",
+                f"must be at most {MAX_CORRELATION_ID} ASCII characters",
+            )
+        )
+    if not notification.deliveries:
+        problems.append(("notification.deliveries", "needs one entry per routed channel"))
+    deliveries: list[NewDelivery] = []
+    seen: set[int] = set()
+    for i, delivery in enumerate(notification.deliveries):
+        field = f"notification.deliveries[{i}]"
+        if not _is_channel(delivery.channel):
+            problems.append((f"{field}.channel", "is required"))
+        elif delivery.channel in seen:
+            problems.append((f"{field}.channel", "appears twice"))
+        seen.add(delivery.channel)
+        status = delivery.status or common_pb2.NOTIFICATION_STATUS_ACCEPTED
+        if not _is_status(status):
+            problems.append((f"{field}.status", "is not a known status"))
+        if delivery.attempts < 0:
+            problems.append((f"{field}.attempts", "must not be negative"))
+        deliveries.append(
+            NewDelivery(
+                channel=delivery.channel,
+                status=status,
+                detail=delivery.detail[:MAX_DETAIL],
+                attempts=delivery.attempts,
+            )
+        )
+    if problems:
+        raise InvalidArgument(
+            "INVALID_NOTIFICATION", "the notification is invalid", field_violations=problems
+        )
+    return NewNotification(
+        id=notification_id,
+        user_id=user_id,
+        template_id=template_id,
+        correlation_id=correlation_id,
+        deliveries=tuple(deliveries),
+    )
+
+
+def status_report(request: user_service_pb2.UpdateDeliveryStatusRequest) -> StatusReport:
+    """Validate UpdateDeliveryStatus; an overlong detail is cut, not rejected.
+
+    The detail is often a provider's error text: losing its tail is better than losing
+    the status report.
+    """
+    notification_id = parse_id(request.notification_id, "notification_id")
+    problems: _Violations = []
+    if not _is_channel(request.channel):
+        problems.append(("channel", "is required"))
+    if not _is_status(request.status):
+        problems.append(("status", "is required"))
+    if request.attempt < 0:
+        problems.append(("attempt", "must not be negative"))
+    if problems:
+        raise InvalidArgument(
+            "INVALID_DELIVERY_STATUS", "the status report is invalid", field_violations=problems
+        )
+    return StatusReport(
+        notification_id=notification_id,
+        channel=request.channel,
+        status=request.status,
+        detail=request.detail[:MAX_DETAIL],
+        attempt=request.attempt,
+    )
+
+
+def page_size(value: int) -> int:
+    """1..100; 0 means the default (20)."""
+    if value == 0:
+        return DEFAULT_PAGE_SIZE
+    if not 1 <= value <= MAX_PAGE_SIZE:
+        raise InvalidArgument(
+            "INVALID_PAGE_SIZE",
+            f"page_size must be between 1 and {MAX_PAGE_SIZE}",
+            field_violations=[("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")],
+        )
+    return value
+
+
+def _check_email(email: str, field: str, problems: _Violations) -> None:
+    if not email:
+        problems.append((field, "is required"))
+        return
+    if len(email) > MAX_EMAIL:
+        problems.append((field, f"must be at most {MAX_EMAIL} characters"))
+        return
+    if any(ch.isspace() or unicodedata.category(ch) in _EMAIL_FORBIDDEN for ch in email):
+        problems.append((field, "must not contain whitespace or control characters"))
+        return
+    local, at, domain = email.partition("@")
+    if not at or "@" in domain:
+        problems.append((field, "must contain exactly one @"))
+    elif not local or not domain:
+        problems.append((field, "needs a local part and a domain"))
+    elif len(local) > MAX_LOCAL_PART:
+        problems.append((field, f"local part must be at most {MAX_LOCAL_PART} characters"))
+
+
+def _check_display_name(name: str, field: str, problems: _Violations) -> None:
+    if len(name) > MAX_DISPLAY_NAME:
+        problems.append((field, f"must be at most {MAX_DISPLAY_NAME} characters"))
+    elif any(unicodedata.category(ch) in _NAME_FORBIDDEN for ch in name):
+        problems.append((field, "must not contain control characters"))
+
+
+def _is_channel(value: int) -> bool:
+    return value != common_pb2.CHANNEL_UNSPECIFIED and value in common_pb2.Channel.values()
+
+
+def _is_status(value: Status) -> bool:
+    return (
+        value != common_pb2.NOTIFICATION_STATUS_UNSPECIFIED
+        and value in common_pb2.NotificationStatus.values()
+    )
+
+
+@functools.cache
+def _timezones() -> frozenset[str]:
+    # Read from the tz database once, on first use (not at import).
+    return frozenset(zoneinfo.available_timezones())
