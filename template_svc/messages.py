@@ -1,0 +1,213 @@
+"""Protobuf messages in and out: validation of what callers send, building what they get.
+
+Validation collects every problem before answering, each with the field path the caller
+used ("template.contents[1].push.title"), so a template author fixes everything in one go.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from notify.v1 import template_service_pb2
+
+from notify_kit.errors import InvalidArgument
+from template_svc.model import (
+    EMAIL_HTML,
+    EMAIL_SUBJECT,
+    EMAIL_TEXT,
+    PUSH_BODY,
+    PUSH_TITLE,
+    Content,
+    Template,
+    canonical_language,
+)
+
+TEMPLATE_ID = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+MAX_FIELD_BYTES = 64 * 1024
+MAX_CONTENTS = 100
+_MAX_SAFE_INTEGER = 2**53
+
+Violations = list[tuple[str, str]]
+
+
+def invalid(violations: Violations, reason: str = "INVALID_TEMPLATE") -> InvalidArgument:
+    """The error for a request with ``violations``."""
+    return InvalidArgument(reason, "the request is invalid", field_violations=violations)
+
+
+def check_template_id(value: str, path: str) -> Violations:
+    """Problems with a template id (empty when it is well formed)."""
+    if not value:
+        return [(path, "required")]
+    if not TEMPLATE_ID.fullmatch(value):
+        return [(path, "1-63 of a-z, 0-9, '-' and '_', starting with a letter")]
+    return []
+
+
+def new_template(message: template_service_pb2.Template) -> tuple[str, list[Content]]:
+    """Validate a template to create; return its default language and contents."""
+    violations = check_template_id(message.id, "template.id")
+    violations += _check_size(message.description, "template.description")
+    contents, found = parse_contents(message.contents, "template.contents")
+    violations += found
+    default, found = _default_language(
+        message.default_language, contents, None, "template.default_language"
+    )
+    if violations or found:
+        raise invalid(violations + found)
+    return default, contents
+
+
+def new_version(
+    request: template_service_pb2.CreateTemplateVersionRequest, previous_default: str
+) -> tuple[str, list[Content]]:
+    """Validate a new version's contents; return its default language and contents."""
+    contents, violations = parse_contents(request.contents, "contents")
+    default, found = _default_language(
+        request.default_language, contents, previous_default, "default_language"
+    )
+    if violations or found:
+        raise invalid(violations + found)
+    return default, contents
+
+
+def parse_contents(
+    messages: Sequence[template_service_pb2.TemplateContent], path: str
+) -> tuple[list[Content], Violations]:
+    """Contents with canonical language tags, and every problem found in them."""
+    violations: Violations = []
+    if not messages:
+        violations.append((path, "at least one content is required"))
+    if len(messages) > MAX_CONTENTS:
+        violations.append((path, f"at most {MAX_CONTENTS} contents"))
+    seen: set[str] = set()
+    contents = []
+    for index, message in enumerate(messages):
+        at = f"{path}[{index}]"
+        language = canonical_language(message.language)
+        if not message.language:
+            violations.append((f"{at}.language", "required"))
+        elif language is None:
+            violations.append((f"{at}.language", "must be a language tag such as en or fr-CA"))
+        elif language in seen:
+            violations.append((f"{at}.language", f"{language} appears more than once"))
+        else:
+            seen.add(language)
+        fields: dict[str, str] = {}
+        if message.HasField("email"):
+            email = message.email
+            _take(fields, violations, at, EMAIL_SUBJECT, email.subject, required=True)
+            _take(fields, violations, at, EMAIL_TEXT, email.text_body, required=True)
+            _take(fields, violations, at, EMAIL_HTML, email.html_body, required=False)
+        if message.HasField("push"):
+            push = message.push
+            _take(fields, violations, at, PUSH_TITLE, push.title, required=True)
+            _take(fields, violations, at, PUSH_BODY, push.body, required=True)
+        if not message.HasField("email") and not message.HasField("push"):
+            violations.append((at, "needs email and/or push content"))
+        contents.append(Content(language=language or message.language, fields=fields))
+    return contents, violations
+
+
+def _take(
+    fields: dict[str, str],
+    violations: Violations,
+    at: str,
+    name: str,
+    value: str,
+    *,
+    required: bool,
+) -> None:
+    if not value.strip():
+        if required:
+            violations.append((f"{at}.{name}", "required"))
+        return
+    violations += _check_size(value, f"{at}.{name}")
+    fields[name] = value
+
+
+def _check_size(value: str, path: str) -> Violations:
+    if len(value.encode()) > MAX_FIELD_BYTES:
+        return [(path, f"at most {MAX_FIELD_BYTES} bytes")]
+    return []
+
+
+def _default_language(
+    requested: str, contents: Sequence[Content], previous: str | None, path: str
+) -> tuple[str, Violations]:
+    """The requested default, else the previous one, else the first content's language.
+
+    Whichever it is must have a content in this version, or the last step of the
+    language fallback would have nothing to render.
+    """
+    languages = [c.language for c in contents]
+    if requested:
+        default = canonical_language(requested) or requested
+    elif previous is not None:
+        default = previous
+    else:
+        default = languages[0] if languages else ""
+    if languages and default not in languages:
+        return default, [(path, f"{default} must be one of the contents' languages")]
+    return default, []
+
+
+def template_message(template: Template) -> template_service_pb2.Template:
+    """The API view of a template and its current version."""
+    message = template_service_pb2.Template(
+        id=template.id,
+        description=template.description,
+        version=template.current.number,
+        contents=[_content_message(c) for c in template.current.contents],
+        variables=template.current.variables,
+        default_language=template.current.default_language,
+    )
+    message.create_time.FromDatetime(template.created_at)
+    message.update_time.FromDatetime(template.updated_at)
+    return message
+
+
+def _content_message(content: Content) -> template_service_pb2.TemplateContent:
+    fields = content.fields
+    message = template_service_pb2.TemplateContent(language=content.language)
+    if EMAIL_SUBJECT in fields:
+        message.email.CopyFrom(email_message(fields))
+    if PUSH_TITLE in fields:
+        message.push.CopyFrom(push_message(fields))
+    return message
+
+
+def email_message(fields: Mapping[str, str]) -> template_service_pb2.EmailContent:
+    """Email parts (sources or renderings) keyed by field path, as a message."""
+    return template_service_pb2.EmailContent(
+        subject=fields[EMAIL_SUBJECT],
+        text_body=fields[EMAIL_TEXT],
+        html_body=fields.get(EMAIL_HTML, ""),
+    )
+
+
+def push_message(fields: Mapping[str, str]) -> template_service_pb2.PushContent:
+    """Push parts (sources or renderings) keyed by field path, as a message."""
+    return template_service_pb2.PushContent(title=fields[PUSH_TITLE], body=fields[PUSH_BODY])
+
+
+def variables_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """Template variables as plain Python values.
+
+    A Struct has only doubles, so whole numbers come back as ints: "3 items", not "3.0 items".
+    """
+    values: dict[str, Any] = json_format.MessageToDict(struct)
+    return {key: _whole_numbers(value) for key, value in values.items()}
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value

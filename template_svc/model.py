@@ -1,0 +1,117 @@
+"""Plain records of templates and the language rules, shared by every module of the service.
+
+A content's parts are kept as a mapping from the field's path inside a ``TemplateContent``
+message ("email.subject", "push.body", ...) to its source, so validation, the store, the
+sandbox and error messages all name a field the same way a caller sees it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from notify.v1 import common_pb2
+
+EMAIL_SUBJECT = "email.subject"
+EMAIL_TEXT = "email.text_body"
+EMAIL_HTML = "email.html_body"
+PUSH_TITLE = "push.title"
+PUSH_BODY = "push.body"
+
+# Every field a channel can have, in render order; the first one is required, so its
+# presence says whether the content has the channel at all.
+CHANNEL_FIELDS: Mapping[common_pb2.Channel.ValueType, tuple[str, ...]] = {
+    common_pb2.CHANNEL_EMAIL: (EMAIL_SUBJECT, EMAIL_TEXT, EMAIL_HTML),
+    common_pb2.CHANNEL_PUSH: (PUSH_TITLE, PUSH_BODY),
+}
+# Rendered with HTML autoescape.
+HTML_FIELDS = frozenset({EMAIL_HTML})
+# Become mail headers / notification titles: stripped, and a line break is an injection.
+SINGLE_LINE_FIELDS = frozenset({EMAIL_SUBJECT, PUSH_TITLE})
+
+# BCP 47-ish: a 2-3 letter language, then subtags of 1-8 letters or digits.
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*")
+_MAX_TAG_LENGTH = 35
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """One language of one template version."""
+
+    language: str
+    fields: Mapping[str, str]
+    # Variables the fields read (jinja2.meta), filled in when the content is analysed.
+    variables: frozenset[str] = field(default=frozenset())
+
+    def has_channel(self, channel: common_pb2.Channel.ValueType) -> bool:
+        """Whether this content can be sent through ``channel``."""
+        return CHANNEL_FIELDS[channel][0] in self.fields
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """An immutable numbered version of a template: its contents and fallback language."""
+
+    template_id: str
+    number: int
+    default_language: str
+    contents: tuple[Content, ...]
+
+    def content_for(self, requested: str) -> Content:
+        """The content for ``requested``: exact tag, then shorter prefixes, then the default."""
+        by_language = {c.language: c for c in self.contents}
+        return by_language[pick_language(requested, by_language, self.default_language)]
+
+    @property
+    def variables(self) -> list[str]:
+        """Sorted union of the variables every content uses."""
+        return sorted(set().union(*(c.variables for c in self.contents)))
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A template with its current version."""
+
+    id: str
+    description: str
+    created_at: datetime
+    updated_at: datetime
+    current: Version
+
+
+def canonical_language(tag: str) -> str | None:
+    """``tag`` in canonical case ("FR-ca" -> "fr-CA"), or None when it is not a tag.
+
+    Tags are compared after canonicalisation, so "fr-ca" and "fr-CA" are the same language
+    both when saving (uniqueness) and when rendering (fallback).
+    """
+    if len(tag) > _MAX_TAG_LENGTH or not _LANGUAGE_TAG.fullmatch(tag):
+        return None
+    first, *rest = tag.split("-")
+    parts = [first.lower()]
+    for sub in rest:
+        if len(sub) == 2 and sub.isalpha():
+            parts.append(sub.upper())  # region
+        elif len(sub) == 4 and sub.isalpha():
+            parts.append(sub.title())  # script
+        else:
+            parts.append(sub.lower())
+    return "-".join(parts)
+
+
+def pick_language(requested: str, available: Collection[str], default: str) -> str:
+    """Lookup fallback: "zh-Hant-TW" -> "zh-Hant" -> "zh" -> ``default``.
+
+    Requests are lenient: users' locales arrive as "fr_CA" or "fr_CA.UTF-8", and an
+    unusable one falls back to the default rather than failing the notification.
+    """
+    tag = canonical_language(requested.replace("_", "-").split(".")[0].split("@")[0])
+    if tag is not None:
+        parts = tag.split("-")
+        for end in range(len(parts), 0, -1):
+            candidate = "-".join(parts[:end])
+            if candidate in available:
+                return candidate
+    return default

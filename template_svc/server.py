@@ -1,0 +1,149 @@
+"""The TemplateService servicer: validate, call the store and the renderer, build messages."""
+
+from __future__ import annotations
+
+import grpc
+from notify.v1 import common_pb2, template_service_pb2, template_service_pb2_grpc
+
+from notify_kit.errors import AlreadyExists, FailedPrecondition, NotFound
+from notify_kit.rpc import clamp_timeout
+from template_svc import messages
+from template_svc.cache import LruCache
+from template_svc.model import CHANNEL_FIELDS, Version
+from template_svc.renderer import Renderer
+from template_svc.store import TemplateStore
+
+pb = template_service_pb2
+
+
+class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
+    """Templates with immutable versions, rendered in a sandbox."""
+
+    def __init__(
+        self,
+        store: TemplateStore,
+        renderer: Renderer,
+        versions: LruCache[tuple[str, int], Version],
+        *,
+        render_timeout: float,
+    ) -> None:
+        self._store = store
+        self._renderer = renderer
+        self._versions = versions
+        self._render_timeout = render_timeout
+
+    async def CreateTemplate(  # noqa: N802 (the proto's method name)
+        self, request: pb.CreateTemplateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTemplateResponse:
+        """Validate, test-render every field, then insert version 1."""
+        template = request.template
+        default, contents = messages.new_template(template)
+        contents = await self._renderer.prepare(contents, "template.contents")
+        created = await self._store.create(template.id, template.description, default, contents)
+        if created is None:
+            raise AlreadyExists(
+                "TEMPLATE_EXISTS",
+                f"template {template.id} already exists",
+                metadata={"template_id": template.id},
+            )
+        return pb.CreateTemplateResponse(template=messages.template_message(created))
+
+    async def GetTemplate(  # noqa: N802 (the proto's method name)
+        self, request: pb.GetTemplateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTemplateResponse:
+        """The template with its current version's contents."""
+        _check_id(request.id, "id")
+        template = await self._store.get(request.id)
+        if template is None:
+            raise _not_found(request.id)
+        return pb.GetTemplateResponse(template=messages.template_message(template))
+
+    async def CreateTemplateVersion(  # noqa: N802 (the proto's method name)
+        self, request: pb.CreateTemplateVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTemplateVersionResponse:
+        """Validate and test-render the contents, then append them as the next version."""
+        _check_id(request.template_id, "template_id", reason="INVALID_TEMPLATE")
+        current = await self._store.current(request.template_id)
+        if current is None:
+            raise _not_found(request.template_id)
+        default, contents = messages.new_version(request, previous_default=current[1])
+        contents = await self._renderer.prepare(contents, "contents")
+        template = await self._store.add_version(request.template_id, default, contents)
+        if template is None:
+            raise _not_found(request.template_id)
+        return pb.CreateTemplateVersionResponse(template=messages.template_message(template))
+
+    async def RenderTemplate(  # noqa: N802 (the proto's method name)
+        self, request: pb.RenderTemplateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenderTemplateResponse:
+        """Render one channel of one version in the best available language."""
+        violations = messages.check_template_id(request.template_id, "template_id")
+        if request.channel not in CHANNEL_FIELDS:
+            violations.append(("channel", "must be CHANNEL_EMAIL or CHANNEL_PUSH"))
+        if request.version < 0:
+            violations.append(("version", "must be 0 (current) or a version number"))
+        if violations:
+            raise messages.invalid(violations, reason="INVALID_REQUEST")
+        version = await self._version(request.template_id, request.version)
+        content = version.content_for(request.language)
+        channel = request.channel
+        if not content.has_channel(channel):
+            raise FailedPrecondition(
+                "CHANNEL_NOT_IN_TEMPLATE",
+                f"template {version.template_id} v{version.number} ({content.language}) "
+                f"has no {common_pb2.Channel.Name(channel)} content",
+                metadata={
+                    "template_id": version.template_id,
+                    "version": str(version.number),
+                    "language": content.language,
+                    "channel": common_pb2.Channel.Name(channel),
+                },
+            )
+        rendered = await self._renderer.render(
+            version,
+            content,
+            channel,
+            messages.variables_from_struct(request.variables),
+            timeout=clamp_timeout(context.time_remaining(), self._render_timeout),
+        )
+        response = pb.RenderTemplateResponse(version=version.number, language=content.language)
+        if channel == common_pb2.CHANNEL_EMAIL:
+            response.email.CopyFrom(messages.email_message(rendered))
+        else:
+            response.push.CopyFrom(messages.push_message(rendered))
+        return response
+
+    async def _version(self, template_id: str, number: int) -> Version:
+        """Version ``number`` (0: the current one, looked up every time), cached once loaded."""
+        if number == 0:
+            current = await self._store.current(template_id)
+            if current is None:
+                raise _not_found(template_id)
+            number = current[0]
+        version = self._versions.get((template_id, number))
+        if version is None:
+            version = await self._store.version(template_id, number)
+            if version is None:
+                if await self._store.current(template_id) is None:
+                    raise _not_found(template_id)
+                raise NotFound(
+                    "VERSION_NOT_FOUND",
+                    f"template {template_id} has no version {number}",
+                    metadata={"template_id": template_id, "version": str(number)},
+                )
+            self._versions.put((template_id, number), version)
+        return version
+
+
+def _check_id(value: str, path: str, *, reason: str = "INVALID_REQUEST") -> None:
+    violations = messages.check_template_id(value, path)
+    if violations:
+        raise messages.invalid(violations, reason=reason)
+
+
+def _not_found(template_id: str) -> NotFound:
+    return NotFound(
+        "TEMPLATE_NOT_FOUND",
+        f"template {template_id} does not exist",
+        metadata={"template_id": template_id},
+    )

@@ -1,0 +1,186 @@
+"""PostgreSQL access for templates (asyncpg only; SQL as constants).
+
+A new version is written in one transaction that locks the template row, so two
+concurrent writers get consecutive numbers instead of colliding, and the pointer to the
+current version moves together with the rows it points to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from template_svc.model import (
+    EMAIL_HTML,
+    EMAIL_SUBJECT,
+    EMAIL_TEXT,
+    PUSH_BODY,
+    PUSH_TITLE,
+    Content,
+    Template,
+    Version,
+)
+
+# Field path -> column.
+_COLUMNS = {
+    EMAIL_SUBJECT: "email_subject",
+    EMAIL_TEXT: "email_text",
+    EMAIL_HTML: "email_html",
+    PUSH_TITLE: "push_title",
+    PUSH_BODY: "push_body",
+}
+
+_INSERT_TEMPLATE = """
+INSERT INTO templates (id, description, default_language, current_version)
+VALUES ($1, $2, $3, 1)
+ON CONFLICT (id) DO NOTHING
+RETURNING created_at, updated_at
+"""
+_INSERT_VERSION = """
+INSERT INTO template_versions (template_id, version, default_language) VALUES ($1, $2, $3)
+"""
+_INSERT_CONTENT = """
+INSERT INTO template_contents (
+    template_id, version, language, position,
+    email_subject, email_text, email_html, push_title, push_body, variables
+) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+"""
+_LOCK_TEMPLATE = "SELECT current_version FROM templates WHERE id = $1 FOR UPDATE"
+_ADVANCE_TEMPLATE = """
+UPDATE templates SET current_version = $2, default_language = $3, updated_at = now()
+WHERE id = $1
+RETURNING description, created_at, updated_at
+"""
+_SELECT_TEMPLATE = """
+SELECT description, default_language, current_version, created_at, updated_at
+FROM templates WHERE id = $1
+"""
+_SELECT_CURRENT = "SELECT current_version, default_language FROM templates WHERE id = $1"
+_SELECT_VERSION = """
+SELECT default_language FROM template_versions WHERE template_id = $1 AND version = $2
+"""
+_SELECT_CONTENTS = """
+SELECT language, email_subject, email_text, email_html, push_title, push_body, variables
+FROM template_contents WHERE template_id = $1 AND version = $2
+ORDER BY position
+"""
+
+
+class TemplateStore:
+    """Templates and their versions in PostgreSQL."""
+
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float = 5.0) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def create(
+        self, template_id: str, description: str, default_language: str, contents: Sequence[Content]
+    ) -> Template | None:
+        """Insert a template with version 1; None when the id is taken."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                _INSERT_TEMPLATE,
+                template_id,
+                description,
+                default_language,
+                timeout=self._timeout,
+            )
+            if row is None:
+                return None
+            version = await self._insert_version(conn, template_id, 1, default_language, contents)
+        return Template(template_id, description, row["created_at"], row["updated_at"], version)
+
+    async def add_version(
+        self, template_id: str, default_language: str, contents: Sequence[Content]
+    ) -> Template | None:
+        """Insert the next version and make it current; None when the template is unknown."""
+        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+            current = await conn.fetchval(_LOCK_TEMPLATE, template_id, timeout=self._timeout)
+            if current is None:
+                return None
+            number = int(current) + 1
+            version = await self._insert_version(
+                conn, template_id, number, default_language, contents
+            )
+            row = await conn.fetchrow(
+                _ADVANCE_TEMPLATE, template_id, number, default_language, timeout=self._timeout
+            )
+        return Template(
+            template_id, row["description"], row["created_at"], row["updated_at"], version
+        )
+
+    async def get(self, template_id: str) -> Template | None:
+        """The template with its current version, or None."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(_SELECT_TEMPLATE, template_id, timeout=self._timeout)
+            if row is None:
+                return None
+            number = int(row["current_version"])
+            contents = await self._contents(conn, template_id, number)
+        version = Version(template_id, number, row["default_language"], contents)
+        return Template(
+            template_id, row["description"], row["created_at"], row["updated_at"], version
+        )
+
+    async def current(self, template_id: str) -> tuple[int, str] | None:
+        """(current version, default language) by primary key, or None when unknown.
+
+        Never cached: this is how every replica sees a new version at once.
+        """
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(_SELECT_CURRENT, template_id, timeout=self._timeout)
+        if row is None:
+            return None
+        return int(row["current_version"]), str(row["default_language"])
+
+    async def version(self, template_id: str, number: int) -> Version | None:
+        """One version, or None when the template or that version does not exist."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            default = await conn.fetchval(
+                _SELECT_VERSION, template_id, number, timeout=self._timeout
+            )
+            if default is None:
+                return None
+            contents = await self._contents(conn, template_id, number)
+        return Version(template_id, number, str(default), contents)
+
+    async def _insert_version(
+        self,
+        conn: asyncpg.Connection,
+        template_id: str,
+        number: int,
+        default_language: str,
+        contents: Sequence[Content],
+    ) -> Version:
+        await conn.execute(
+            _INSERT_VERSION, template_id, number, default_language, timeout=self._timeout
+        )
+        await conn.executemany(
+            _INSERT_CONTENT,
+            [
+                (
+                    template_id,
+                    number,
+                    content.language,
+                    position,
+                    *(content.fields.get(name) for name in _COLUMNS),
+                    sorted(content.variables),
+                )
+                for position, content in enumerate(contents)
+            ],
+            timeout=self._timeout,
+        )
+        return Version(template_id, number, default_language, tuple(contents))
+
+    async def _contents(
+        self, conn: asyncpg.Connection, template_id: str, number: int
+    ) -> tuple[Content, ...]:
+        rows = await conn.fetch(_SELECT_CONTENTS, template_id, number, timeout=self._timeout)
+        return tuple(_content(row) for row in rows)
+
+
+def _content(row: Any) -> Content:
+    fields = {name: row[column] for name, column in _COLUMNS.items() if row[column] is not None}
+    return Content(str(row["language"]), fields, frozenset(row["variables"]))
