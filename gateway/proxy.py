@@ -52,7 +52,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
                     request, timeout=clamp_timeout(context.time_remaining(), timeout)
                 )
             except grpc.aio.AioRpcError as exc:
-                details = [(k, v) for k, v in exc.trailing_metadata() or () if k == _DETAILS_KEY]
+                details = tuple(
+                    (k, v) for k, v in exc.trailing_metadata() or () if k == _DETAILS_KEY
+                )
                 await context.abort(exc.code(), exc.details() or "", trailing_metadata=details)
             return response
 

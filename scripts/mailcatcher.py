@@ -39,6 +39,7 @@ class MailCatcher:
     def __init__(self, directory: Path | None = None, *, hostname: str = "mailcatcher.localhost"):
         self.directory = directory
         self.messages: list[EmailMessage] = []
+        self.port = 0
         self._hostname = hostname
         self._parser = BytesParser(policy=email.policy.default)
         self._received = asyncio.Condition()
@@ -51,9 +52,9 @@ class MailCatcher:
             self.directory.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._new_session, host, port)
-        bound: int = self._server.sockets[0].getsockname()[1]
-        log.info("mail catcher listening on %s:%s", host, bound)
-        return bound
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("mail catcher listening on %s:%s", host, self.port)
+        return self.port
 
     async def stop(self) -> None:
         """Stop listening and drop open client connections."""
@@ -110,7 +111,9 @@ class MailCatcher:
     ) -> str:
         """Parse and keep the message; write it to ``directory`` when set."""
         raw = envelope.original_content or b""
-        message = self._parser.parsebytes(raw)
+        # Parsed with Python's line endings so get_content() reads naturally; the .eml
+        # file keeps the bytes as received.
+        message = self._parser.parsebytes(raw.replace(b"\r\n", b"\n"))
         assert isinstance(message, EmailMessage)
         async with self._received:
             self.messages.append(message)

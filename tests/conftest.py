@@ -108,3 +108,7 @@ async def topology(amqp_url: str) -> AsyncIterator[Topology]:
         for name in topo.all_queues():
             await channel.queue_delete(name)
         await channel.exchange_delete(topo.exchange)
+
+
+# The whole system as processes behind Envoy, shared by every end-to-end module.
+from tests.e2e_support import e2e  # noqa: E402, F401

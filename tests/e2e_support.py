@@ -1,0 +1,132 @@
+"""The whole system for end-to-end tests: real processes behind real Envoy.
+
+The five services run as ``python -m`` processes configured through the environment,
+Envoy runs the committed config, and the two third-party peers run in the test process
+so tests can look at what arrived: a real SMTP server (aiosmtpd) and an HTTP server
+speaking FCM v1 (OAuth token exchange included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from notify_kit import db
+from scripts.api import DEMO_TEMPLATE, call
+from scripts.fcm_fake import FcmFake
+from scripts.mailcatcher import MailCatcher
+from scripts.system import LocalSystem, Ports, SystemConfig
+from tests.conftest import AMQP_URL, PG_BASE, REDIS_URL, RUN_ID
+
+API_KEY = "e2e-admin-key"
+IN_FLIGHT = {
+    "NOTIFICATION_STATUS_ACCEPTED",
+    "NOTIFICATION_STATUS_QUEUED",
+    "NOTIFICATION_STATUS_SENDING",
+    "NOTIFICATION_STATUS_RETRYING",
+}
+
+
+@dataclass
+class E2E:
+    """Handles on the running system."""
+
+    system: LocalSystem
+    cfg: SystemConfig
+    mail: MailCatcher
+    fcm: FcmFake
+
+    @property
+    def base(self) -> str:
+        """Public HTTP base URL (Envoy)."""
+        return f"http://127.0.0.1:{self.cfg.ports.http}"
+
+    async def api(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        """One JSON request through Envoy (off the event loop)."""
+        kw.setdefault("api_key", API_KEY)
+        return await asyncio.to_thread(call, method, self.base + path, body, **kw)
+
+    async def new_user(self, *, devices: int = 1, **fields: Any) -> str:
+        """A fresh user (unique e-mail) with ``devices`` push tokens; returns its id."""
+        body = {"email": f"u{uuid.uuid4().hex[:10]}@example.com", "displayName": "Ada", **fields}
+        status, got = await self.api("POST", "/v1/users", body)
+        assert status == 200, got
+        user_id: str = got["user"]["id"]
+        for _ in range(devices):
+            status, got = await self.api(
+                "POST",
+                f"/v1/users/{user_id}/devices",
+                {"platform": "DEVICE_PLATFORM_ANDROID", "token": f"tok-{uuid.uuid4().hex}"},
+            )
+            assert status == 200, got
+        return user_id
+
+    async def settle(self, nid: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll the public status API until every delivery left the in-flight states."""
+        return await poll(
+            lambda: self.api("GET", f"/v1/notifications/{nid}"),
+            lambda r: (
+                r[0] == 200
+                and all(d["status"] not in IN_FLIGHT for d in r[1]["notification"]["deliveries"])
+            ),
+            timeout,
+        )
+
+
+async def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float) -> Any:
+    """Call ``fetch`` until ``done(result)``; the readiness probe of a client-visible state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await fetch()
+        if done(result):
+            return result[1] if isinstance(result, tuple) else result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not settled after {timeout}s: {result}")
+        await asyncio.sleep(0.1)  # probe interval
+
+
+@pytest.fixture(scope="session")
+async def e2e(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> AsyncIterator[E2E]:
+    """The whole system, started once for the e2e tests and torn down with its data."""
+    var = tmp_path_factory.mktemp("var")
+    ports = Ports.free()
+    mail = MailCatcher(var / "mail")
+    fcm = FcmFake()
+    await mail.start("127.0.0.1", ports.smtp)
+    await fcm.start("127.0.0.1", ports.fcm)
+    credentials = var / "service-account.json"
+    fcm.write_service_account(credentials, "notify-e2e")
+    db_prefix = f"notify_t{RUN_ID}_e2e_"
+    cfg = SystemConfig(
+        var=var,
+        certs=certs_dir,
+        ports=ports,
+        db_prefix=db_prefix,
+        amqp_prefix=f"t{RUN_ID}e2e.",
+        amqp_url=AMQP_URL,
+        redis_url=REDIS_URL,
+        pg_base=PG_BASE,
+        api_key=API_KEY,
+        fcm_credentials=credentials,
+    )
+    system = LocalSystem(cfg)
+    try:
+        await system.start_services()
+        await system.start_envoy()
+        handle = E2E(system, cfg, mail, fcm)
+        status, body = await handle.api("POST", "/v1/templates", DEMO_TEMPLATE)
+        assert status == 200, body
+        yield handle
+    finally:
+        await system.stop()
+        await mail.stop()
+        await fcm.stop()
+        for name in ("gateway", "user", "template", "email", "push"):
+            await db.drop_database(f"{PG_BASE}/{db_prefix}{name}")

@@ -1,0 +1,191 @@
+"""End to end: JSON through Envoy, gateway, RabbitMQ, workers, real SMTP and FCM peers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.e2e_support import API_KEY, E2E
+
+pytestmark = pytest.mark.timeout(300)
+
+
+async def test_email_and_push_are_delivered(e2e: E2E) -> None:
+    user_id = await e2e.new_user()
+    status, sent = await e2e.api(
+        "POST",
+        "/v1/notifications",
+        {"userId": user_id, "templateId": "welcome", "variables": {"name": "Grace <3"}},
+    )
+    assert status == 200, sent
+    note = sent["notification"]
+    assert {d["status"] for d in note["deliveries"]} == {"NOTIFICATION_STATUS_QUEUED"}
+    final = await e2e.settle(note["id"])
+    statuses = {d["channel"]: d["status"] for d in final["notification"]["deliveries"]}
+    assert statuses == {
+        "CHANNEL_EMAIL": "NOTIFICATION_STATUS_DELIVERED",
+        "CHANNEL_PUSH": "NOTIFICATION_STATUS_DELIVERED",
+    }
+    assert final["notification"]["status"] == "NOTIFICATION_STATUS_DELIVERED"
+    mails = [m for m in e2e.mail.messages if m["X-Notify-Notification-Id"] == note["id"]]
+    assert len(mails) == 1
+    assert mails[0]["Subject"] == "Welcome, Grace <3!"
+    html = mails[0].get_body(("html",))
+    assert html is not None and "Grace &lt;3" in html.get_content()
+    pushes = [m for m in e2e.fcm.messages if m["data"]["notification_id"] == note["id"]]
+    assert len(pushes) == 1
+    assert pushes[0]["notification"]["title"] == "Welcome, Grace <3!"
+
+
+async def test_language_fallback_and_channel_choice(e2e: E2E) -> None:
+    user_id = await e2e.new_user(devices=0, locale="fr-CA")
+    status, sent = await e2e.api(
+        "POST",
+        "/v1/notifications",
+        {
+            "userId": user_id,
+            "templateId": "welcome",
+            "channels": ["CHANNEL_EMAIL"],
+            "variables": {"name": "Zoé"},
+        },
+    )
+    assert status == 200, sent
+    final = await e2e.settle(sent["notification"]["id"])
+    assert [d["status"] for d in final["notification"]["deliveries"]] == [
+        "NOTIFICATION_STATUS_DELIVERED"
+    ]
+    mail = next(
+        m for m in e2e.mail.messages if m["X-Notify-Notification-Id"] == sent["notification"]["id"]
+    )
+    assert mail["Subject"] == "Bienvenue, Zoé !"
+
+
+async def test_push_suppressed_without_devices(e2e: E2E) -> None:
+    user_id = await e2e.new_user(devices=0)
+    status, sent = await e2e.api(
+        "POST",
+        "/v1/notifications",
+        {"userId": user_id, "templateId": "welcome", "variables": {"name": "x"}},
+    )
+    assert status == 200, sent
+    by_channel = {d["channel"]: d for d in sent["notification"]["deliveries"]}
+    assert by_channel["CHANNEL_PUSH"]["status"] == "NOTIFICATION_STATUS_SUPPRESSED"
+    assert by_channel["CHANNEL_EMAIL"]["status"] == "NOTIFICATION_STATUS_QUEUED"
+
+
+def _reason(body: Any) -> str:
+    for detail in body.get("details", []):
+        if detail.get("@type", "").endswith("google.rpc.ErrorInfo"):
+            return str(detail["reason"])
+    return ""
+
+
+@pytest.mark.parametrize(
+    ("body", "http", "code", "reason"),
+    [
+        ('{"userId": ', 400, 3, ""),  # malformed JSON
+        ('{"userId": 5, "channels": "x"}', 400, 3, ""),  # wrong field types
+        ('{"templateId": "welcome"}', 400, 3, "INVALID_REQUEST"),  # missing user
+        ('{"userId": "%s"}', 400, 3, "INVALID_REQUEST"),  # missing template
+        (
+            '{"userId": "%s", "templateId": "welcome", "channels": ["CHANNEL_UNSPECIFIED"]}',
+            400,
+            3,
+            "INVALID_REQUEST",
+        ),
+        (
+            '{"userId": "00000000-0000-4000-8000-000000000000", "templateId": "welcome"}',
+            404,
+            5,
+            "USER_NOT_FOUND",
+        ),
+        ('{"userId": "%s", "templateId": "no-such-template"}', 404, 5, "TEMPLATE_NOT_FOUND"),
+    ],
+)
+async def test_bad_input_is_rejected_and_nothing_queued(
+    e2e: E2E, body: str, http: int, code: int, reason: str
+) -> None:
+    user_id = await e2e.new_user(devices=0)
+    raw = body.replace("%s", user_id)
+    status, got = await asyncio.to_thread(_post_raw, f"{e2e.base}/v1/notifications", raw)
+    assert status == http, got
+    assert isinstance(got, dict) and got["code"] == code, got
+    if reason:
+        assert _reason(got) == reason, got
+    status, listed = await e2e.api("GET", f"/v1/users/{user_id}/notifications")
+    assert status == 200 and listed["notifications"] == [], listed
+
+
+def _post_raw(url: str, raw: str) -> tuple[int, Any]:
+    import json  # noqa: PLC0415
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    req = urllib.request.Request(url, data=raw.encode(), method="POST")
+    req.add_header("x-api-key", API_KEY)
+    req.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+async def test_missing_or_unknown_api_key_is_401(e2e: E2E) -> None:
+    status, got = await e2e.api("GET", f"/v1/notifications/{uuid.uuid4()}", api_key="")
+    assert status == 401 and _reason(got) == "API_KEY_MISSING"
+    status, got = await e2e.api("GET", f"/v1/notifications/{uuid.uuid4()}", api_key="nope")
+    assert status == 401 and _reason(got) == "API_KEY_INVALID"
+
+
+async def test_unknown_paths_and_query_parameters_are_rejected(e2e: E2E) -> None:
+    status, got = await e2e.api("GET", "/v1/nothing-here")
+    assert status == 404 and got["code"] == 5
+    status, got = await e2e.api("GET", f"/v1/notifications/{uuid.uuid4()}?admin=true")
+    assert status == 400 and got["code"] == 3
+
+
+async def test_oversized_body_is_413(e2e: E2E) -> None:
+    raw = '{"userId": "' + "a" * (2 * 1024 * 1024) + '"}'
+    status, got = await asyncio.to_thread(_post_raw, f"{e2e.base}/v1/notifications", raw)
+    assert status == 413, got
+
+
+async def test_idempotent_send(e2e: E2E) -> None:
+    user_id = await e2e.new_user(devices=0)
+    key = uuid.uuid4().hex
+    body = {
+        "userId": user_id,
+        "templateId": "welcome",
+        "channels": ["CHANNEL_EMAIL"],
+        "variables": {"name": "Idem"},
+        "idempotencyKey": key,
+    }
+    first = await e2e.api("POST", "/v1/notifications", body)
+    again = await e2e.api("POST", "/v1/notifications", body)
+    assert first[0] == again[0] == 200
+    assert first[1]["notification"]["id"] == again[1]["notification"]["id"]
+    other = await e2e.api("POST", "/v1/notifications", {**body, "variables": {"name": "Other"}})
+    assert other[0] == 409 and _reason(other[1]) == "IDEMPOTENCY_KEY_REUSED"
+    await e2e.settle(first[1]["notification"]["id"])
+    status, listed = await e2e.api("GET", f"/v1/users/{user_id}/notifications")
+    assert status == 200 and len(listed["notifications"]) == 1
+    mails = [
+        m
+        for m in e2e.mail.messages
+        if m["X-Notify-Notification-Id"] == first[1]["notification"]["id"]
+    ]
+    assert len(mails) == 1
+
+
+async def test_user_and_template_routes(e2e: E2E) -> None:
+    user_id = await e2e.new_user(devices=1)
+    status, got = await e2e.api("GET", f"/v1/users/{user_id}")
+    assert status == 200 and got["user"]["id"] == user_id and len(got["user"]["devices"]) == 1
+    status, got = await e2e.api("GET", "/v1/templates/welcome")
+    assert status == 200 and got["template"]["variables"] == ["name"]
+    status, got = await e2e.api("POST", "/v1/users", {"email": "bad\r\nBcc: x@y"})
+    assert status == 400 and got["code"] == 3

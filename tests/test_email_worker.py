@@ -1,0 +1,647 @@
+"""The e-mail worker against real RabbitMQ, PostgreSQL, SMTP (MailCatcher) and mTLS gRPC.
+
+UserService and TemplateService are stood in for by tiny in-process servicers behind the
+real ``GrpcServer`` (mTLS, access matrix), so these tests own every input the worker
+sees; the end-to-end suite runs the same worker against the real services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+
+import aio_pika
+import grpc
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from notify.v1 import (
+    common_pb2,
+    jobs_pb2,
+    template_service_pb2,
+    template_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
+
+from email_worker import mime
+from email_worker.app import App
+from email_worker.config import Config, SmtpConfig
+from email_worker.sender import InMemorySender, SmtpSender
+from notify_kit import rpc
+from notify_kit.amqp import EMAIL, Publisher, Topology
+from notify_kit.errors import NotFound
+from notify_kit.server import GrpcServer
+from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
+from notify_kit.worker import PermanentError, TransientError
+from scripts.mailcatcher import MailCatcher
+
+S = common_pb2.NotificationStatus
+SENDING, DELIVERED = S.NOTIFICATION_STATUS_SENDING, S.NOTIFICATION_STATUS_DELIVERED
+RETRYING, FAILED = S.NOTIFICATION_STATUS_RETRYING, S.NOTIFICATION_STATUS_FAILED
+EXPIRED = S.NOTIFICATION_STATUS_EXPIRED
+WAIT = 15.0
+
+
+# --- stand-ins for our own UserService and TemplateService --------------------------
+
+
+class RecordingUsers(user_service_pb2_grpc.UserServiceServicer):
+    """Records every UpdateDeliveryStatus so tests can wait for a status."""
+
+    def __init__(self) -> None:
+        self.updates: list[user_service_pb2.UpdateDeliveryStatusRequest] = []
+        self._changed = asyncio.Condition()
+
+    async def UpdateDeliveryStatus(
+        self,
+        request: user_service_pb2.UpdateDeliveryStatusRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> user_service_pb2.UpdateDeliveryStatusResponse:
+        async with self._changed:
+            self.updates.append(request)
+            self._changed.notify_all()
+        return user_service_pb2.UpdateDeliveryStatusResponse(
+            delivery=common_pb2.Delivery(
+                channel=request.channel,
+                status=request.status,
+                detail=request.detail,
+                attempts=request.attempt,
+            )
+        )
+
+    def of(self, nid: str) -> list[user_service_pb2.UpdateDeliveryStatusRequest]:
+        return [u for u in self.updates if u.notification_id == nid]
+
+    async def wait_status(
+        self, nid: str, status: int, count: int = 1
+    ) -> list[user_service_pb2.UpdateDeliveryStatusRequest]:
+        """All updates of ``nid`` once ``status`` was reported ``count`` times."""
+        async with asyncio.timeout(WAIT), self._changed:
+            await self._changed.wait_for(
+                lambda: sum(u.status == status for u in self.of(nid)) >= count
+            )
+        return self.of(nid)
+
+
+class FixedTemplates(template_service_pb2_grpc.TemplateServiceServicer):
+    """Renders one fixed e-mail from the ``name`` variable; ``missing`` does not exist."""
+
+    def __init__(self) -> None:
+        self.requests: list[template_service_pb2.RenderTemplateRequest] = []
+
+    async def RenderTemplate(
+        self,
+        request: template_service_pb2.RenderTemplateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> template_service_pb2.RenderTemplateResponse:
+        self.requests.append(request)
+        if request.template_id == "missing":
+            raise NotFound("TEMPLATE_NOT_FOUND", "no such template")
+        name = request.variables["name"]
+        return template_service_pb2.RenderTemplateResponse(
+            version=1,
+            language=request.language,
+            email=template_service_pb2.EmailContent(
+                subject=f"Welcome, {name}",
+                text_body=f"Hello {name},\nthanks for joining.\n",
+                html_body=f"<p>Hello <b>{name}</b></p>",
+            ),
+        )
+
+
+class DeadLetters:
+    """Consumes the failed queue, keeping each message by its message id."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, AbstractIncomingMessage] = {}
+        self._arrived = asyncio.Condition()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        async with message.process(), self._arrived:
+            self.by_id[message.message_id or ""] = message
+            self._arrived.notify_all()
+
+    async def wait_for(self, message_id: str) -> AbstractIncomingMessage:
+        async with asyncio.timeout(WAIT), self._arrived:
+            await self._arrived.wait_for(lambda: message_id in self.by_id)
+        return self.by_id[message_id]
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def users() -> RecordingUsers:
+    # Only what the worker calls is implemented; the rest answers UNIMPLEMENTED.
+    return RecordingUsers()  # type: ignore[abstract]
+
+
+@pytest.fixture(scope="module")
+async def templates() -> FixedTemplates:
+    return FixedTemplates()  # type: ignore[abstract]
+
+
+@pytest.fixture(scope="module")
+async def upstreams(
+    common_for: Callable[[str], CommonSettings],
+    users: RecordingUsers,
+    templates: FixedTemplates,
+) -> AsyncIterator[tuple[int, int]]:
+    """The stand-in user_svc and template_svc, with their real certificates."""
+    user_server = GrpcServer(
+        common_for("user_svc"),
+        [lambda s: user_service_pb2_grpc.add_UserServiceServicer_to_server(users, s)],
+        ["notify.v1.UserService"],
+    )
+    template_server = GrpcServer(
+        common_for("template_svc"),
+        [lambda s: template_service_pb2_grpc.add_TemplateServiceServicer_to_server(templates, s)],
+        ["notify.v1.TemplateService"],
+    )
+    ports = (await user_server.start(), await template_server.start())
+    yield ports
+    await user_server.stop()
+    await template_server.stop()
+
+
+@pytest.fixture(scope="module")
+async def catcher() -> AsyncIterator[MailCatcher]:
+    mail = MailCatcher()
+    await mail.start("127.0.0.1", 0)
+    yield mail
+    await mail.stop()
+
+
+@pytest.fixture(scope="module")
+async def topo(topology: Topology, amqp_url: str) -> AsyncIterator[Topology]:
+    """This module's own names under the run's prefix, so its failed queue is its own."""
+    own = Topology(prefix=f"{topology.prefix}ew.", retry_delays_ms=topology.retry_delays_ms)
+    yield own
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        for name in own.all_queues():
+            await channel.queue_delete(name)
+        await channel.exchange_delete(own.exchange)
+
+
+@pytest.fixture(scope="module")
+async def broker(amqp_url: str, topo: Topology) -> AsyncIterator[tuple[Publisher, DeadLetters]]:
+    """A publisher for jobs and a consumer of the failed queue."""
+    connection = await aio_pika.connect_robust(amqp_url, timeout=10)
+    publisher = Publisher(connection, topo)
+    await publisher.start()
+    dead = DeadLetters()
+    channel = await connection.channel()
+    queue = await channel.get_queue(topo.failed_queue)
+    await queue.consume(dead.on_message)
+    yield publisher, dead
+    await publisher.close()
+    await connection.close()
+
+
+@pytest.fixture(scope="module")
+async def config(
+    common_for: Callable[[str], CommonSettings],
+    database: Callable[[str], Awaitable[str]],
+    amqp_url: str,
+    topo: Topology,
+    upstreams: tuple[int, int],
+    catcher: MailCatcher,
+) -> Config:
+    return Config(
+        common=common_for("email_worker"),
+        dsn=await database("email_worker"),
+        amqp_url=amqp_url,
+        topology=topo,
+        user_svc_addr=f"127.0.0.1:{upstreams[0]}",
+        template_svc_addr=f"127.0.0.1:{upstreams[1]}",
+        smtp=SmtpConfig(host="127.0.0.1", port=catcher.port, timeout=5.0),
+        prefetch=8,
+    )
+
+
+@pytest.fixture
+async def start_worker(
+    config: Config, broker: tuple[Publisher, DeadLetters]
+) -> AsyncIterator[Callable[..., Awaitable[App]]]:
+    """Start a worker (real SMTP unless a sender is given); stopped after the test."""
+    apps: list[App] = []
+
+    async def start(sender: InMemorySender | None = None) -> App:
+        app = await App.start(config, sender=sender)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop()
+
+
+def email_job(
+    *, to: str = "ana@example.com", name: str = "Zoë", template: str = "welcome"
+) -> jobs_pb2.EmailJob:
+    job = jobs_pb2.EmailJob(
+        meta=jobs_pb2.JobMeta(
+            notification_id=str(uuid.uuid4()),
+            attempt=1,
+            correlation_id=uuid.uuid4().hex,
+            user_id="user-1",
+        ),
+        to_address=to,
+        to_name=name,
+        template_id=template,
+        language="en",
+    )
+    job.variables.update({"name": name})
+    return job
+
+
+async def publish(publisher: Publisher, body: bytes, message_id: str) -> None:
+    await publisher.publish(
+        EMAIL.key,
+        body,
+        message_type=EMAIL.message_type,
+        message_id=message_id,
+        correlation_id=uuid.uuid4().hex,
+    )
+
+
+async def mail_for(catcher: MailCatcher, nid: str) -> EmailMessage:
+    """Wait for the message whose Message-ID names ``nid``."""
+    wanted = f"<{nid}@notify>"
+    async with asyncio.timeout(WAIT):
+        count = 1
+        while True:
+            messages = await catcher.wait_for(count, WAIT)
+            for message in messages:
+                if message["Message-ID"] == wanted:
+                    return message
+            count = len(messages) + 1
+
+
+def statuses(updates: list[user_service_pb2.UpdateDeliveryStatusRequest]) -> list[int]:
+    return [u.status for u in updates]
+
+
+# --- the worker -----------------------------------------------------------------------
+
+
+async def test_delivers_rendered_mail_and_reports_delivered(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: tuple[Publisher, DeadLetters],
+    users: RecordingUsers,
+    templates: FixedTemplates,
+    catcher: MailCatcher,
+    tls_for: Callable[[str], TlsSettings],
+) -> None:
+    app = await start_worker()
+    job = email_job(name="Zoë Ångström")
+    nid = job.meta.notification_id
+    await publish(broker[0], job.SerializeToString(), nid)
+
+    updates = await users.wait_status(nid, DELIVERED)
+    assert statuses(updates) == [SENDING, DELIVERED]
+    assert {u.channel for u in updates} == {common_pb2.CHANNEL_EMAIL}
+    assert updates[-1].attempt == 1
+    rendered = [r for r in templates.requests if r.variables["name"] == "Zoë Ångström"]
+    assert rendered[0].channel == common_pb2.CHANNEL_EMAIL
+    assert rendered[0].template_id == "welcome"
+
+    mail = await mail_for(catcher, nid)
+    assert mail["Subject"] == "Welcome, Zoë Ångström"
+    assert mail["To"].addresses[0].display_name == "Zoë Ångström"
+    assert mail["To"].addresses[0].addr_spec == "ana@example.com"
+    assert mail["From"].addresses[0].addr_spec == "no-reply@notify.localhost"
+    assert mail["X-Notify-Notification-Id"] == nid
+    assert mail.get_content_type() == "multipart/alternative"
+    plain, html = mail.get_body(("plain",)), mail.get_body(("html",))
+    assert plain is not None and "Hello Zoë Ångström," in plain.get_content()
+    assert html is not None and "<b>Zoë Ångström</b>" in html.get_content()
+
+    history = await app.store.history(nid)
+    assert [(a.attempt, a.status) for a in history] == [(1, "DELIVERED")]
+
+    channel = rpc.secure_channel(f"127.0.0.1:{app.port}", tls_for("operator"))
+    async with channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_transient_failure_is_retried_then_delivered(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: tuple[Publisher, DeadLetters],
+    users: RecordingUsers,
+) -> None:
+    sender = InMemorySender()
+    sender.fail_next(1)
+    app = await start_worker(sender)
+    job = email_job()
+    nid = job.meta.notification_id
+    await publish(broker[0], job.SerializeToString(), nid)
+
+    updates = await users.wait_status(nid, DELIVERED)
+    assert statuses(updates) == [SENDING, RETRYING, SENDING, DELIVERED]
+    assert [u.attempt for u in updates] == [1, 1, 2, 2]
+    assert len(sender.sent) == 1
+    assert sender.sent[0].recipients == ["ana@example.com"]
+    history = await app.store.history(nid)
+    assert [(a.attempt, a.status) for a in history] == [(1, "RETRYING"), (2, "DELIVERED")]
+
+
+async def test_retries_run_out_into_the_failed_queue(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: tuple[Publisher, DeadLetters],
+    users: RecordingUsers,
+    topo: Topology,
+) -> None:
+    sender = InMemorySender()
+    sender.fail_next(topo.max_attempts)
+    await start_worker(sender)
+    job = email_job()
+    nid = job.meta.notification_id
+    await publish(broker[0], job.SerializeToString(), nid)
+
+    updates = await users.wait_status(nid, FAILED)
+    retries = topo.max_attempts - 1
+    assert statuses(updates) == [SENDING, RETRYING] * retries + [SENDING, FAILED]
+    dead = await broker[1].wait_for(nid)
+    assert dead.headers["x-notify-attempts"] == str(topo.max_attempts)
+    assert jobs_pb2.EmailJob.FromString(dead.body).meta.notification_id == nid
+    assert sender.sent == []
+
+
+async def test_smtp_rejection_fails_permanently(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: tuple[Publisher, DeadLetters],
+    users: RecordingUsers,
+) -> None:
+    app = await start_worker()
+    job = email_job(to="reject-me@example.com")
+    nid = job.meta.notification_id
+    await publish(broker[0], job.SerializeToString(), nid)
+
+    updates = await users.wait_status(nid, FAILED)
+    assert statuses(updates) == [SENDING, FAILED]
+    dead = await broker[1].wait_for(nid)
+    assert dead.headers["x-notify-kind"] == "email"
+    assert jobs_pb2.EmailJob.FromString(dead.body) == job
+    history = await app.store.history(nid)
+    assert [a.status for a in history] == ["FAILED"]
+
+
+async def test_unknown_template_fails_permanently(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: tuple[Publisher, DeadLetters],
+    users: RecordingUsers,
+) -> None:
+    await start_worker()
+    job = email_job(template="missing")
+    nid = job.meta.notification_id
+    await publish(broker[0], job.SerializeToString(), nid)
+
+    updates = await users.wait_status(nid, FAILED)
+    assert statuses(updates) == [SENDING, FAILED]
+    assert "TEMPLATE_NOT_FOUND" in updates[-1].detail
+    await broker[1].wait_for(nid)
+
+
+async def test_header_injection_fails_permanently(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: tuple[Publisher, DeadLetters],
+    users: RecordingUsers,
+    catcher: MailCatcher,
+) -> None:
+    await start_worker()
+    job = email_job(name="Ana\r\nBcc: victim@example.com")
+    nid = job.meta.notification_id
+    before = len(catcher.messages)
+    await publish(broker[0], job.SerializeToString(), nid)
+
+    updates = await users.wait_status(nid, FAILED)
+    assert statuses(updates) == [SENDING, FAILED]
+    await broker[1].wait_for(nid)
+    assert len(catcher.messages) == before
+
+
+async def test_undecodable_message_is_dead_lettered_and_work_goes_on(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: tuple[Publisher, DeadLetters],
+    users: RecordingUsers,
+) -> None:
+    await start_worker()
+    garbage_id = f"garbage-{uuid.uuid4()}"
+    await publish(broker[0], b"\xff\xff not a job", garbage_id)
+    dead = await broker[1].wait_for(garbage_id)
+    assert dead.body == b"\xff\xff not a job"
+    assert dead.headers["x-notify-error"] == "undecodable"
+
+    job = email_job()
+    await publish(broker[0], job.SerializeToString(), job.meta.notification_id)
+    await users.wait_status(job.meta.notification_id, DELIVERED)
+
+
+async def test_redelivered_job_is_not_sent_twice(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: tuple[Publisher, DeadLetters],
+    users: RecordingUsers,
+    catcher: MailCatcher,
+) -> None:
+    app = await start_worker()
+    job = email_job()
+    nid = job.meta.notification_id
+    await publish(broker[0], job.SerializeToString(), nid)
+    await users.wait_status(nid, DELIVERED)
+    await publish(broker[0], job.SerializeToString(), nid)
+
+    updates = await users.wait_status(nid, DELIVERED, count=2)
+    assert statuses(updates) == [SENDING, DELIVERED, DELIVERED]
+    assert updates[1].detail == updates[2].detail
+    copies = [m for m in catcher.messages if m["Message-ID"] == f"<{nid}@notify>"]
+    assert len(copies) == 1
+    assert [a.status for a in await app.store.history(nid)] == ["DELIVERED"]
+
+
+async def test_expired_job_is_not_sent(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: tuple[Publisher, DeadLetters],
+    users: RecordingUsers,
+    catcher: MailCatcher,
+) -> None:
+    app = await start_worker()
+    job = email_job()
+    job.meta.expire_time.CopyFrom(timestamp_pb2.Timestamp(seconds=1_600_000_000))
+    nid = job.meta.notification_id
+    before = len(catcher.messages)
+    await publish(broker[0], job.SerializeToString(), nid)
+
+    updates = await users.wait_status(nid, EXPIRED)
+    assert statuses(updates) == [EXPIRED]
+    assert [a.status for a in await app.store.history(nid)] == ["EXPIRED"]
+    assert len(catcher.messages) == before
+
+
+# --- SMTP client against the real SMTP server -----------------------------------------
+
+
+@pytest.fixture
+async def smtp_peer() -> AsyncIterator[tuple[MailCatcher, int]]:
+    mail = MailCatcher()
+    port = await mail.start("127.0.0.1", 0)
+    yield mail, port
+    await mail.stop()
+
+
+MESSAGE = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+async def test_smtp_sender_classifies_replies(smtp_peer: tuple[MailCatcher, int]) -> None:
+    mail, port = smtp_peer
+    sender = SmtpSender("127.0.0.1", port, timeout=5.0)
+    try:
+        reply = await sender.send("a@example.com", ["b@example.com"], MESSAGE)
+        assert "queued" in reply
+        with pytest.raises(PermanentError):
+            await sender.send("a@example.com", ["reject@example.com"], MESSAGE)
+        with pytest.raises(TransientError):
+            await sender.send("a@example.com", ["defer@example.com"], MESSAGE)
+        # The session survives refusals: the next message goes through.
+        await sender.send("a@example.com", ["c@example.com"], MESSAGE)
+        assert [m["Subject"] for m in await mail.wait_for(2, WAIT)] == ["hi", "hi"]
+    finally:
+        await sender.close()
+
+
+async def test_smtp_sender_reconnects_after_the_relay_dropped_it(
+    smtp_peer: tuple[MailCatcher, int],
+) -> None:
+    mail, port = smtp_peer
+    sender = SmtpSender("127.0.0.1", port, timeout=5.0)
+    try:
+        await sender.send("a@example.com", ["b@example.com"], MESSAGE)
+        await mail.stop()  # closes the open session too
+        restarted = MailCatcher()
+        await restarted.start("127.0.0.1", port)
+        try:
+            await sender.send("a@example.com", ["b@example.com"], MESSAGE)
+            assert len(await restarted.wait_for(1, WAIT)) == 1
+        finally:
+            await restarted.stop()
+    finally:
+        await sender.close()
+
+
+async def test_smtp_sender_unreachable_relay_is_transient(
+    smtp_peer: tuple[MailCatcher, int],
+) -> None:
+    mail, port = smtp_peer
+    await mail.stop()
+    sender = SmtpSender("127.0.0.1", port, timeout=2.0)
+    with pytest.raises(TransientError):
+        await sender.send("a@example.com", ["b@example.com"], MESSAGE)
+    await sender.close()
+
+
+# --- message assembly and configuration -----------------------------------------------
+
+
+def parse(raw: bytes) -> EmailMessage:
+    message = BytesParser(policy=email.policy.default).parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def test_long_non_ascii_subject_is_encoded_and_folded() -> None:
+    subject = "Votre réservation à l'hôtel " * 6
+    raw = mime.build_message(
+        from_header="notify <n@example.com>",
+        to_address="a@example.com",
+        to_name="",
+        subject=subject,
+        text_body="x",
+        html_body="",
+        notification_id="n1",
+    )
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+    message = parse(raw)
+    assert message["Subject"] == subject
+    assert message.get_content_type() == "text/plain"
+    assert message.get_content() == "x"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("subject", "Hi\r\nBcc: x@example.com"),
+        ("to_name", "Ana\nBcc: x@example.com"),
+        ("to_address", "a@example.com\r\nBcc: x@example.com"),
+        ("to_address", "not an address"),
+        ("to_address", "zoë@example.com"),
+        ("notification_id", "n1>\r\nX: y"),
+    ],
+)
+def test_unsafe_header_values_are_refused(field: str, value: str) -> None:
+    values = {
+        "from_header": "notify <n@example.com>",
+        "to_address": "a@example.com",
+        "to_name": "Ana",
+        "subject": "Hi",
+        "text_body": "x",
+        "html_body": "",
+        "notification_id": "n1",
+    }
+    values[field] = value
+    with pytest.raises(mime.MessageError):
+        mime.build_message(**values)
+
+
+def test_body_is_quoted_printable_utf8() -> None:
+    text = "naïve line with trailing space \n" + "é" * 100 + "\n.leading dot\n"
+    message = parse(
+        mime.build_message(
+            from_header="n@example.com",
+            to_address="a@example.com",
+            to_name='Ana "the" Best, Jr.',
+            subject="Hi",
+            text_body=text,
+            html_body="",
+            notification_id="n1",
+        )
+    )
+    assert message["Content-Transfer-Encoding"] == "quoted-printable"
+    assert message.get_content().replace("\r\n", "\n") == text
+    assert message["To"].addresses[0].display_name == 'Ana "the" Best, Jr.'
+
+
+def test_config_from_env(certs_dir: Path) -> None:
+    env = {"NOTIFY_TLS_DIR": str(certs_dir)}
+    config = Config.from_env(env)
+    assert config.common.listen == "127.0.0.1:50054"
+    assert config.dsn == "postgresql://postgres@127.0.0.1:5432/notify_email"
+    assert config.topology == Topology(prefix="")
+    assert config.smtp == SmtpConfig()
+    assert config.prefetch == 32
+
+    env |= {
+        "NOTIFY_AMQP_PREFIX": "dev.",
+        "NOTIFY_SMTP_PORT": "2525",
+        "NOTIFY_SMTP_STARTTLS": "1",
+        "NOTIFY_SMTP_USERNAME": "u",
+        "NOTIFY_SMTP_PASSWORD": "p",
+    }
+    config = Config.from_env(env)
+    assert config.topology.queue(EMAIL) == "dev.email.queue"
+    assert (config.smtp.port, config.smtp.starttls, config.smtp.username) == (2525, True, "u")
+    with pytest.raises(SettingsError):
+        Config.from_env({**env, "NOTIFY_SMTP_STARTTLS": "yes"})
+    with pytest.raises(SettingsError):
+        Config.from_env({**env, "NOTIFY_SMTP_PASSWORD": ""})
