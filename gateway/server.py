@@ -34,7 +34,6 @@ from notify_kit.context import get_correlation_id
 from notify_kit.errors import FailedPrecondition, InvalidArgument
 from notify_kit.interceptors import metadata_value
 from notify_kit.rpc import clamp_timeout, unary
-from notify_kit.status import aggregate_status
 from notify_kit.telemetry import inject_trace_context
 
 log = logging.getLogger(__name__)
@@ -175,15 +174,8 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         deliveries = []
         for channel in wanted:
             why = _suppression(channel, profile)
-            deliveries.append(
-                S.Delivery(
-                    channel=channel,
-                    status=S.NOTIFICATION_STATUS_SUPPRESSED
-                    if why
-                    else S.NOTIFICATION_STATUS_ACCEPTED,
-                    detail=why,
-                )
-            )
+            status = S.NOTIFICATION_STATUS_SUPPRESSED if why else S.NOTIFICATION_STATUS_QUEUED
+            deliveries.append(S.Delivery(channel=channel, status=status, detail=why))
         record = S.Notification(
             id=notification_id,
             user_id=request.user_id,
@@ -191,6 +183,11 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             deliveries=deliveries,
             correlation_id=get_correlation_id(),
         )
+        # Recorded as QUEUED before publishing, so a worker's first report always finds
+        # the record, and no second round trip is needed after the confirm. If the
+        # confirm never comes the client gets UNAVAILABLE and the record stays QUEUED:
+        # the job may be in the broker (a lost confirm) or not; a retry with the same
+        # idempotency key converges on this record and republishes.
         created = await unary(
             self._users.CreateNotificationRecord,
             user_service_pb2.CreateNotificationRecordRequest(notification=record),
@@ -200,34 +197,13 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         to_queue = [
             d.channel
             for d in created.notification.deliveries
-            if d.status in (S.NOTIFICATION_STATUS_ACCEPTED, S.NOTIFICATION_STATUS_QUEUED)
+            if d.status == S.NOTIFICATION_STATUS_QUEUED
         ]
         language = request.language or profile.locale or "en"
         await asyncio.gather(
             *(self._publish(c, meta, request, profile, language) for c in to_queue)
         )
-        updates = await asyncio.gather(
-            *(
-                unary(
-                    self._users.UpdateDeliveryStatus,
-                    user_service_pb2.UpdateDeliveryStatusRequest(
-                        notification_id=notification_id,
-                        channel=c,
-                        status=S.NOTIFICATION_STATUS_QUEUED,
-                    ),
-                    timeout=timeout,
-                )
-                for c in to_queue
-            )
-        )
-        answer = S.Notification()
-        answer.CopyFrom(created.notification)
-        by_channel = {u.delivery.channel: u.delivery for u in updates}
-        for delivery in answer.deliveries:
-            if delivery.channel in by_channel:
-                delivery.CopyFrom(by_channel[delivery.channel])
-        answer.status = aggregate_status(d.status for d in answer.deliveries)
-        return notification_service_pb2.SendNotificationResponse(notification=answer)
+        return notification_service_pb2.SendNotificationResponse(notification=created.notification)
 
     def _meta(
         self,

@@ -34,12 +34,17 @@ DEFER_PREFIX = "defer"
 
 
 class MailCatcher:
-    """Accepts mail over SMTP, parses it, keeps it in ``messages`` (and optionally on disk)."""
+    """Accepts mail over SMTP, parses it, keeps it in ``messages`` (and optionally on disk).
+
+    Files are numbered after those already in ``directory``, so a restart never
+    overwrites earlier mail.
+    """
 
     def __init__(self, directory: Path | None = None, *, hostname: str = "mailcatcher.localhost"):
         self.directory = directory
         self.messages: list[EmailMessage] = []
         self.port = 0
+        self._numbered = 0  # .eml files already in ``directory`` (kept across restarts)
         self._hostname = hostname
         self._parser = BytesParser(policy=email.policy.default)
         self._received = asyncio.Condition()
@@ -50,6 +55,8 @@ class MailCatcher:
         """Listen on ``host:port`` (0 picks a free port); return the bound port."""
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
+            numbers = [int(p.stem) for p in self.directory.glob("*.eml") if p.stem.isdigit()]
+            self._numbered = max(numbers, default=0)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._new_session, host, port)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -120,7 +127,7 @@ class MailCatcher:
             number = len(self.messages)
             self._received.notify_all()
         if self.directory is not None:
-            (self.directory / f"{number:04d}.eml").write_bytes(raw)
+            (self.directory / f"{self._numbered + number:04d}.eml").write_bytes(raw)
         log.info("mail %s to=%s subject=%s", number, message["To"], message["Subject"])
         return f"250 2.0.0 Ok: queued as {number}"
 

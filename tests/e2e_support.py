@@ -70,7 +70,7 @@ class E2E:
 
     async def settle(self, nid: str, timeout: float = 30.0) -> dict[str, Any]:
         """Poll the public status API until every delivery left the in-flight states."""
-        return await poll(
+        settled: dict[str, Any] = await poll(
             lambda: self.api("GET", f"/v1/notifications/{nid}"),
             lambda r: (
                 r[0] == 200
@@ -78,6 +78,7 @@ class E2E:
             ),
             timeout,
         )
+        return settled
 
 
 async def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float) -> Any:

@@ -59,6 +59,25 @@ async def test_mail_catcher_receives_parses_and_stores(tmp_path: Path) -> None:
         await catcher.stop()
 
 
+async def test_mail_catcher_numbers_files_after_existing_ones(tmp_path: Path) -> None:
+    (tmp_path / "0007.eml").write_bytes(b"Subject: from an earlier run\r\n\r\nx\r\n")
+    catcher = MailCatcher(tmp_path)
+    port = await catcher.start("127.0.0.1", 0)
+    try:
+        await aiosmtplib.send(
+            b"Subject: new\r\n\r\nbody\r\n",
+            sender="a@example.com",
+            recipients=["b@example.com"],
+            hostname="127.0.0.1",
+            port=port,
+            timeout=5,
+        )
+        await catcher.wait_for(1, WAIT)
+        assert (tmp_path / "0008.eml").read_bytes().startswith(b"Subject: new")
+    finally:
+        await catcher.stop()
+
+
 async def test_mail_catcher_wait_for_times_out() -> None:
     catcher = MailCatcher()
     await catcher.start("127.0.0.1", 0)

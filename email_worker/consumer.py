@@ -1,0 +1,132 @@
+"""The e-mail job handler (render, build, send) and the status reports to UserService.
+
+``notify_kit.worker.JobRunner`` owns the delivery guarantees; this module only says how
+an ``EmailJob`` becomes a sent message and which upstream failures are worth a retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from email.utils import parseaddr
+
+from notify.v1 import (
+    common_pb2,
+    jobs_pb2,
+    template_service_pb2,
+    template_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
+
+from email_worker.mime import MessageError, build_message, check_address, format_address
+from email_worker.sender import EmailSender
+from notify_kit import rpc
+from notify_kit.amqp import EMAIL
+from notify_kit.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from notify_kit.worker import PermanentError, Status, StatusReport, TransientError
+
+log = logging.getLogger(__name__)
+
+# Upstream answers that will not change on a retry; everything else (UNAVAILABLE,
+# DEADLINE_EXCEEDED, INTERNAL, ...) might.
+_PERMANENT_UPSTREAM = (InvalidArgument, NotFound, FailedPrecondition)
+
+
+class EmailJobHandler:
+    """Decodes ``EmailJob`` and delivers it: RenderTemplate, MIME bytes, ``EmailSender``."""
+
+    kind = EMAIL
+    channel = common_pb2.CHANNEL_EMAIL
+
+    def __init__(
+        self,
+        templates: template_service_pb2_grpc.TemplateServiceStub,
+        sender: EmailSender,
+        *,
+        mail_from: str,
+        rpc_timeout: float = 5.0,
+    ) -> None:
+        name, address = parseaddr(mail_from)
+        self._envelope_from = check_address(address)
+        self._from_header = format_address(name, address)
+        self._templates = templates
+        self._sender = sender
+        self._rpc_timeout = rpc_timeout
+
+    def decode(self, body: bytes) -> jobs_pb2.EmailJob:
+        """Parse the queue body (``DecodeError`` when it is not an ``EmailJob``)."""
+        return jobs_pb2.EmailJob.FromString(body)
+
+    async def send(self, job: jobs_pb2.EmailJob) -> str:
+        """Render the template, assemble the message, hand it to the sender."""
+        try:
+            check_address(job.to_address)
+        except MessageError as exc:
+            raise PermanentError(str(exc)) from exc
+        content = await self._render(job)
+        try:
+            message = build_message(
+                from_header=self._from_header,
+                to_address=job.to_address,
+                to_name=job.to_name,
+                subject=content.subject,
+                text_body=content.text_body,
+                html_body=content.html_body,
+                notification_id=job.meta.notification_id,
+            )
+        except MessageError as exc:
+            raise PermanentError(str(exc)) from exc
+        return await self._sender.send(self._envelope_from, [job.to_address], message)
+
+    async def _render(self, job: jobs_pb2.EmailJob) -> template_service_pb2.EmailContent:
+        request = template_service_pb2.RenderTemplateRequest(
+            template_id=job.template_id,
+            language=job.language,
+            channel=common_pb2.CHANNEL_EMAIL,
+            variables=job.variables,
+        )
+        try:
+            response = await rpc.unary(
+                self._templates.RenderTemplate, request, timeout=self._rpc_timeout
+            )
+        except _PERMANENT_UPSTREAM as exc:
+            raise PermanentError(f"template {job.template_id!r}: {exc.reason}") from exc
+        except ServiceError as exc:
+            raise TransientError(f"template service: {exc.reason}") from exc
+        if not response.HasField("email"):
+            raise PermanentError(f"template {job.template_id!r} has no e-mail content")
+        content: template_service_pb2.EmailContent = response.email
+        return content
+
+
+def status_reporter(
+    users: user_service_pb2_grpc.UserServiceStub,
+    channel: common_pb2.Channel.ValueType,
+    *,
+    timeout: float = 5.0,
+) -> StatusReport:
+    """The runner's ``report`` callback: UserService.UpdateDeliveryStatus over mTLS.
+
+    A report UserService can never accept (unknown notification, invalid request) is
+    logged and dropped so the job is not requeued forever; any other failure raises,
+    and the runner requeues the job to report again later.
+    """
+
+    async def report(notification_id: str, status: Status, detail: str, attempt: int) -> None:
+        request = user_service_pb2.UpdateDeliveryStatusRequest(
+            notification_id=notification_id,
+            channel=channel,
+            status=status,
+            detail=detail,
+            attempt=attempt,
+        )
+        try:
+            await rpc.unary(users.UpdateDeliveryStatus, request, timeout=timeout)
+        except _PERMANENT_UPSTREAM as exc:
+            log.warning(
+                "status report rejected: %s",
+                exc.reason,
+                extra={"notification_id": notification_id},
+            )
+
+    return report

@@ -1,0 +1,87 @@
+"""The e-mail delivery log in PostgreSQL: the worker's ``DeliveryLedger``.
+
+Every attempt appends a row; ``delivered`` looks for the one DELIVERED row a
+notification can have (a partial unique index guarantees there is at most one, even
+when two workers race on a redelivered job).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from notify.v1 import common_pb2
+
+from notify_kit.worker import Status
+
+_STATUS_PREFIX = "NOTIFICATION_STATUS_"
+
+SELECT_DELIVERED = """
+SELECT detail FROM delivery_logs
+WHERE notification_id = $1 AND status = 'DELIVERED'
+"""
+
+INSERT_ATTEMPT = """
+INSERT INTO delivery_logs (notification_id, attempt, status, detail)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (notification_id) WHERE status = 'DELIVERED' DO NOTHING
+"""
+
+SELECT_HISTORY = """
+SELECT attempt, status, detail, created_at FROM delivery_logs
+WHERE notification_id = $1
+ORDER BY created_at, id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One row of a notification's delivery history."""
+
+    attempt: int
+    status: str
+    detail: str
+    created_at: datetime
+
+
+def status_name(status: Status) -> str:
+    """``NOTIFICATION_STATUS_DELIVERED`` -> ``DELIVERED`` (what the table stores)."""
+    return common_pb2.NotificationStatus.Name(status).removeprefix(_STATUS_PREFIX)
+
+
+class DeliveryStore:
+    """asyncpg queries over ``delivery_logs``; implements ``DeliveryLedger``.
+
+    Every call bounds both the wait for a pooled connection and the statement itself.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float = 5.0) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def delivered(self, notification_id: str) -> str | None:
+        """The detail of the notification's DELIVERED row, if it has one."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            detail: str | None = await conn.fetchval(
+                SELECT_DELIVERED, notification_id, timeout=self._timeout
+            )
+        return detail
+
+    async def record(self, notification_id: str, attempt: int, status: Status, detail: str) -> None:
+        """Append an attempt; a second DELIVERED row for the same notification is ignored."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(
+                INSERT_ATTEMPT,
+                notification_id,
+                attempt,
+                status_name(status),
+                detail,
+                timeout=self._timeout,
+            )
+
+    async def history(self, notification_id: str) -> list[Attempt]:
+        """Every attempt of a notification, oldest first (for operators and tests)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(SELECT_HISTORY, notification_id, timeout=self._timeout)
+        return [Attempt(r["attempt"], r["status"], r["detail"], r["created_at"]) for r in rows]

@@ -1,0 +1,212 @@
+"""Sending push notifications: FCM through firebase-admin, and an in-memory sender.
+
+A push goes to every device of the user; the sender reports what happened per device
+and the handler decides what that means for the job (delivered when any device took
+it). FCM errors are classified here, at the boundary: ``UNREGISTERED`` means the token
+is dead, throttling, outages and timeouts are transient, anything else is a bad target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import firebase_admin
+import google.auth.exceptions
+import google.auth.transport.requests
+import requests
+from firebase_admin import credentials, exceptions, messaging
+
+from notify_kit.worker import TransientError
+
+log = logging.getLogger(__name__)
+
+FCM_BATCH_LIMIT = 500  # send_each_async refuses more messages than this
+
+_TRANSIENT_FCM = (
+    exceptions.UnavailableError,
+    exceptions.InternalError,
+    exceptions.ResourceExhaustedError,  # includes QuotaExceededError (429)
+    exceptions.DeadlineExceededError,
+    exceptions.AbortedError,
+    exceptions.CancelledError,
+    exceptions.UnauthenticatedError,  # our access token was refused: refresh and retry
+    exceptions.UnknownError,  # network errors without an HTTP answer
+)
+
+
+class Outcome(enum.Enum):
+    """What happened to the push on one device."""
+
+    DELIVERED = "delivered"
+    UNREGISTERED = "unregistered"  # the token is dead: remove it from the user
+    INVALID = "invalid"  # this target will never work (bad token, wrong sender, ...)
+    TRANSIENT = "transient"  # might work later (outage, throttling, timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetResult:
+    """One device's result: the provider's message id, or why it failed."""
+
+    token: str
+    outcome: Outcome
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    """Every target's result, in the order the targets were given."""
+
+    results: list[TargetResult]
+
+    def of(self, outcome: Outcome) -> list[TargetResult]:
+        """The targets that ended with ``outcome``."""
+        return [r for r in self.results if r.outcome is outcome]
+
+
+class PushSender(Protocol):
+    """Sends one notification to a set of device tokens."""
+
+    async def send(
+        self, tokens: Sequence[str], title: str, body: str, data: Mapping[str, str]
+    ) -> PushResult:
+        """Return a result per token; raise ``TransientError`` when nothing could be tried."""
+
+
+class FcmSender:
+    """FCM HTTP v1 through firebase-admin's async client, one Firebase app per sender.
+
+    firebase-admin refreshes its OAuth2 token with a blocking HTTP call from inside its
+    async auth flow, which would stall the whole event loop; the token is therefore
+    refreshed here first, in a thread and under a lock, so the library always finds a
+    valid one. It also retries 500/503 on its own (up to 4 times with backoff); the
+    whole batch is bounded by ``3 * timeout``.
+    """
+
+    def __init__(self, credentials_path: Path, *, url: str, timeout: float) -> None:
+        # firebase-admin has no emulator setting: the URL is a class attribute read when
+        # an app's messaging service is created, so set it and create the service now.
+        messaging._MessagingService.FCM_URL = url
+        self._app = firebase_admin.initialize_app(
+            credentials.Certificate(str(credentials_path)),
+            name=f"push_worker-{uuid.uuid4().hex}",
+            options={"httpTimeout": timeout},
+        )
+        self._service: Any = messaging._get_messaging_service(self._app)
+        self._credential: Any = self._app.credential.get_credential()
+        self._timeout = timeout
+        self._session = requests.Session()
+        self._refresh_lock = asyncio.Lock()
+
+    async def send(
+        self, tokens: Sequence[str], title: str, body: str, data: Mapping[str, str]
+    ) -> PushResult:
+        """Send to every token (in batches of 500) and classify each answer."""
+        await self._ensure_access_token()
+        results: list[TargetResult] = []
+        for start in range(0, len(tokens), FCM_BATCH_LIMIT):
+            batch = list(tokens[start : start + FCM_BATCH_LIMIT])
+            messages = [
+                messaging.Message(
+                    fid=token,
+                    notification=messaging.Notification(title=title, body=body),
+                    data=dict(data),
+                )
+                for token in batch
+            ]
+            try:
+                async with asyncio.timeout(3 * self._timeout):
+                    response = await messaging.send_each_async(messages, app=self._app)
+            except (TimeoutError, exceptions.FirebaseError) as exc:
+                results += [TargetResult(t, Outcome.TRANSIENT, repr(exc)) for t in batch]
+                continue
+            except ValueError as exc:  # firebase-admin refused to encode the messages
+                results += [TargetResult(t, Outcome.INVALID, str(exc)) for t in batch]
+                continue
+            results += [_classify(t, r) for t, r in zip(batch, response.responses, strict=True)]
+        return PushResult(results)
+
+    async def close(self) -> None:
+        """Close the HTTP clients and delete the Firebase app."""
+        # delete_app() closes the async client with asyncio.run(), which cannot run on
+        # our loop: close it here first, then let delete_app finish in a thread.
+        await self._service._async_client.aclose()
+        await asyncio.to_thread(firebase_admin.delete_app, self._app)
+        self._session.close()
+
+    async def _ensure_access_token(self) -> None:
+        if self._credential.valid:
+            return
+        async with self._refresh_lock:
+            if self._credential.valid:
+                return
+            request = functools.partial(
+                google.auth.transport.requests.Request(self._session), timeout=self._timeout
+            )
+            try:
+                async with asyncio.timeout(self._timeout + 1):
+                    await asyncio.to_thread(self._credential.refresh, request)
+            except (TimeoutError, google.auth.exceptions.GoogleAuthError) as exc:
+                raise TransientError(f"FCM credentials: {exc!r}") from exc
+            log.info("FCM access token refreshed")
+
+
+def _classify(token: str, response: Any) -> TargetResult:
+    if response.success:
+        return TargetResult(token, Outcome.DELIVERED, str(response.message_id))
+    error = response.exception
+    if isinstance(error, messaging.UnregisteredError):
+        return TargetResult(token, Outcome.UNREGISTERED, str(error))
+    if isinstance(error, _TRANSIENT_FCM):
+        return TargetResult(token, Outcome.TRANSIENT, f"{type(error).__name__}: {error}")
+    return TargetResult(token, Outcome.INVALID, f"{type(error).__name__}: {error}")
+
+
+@dataclass(frozen=True, slots=True)
+class SentPush:
+    """What ``InMemoryPushSender`` accepted for one device."""
+
+    token: str
+    title: str
+    body: str
+    data: dict[str, str]
+
+
+@dataclass
+class InMemoryPushSender:
+    """Records pushes instead of sending them.
+
+    Tokens in ``unregistered`` (or starting with ``unregistered``) come back
+    UNREGISTERED; ``fail_next(n)`` makes every target of the next ``n`` sends TRANSIENT.
+    """
+
+    sent: list[SentPush] = field(default_factory=list)
+    unregistered: set[str] = field(default_factory=set)
+    _failures: int = field(default=0, init=False, repr=False)
+
+    def fail_next(self, count: int = 1) -> None:
+        """Make the next ``count`` sends fail transiently on every target."""
+        self._failures = count
+
+    async def send(
+        self, tokens: Sequence[str], title: str, body: str, data: Mapping[str, str]
+    ) -> PushResult:
+        """Record each deliverable target; report the others as told."""
+        if self._failures > 0:
+            self._failures -= 1
+            return PushResult([TargetResult(t, Outcome.TRANSIENT, "told to fail") for t in tokens])
+        results = []
+        for token in tokens:
+            if token in self.unregistered or token.startswith("unregistered"):
+                results.append(TargetResult(token, Outcome.UNREGISTERED, "unregistered"))
+                continue
+            self.sent.append(SentPush(token, title, body, dict(data)))
+            results.append(TargetResult(token, Outcome.DELIVERED, f"in-memory-{len(self.sent)}"))
+        return PushResult(results)
