@@ -14,22 +14,20 @@ from notify.v1 import (
     jobs_pb2,
     template_service_pb2,
     template_service_pb2_grpc,
-    user_service_pb2,
-    user_service_pb2_grpc,
 )
 
 from email_worker.mime import MessageError, build_message, check_address, format_address
 from email_worker.sender import EmailSender
 from notify_kit import rpc
 from notify_kit.amqp import EMAIL
-from notify_kit.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
-from notify_kit.worker import PermanentError, Status, StatusReport, TransientError
+from notify_kit.errors import ServiceError
+from notify_kit.worker import (
+    PERMANENT_UPSTREAM,
+    PermanentError,
+    TransientError,
+)
 
 log = logging.getLogger(__name__)
-
-# Upstream answers that will not change on a retry; everything else (UNAVAILABLE,
-# DEADLINE_EXCEEDED, INTERNAL, ...) might.
-_PERMANENT_UPSTREAM = (InvalidArgument, NotFound, FailedPrecondition)
 
 
 class EmailJobHandler:
@@ -89,7 +87,7 @@ class EmailJobHandler:
             response = await rpc.unary(
                 self._templates.RenderTemplate, request, timeout=self._rpc_timeout
             )
-        except _PERMANENT_UPSTREAM as exc:
+        except PERMANENT_UPSTREAM as exc:
             raise PermanentError(f"template {job.template_id!r}: {exc.reason}") from exc
         except ServiceError as exc:
             raise TransientError(f"template service: {exc.reason}") from exc
@@ -97,36 +95,3 @@ class EmailJobHandler:
             raise PermanentError(f"template {job.template_id!r} has no e-mail content")
         content: template_service_pb2.EmailContent = response.email
         return content
-
-
-def status_reporter(
-    users: user_service_pb2_grpc.UserServiceStub,
-    channel: common_pb2.Channel.ValueType,
-    *,
-    timeout: float = 5.0,
-) -> StatusReport:
-    """The runner's ``report`` callback: UserService.UpdateDeliveryStatus over mTLS.
-
-    A report UserService can never accept (unknown notification, invalid request) is
-    logged and dropped so the job is not requeued forever; any other failure raises,
-    and the runner requeues the job to report again later.
-    """
-
-    async def report(notification_id: str, status: Status, detail: str, attempt: int) -> None:
-        request = user_service_pb2.UpdateDeliveryStatusRequest(
-            notification_id=notification_id,
-            channel=channel,
-            status=status,
-            detail=detail,
-            attempt=attempt,
-        )
-        try:
-            await rpc.unary(users.UpdateDeliveryStatus, request, timeout=timeout)
-        except _PERMANENT_UPSTREAM as exc:
-            log.warning(
-                "status report rejected: %s",
-                exc.reason,
-                extra={"notification_id": notification_id},
-            )
-
-    return report

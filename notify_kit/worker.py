@@ -21,6 +21,7 @@ delivery guarantees so they are written once:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,12 +30,16 @@ from typing import Generic, Protocol, TypeAlias, TypeVar
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
-from notify.v1 import common_pb2, jobs_pb2
+from notify.v1 import common_pb2, jobs_pb2, user_service_pb2, user_service_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from notify_kit.amqp import FAILED_KEY, JobKind, Publisher, Topology
+from notify_kit import rpc
+from notify_kit.amqp import FAILED_KEY, JobKind, Publisher, Topology, connect
 from notify_kit.context import new_correlation_id, set_correlation_id
+from notify_kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from notify_kit.server import GrpcServer
+from notify_kit.settings import CommonSettings
 from notify_kit.telemetry import extract_trace_context
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,10 @@ class PermanentError(Exception):
 class TransientError(Exception):
     """May succeed later: timeouts, SMTP 4xx, HTTP 5xx/429, a dependency down."""
 
+
+# Upstream answers that will not change on a retry; everything else (UNAVAILABLE,
+# DEADLINE_EXCEEDED, INTERNAL, ...) might.
+PERMANENT_UPSTREAM = (InvalidArgument, NotFound, FailedPrecondition)
 
 J = TypeVar("J", jobs_pb2.EmailJob, jobs_pb2.PushJob)
 
@@ -243,6 +252,70 @@ def _past(ts: timestamp_pb2.Timestamp) -> bool:
     return (ts.seconds, ts.nanos) < (now.seconds, now.nanos)
 
 
+async def start_worker(
+    stack: contextlib.AsyncExitStack,
+    common: CommonSettings,
+    amqp_url: str,
+    topology: Topology,
+    handler: JobHandler[J],
+    ledger: DeliveryLedger,
+    report: StatusReport,
+    settings: RunnerSettings,
+) -> int:
+    """Connect, open the confirming publisher, serve health, start consuming.
+
+    Everything is entered into ``stack`` in that order, so closing the stack drains the
+    runner first, then stops the health server, then closes the broker. Returns the
+    health server's port.
+    """
+    connection = await connect(amqp_url)
+    stack.push_async_callback(connection.close)
+    publisher = Publisher(connection, topology)
+    await publisher.start()
+    stack.push_async_callback(publisher.close)
+    server = GrpcServer(common, registrars=(), service_names=())
+    port = await server.start()
+    stack.push_async_callback(server.stop)
+    runner = JobRunner(connection, topology, publisher, handler, ledger, report, settings)
+    await runner.start()
+    stack.push_async_callback(runner.stop)
+    log.info("%s consuming %s", common.service, topology.queue(handler.kind))
+    return port
+
+
+def status_reporter(
+    users: user_service_pb2_grpc.UserServiceStub,
+    channel: common_pb2.Channel.ValueType,
+    *,
+    timeout: float = 5.0,
+) -> StatusReport:
+    """The runner's ``report`` callback: UserService.UpdateDeliveryStatus over mTLS.
+
+    A report UserService can never accept (unknown notification, invalid request) is
+    logged and dropped so the job is not requeued forever; any other failure raises,
+    and the runner requeues the job to report again later.
+    """
+
+    async def report(notification_id: str, status: Status, detail: str, attempt: int) -> None:
+        request = user_service_pb2.UpdateDeliveryStatusRequest(
+            notification_id=notification_id,
+            channel=channel,
+            status=status,
+            detail=detail,
+            attempt=attempt,
+        )
+        try:
+            await rpc.unary(users.UpdateDeliveryStatus, request, timeout=timeout)
+        except PERMANENT_UPSTREAM as exc:
+            log.warning(
+                "status report rejected: %s",
+                exc.reason,
+                extra={"notification_id": notification_id},
+            )
+
+    return report
+
+
 __all__ = [
     "DeliveryLedger",
     "JobHandler",
@@ -251,4 +324,6 @@ __all__ = [
     "RunnerSettings",
     "StatusReport",
     "TransientError",
+    "start_worker",
+    "status_reporter",
 ]

@@ -6,15 +6,14 @@ import contextlib
 import logging
 from pathlib import Path
 
-from notify.v1 import jobs_pb2, template_service_pb2_grpc, user_service_pb2_grpc
+from notify.v1 import template_service_pb2_grpc, user_service_pb2_grpc
 
-from notify_kit import amqp, db, rpc
-from notify_kit.server import GrpcServer
-from notify_kit.worker import JobRunner, RunnerSettings
+from notify_kit import db, rpc
+from notify_kit.ledger import DeliveryLog
+from notify_kit.worker import RunnerSettings, start_worker, status_reporter
 from push_worker.config import SERVICE, Config
-from push_worker.consumer import PushJobHandler, status_reporter
+from push_worker.consumer import PushJobHandler
 from push_worker.sender import FcmSender, PushSender
-from push_worker.store import DeliveryStore
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 class App:
     """A running push worker; ``stop()`` drains in-flight jobs, then closes everything."""
 
-    def __init__(self, port: int, store: DeliveryStore, stack: contextlib.AsyncExitStack) -> None:
+    def __init__(self, port: int, store: DeliveryLog, stack: contextlib.AsyncExitStack) -> None:
         self.port = port
         self.store = store
         self._stack = stack
@@ -40,9 +39,9 @@ class App:
         async with contextlib.AsyncExitStack() as stack:
             await db.ensure_database(config.dsn)
             pool = await db.create_pool(config.dsn, application=SERVICE)
-            stack.push_async_callback(pool.close)
+            stack.push_async_callback(db.close_pool, pool)
             await db.migrate(pool, MIGRATIONS)
-            store = DeliveryStore(pool)
+            store = DeliveryLog(pool)
 
             templates = rpc.secure_channel(config.template_svc_addr, config.common.tls)
             stack.push_async_callback(templates.close)
@@ -64,28 +63,16 @@ class App:
             )
             report = status_reporter(users_stub, handler.channel, timeout=config.rpc_timeout)
 
-            connection = await amqp.connect(config.amqp_url)
-            stack.push_async_callback(connection.close)
-            publisher = amqp.Publisher(connection, config.topology)
-            await publisher.start()
-            stack.push_async_callback(publisher.close)
-
-            server = GrpcServer(config.common, registrars=(), service_names=())
-            port = await server.start()
-            stack.push_async_callback(server.stop)
-
-            runner: JobRunner[jobs_pb2.PushJob] = JobRunner(
-                connection,
+            port = await start_worker(
+                stack,
+                config.common,
+                config.amqp_url,
                 config.topology,
-                publisher,
                 handler,
                 store,
                 report,
                 RunnerSettings(prefetch=config.prefetch),
             )
-            await runner.start()
-            stack.push_async_callback(runner.stop)
-            log.info("push worker consuming %s", config.topology.queue(handler.kind))
             return cls(port, store, stack.pop_all())
 
     async def stop(self) -> None:

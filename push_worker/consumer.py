@@ -19,15 +19,15 @@ from notify.v1 import (
 
 from notify_kit import rpc
 from notify_kit.amqp import PUSH
-from notify_kit.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
-from notify_kit.worker import PermanentError, Status, StatusReport, TransientError
+from notify_kit.errors import ServiceError
+from notify_kit.worker import (
+    PERMANENT_UPSTREAM,
+    PermanentError,
+    TransientError,
+)
 from push_worker.sender import Outcome, PushResult, PushSender
 
 log = logging.getLogger(__name__)
-
-# Upstream answers that will not change on a retry; everything else (UNAVAILABLE,
-# DEADLINE_EXCEEDED, INTERNAL, ...) might.
-_PERMANENT_UPSTREAM = (InvalidArgument, NotFound, FailedPrecondition)
 
 
 class PushJobHandler:
@@ -82,7 +82,7 @@ class PushJobHandler:
             response = await rpc.unary(
                 self._templates.RenderTemplate, request, timeout=self._rpc_timeout
             )
-        except _PERMANENT_UPSTREAM as exc:
+        except PERMANENT_UPSTREAM as exc:
             raise PermanentError(f"template {job.template_id!r}: {exc.reason}") from exc
         except ServiceError as exc:
             raise TransientError(f"template service: {exc.reason}") from exc
@@ -110,36 +110,3 @@ def _judge(result: PushResult) -> str:
     if result.of(Outcome.TRANSIENT):
         raise TransientError(summary)
     raise PermanentError(f"no device accepted: {summary}")
-
-
-def status_reporter(
-    users: user_service_pb2_grpc.UserServiceStub,
-    channel: common_pb2.Channel.ValueType,
-    *,
-    timeout: float = 5.0,
-) -> StatusReport:
-    """The runner's ``report`` callback: UserService.UpdateDeliveryStatus over mTLS.
-
-    A report UserService can never accept (unknown notification, invalid request) is
-    logged and dropped so the job is not requeued forever; any other failure raises,
-    and the runner requeues the job to report again later.
-    """
-
-    async def report(notification_id: str, status: Status, detail: str, attempt: int) -> None:
-        request = user_service_pb2.UpdateDeliveryStatusRequest(
-            notification_id=notification_id,
-            channel=channel,
-            status=status,
-            detail=detail,
-            attempt=attempt,
-        )
-        try:
-            await rpc.unary(users.UpdateDeliveryStatus, request, timeout=timeout)
-        except _PERMANENT_UPSTREAM as exc:
-            log.warning(
-                "status report rejected: %s",
-                exc.reason,
-                extra={"notification_id": notification_id},
-            )
-
-    return report

@@ -1,4 +1,7 @@
-"""The push delivery log in PostgreSQL: the worker's ``DeliveryLedger``.
+"""A worker's delivery log in PostgreSQL: the ``DeliveryLedger`` both workers use.
+
+Each worker keeps it in its own database (its ``migrations/001_init.sql`` creates
+``delivery_logs``); the queries are the same, so they live here once.
 
 Every attempt appends a row; ``delivered`` looks for the one DELIVERED row a
 notification can have (a partial unique index guarantees there is at most one, even
@@ -50,7 +53,7 @@ def status_name(status: Status) -> str:
     return common_pb2.NotificationStatus.Name(status).removeprefix(_STATUS_PREFIX)
 
 
-class DeliveryStore:
+class DeliveryLog:
     """asyncpg queries over ``delivery_logs``; implements ``DeliveryLedger``.
 
     Every call bounds both the wait for a pooled connection and the statement itself.
