@@ -67,13 +67,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             set_correlation_id(sanitize_correlation_id(metadata_value(context, CORRELATION_HEADER)))
             start = time.perf_counter()
-            outcome = "OK"
+            outcome, reason = "OK", ""
             try:
                 policy.check(peer_identity(context), method)
                 return await inner(request, context)
             except ServiceError as err:
                 outcome = err.code.name
-                log.info("rpc failed", extra={"method": method, "reason": err.reason})
+                reason = err.reason
                 await context.abort_with_status(to_status(err))
             except grpc.aio.AbortError:
                 outcome = "ABORTED_BY_HANDLER"
@@ -85,11 +85,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     to_status(Internal("INTERNAL", "internal error; see server logs"))
                 )
             finally:
-                log.debug(
+                # One access-log line per call (INFO), so every hop of a request shows up
+                # under its correlation id; NOTIFY_LOG_LEVEL=WARNING silences it.
+                log.info(
                     "rpc",
                     extra={
                         "method": method,
                         "code": outcome,
+                        "reason": reason,
                         "ms": round((time.perf_counter() - start) * 1000, 2),
                     },
                 )

@@ -130,6 +130,7 @@ class FcmFake:
         app = web.Application()
         app.router.add_post("/token", self._token)
         app.router.add_post("/v1/projects/{project}/messages:send", self._send)
+        app.router.add_get("/messages", self._list)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -187,6 +188,10 @@ class FcmFake:
             return list(self.messages)
 
     # --- OAuth2 --------------------------------------------------------------------
+
+    async def _list(self, request: web.Request) -> web.Response:
+        """What arrived so far, newest last: how a developer sees the pushes of ``make run``."""
+        return web.json_response(self.messages)
 
     async def _token(self, request: web.Request) -> web.Response:
         form = await request.post()

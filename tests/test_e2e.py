@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
 import pytest
 
+from gateway.store import KeyStore
+from notify_kit import db
 from tests.e2e_support import API_KEY, E2E
 
 pytestmark = pytest.mark.timeout(300)
@@ -189,3 +192,43 @@ async def test_user_and_template_routes(e2e: E2E) -> None:
     assert status == 200 and got["template"]["variables"] == ["name"]
     status, got = await e2e.api("POST", "/v1/users", {"email": "bad\r\nBcc: x@y"})
     assert status == 400 and got["code"] == 3
+
+
+async def test_one_correlation_id_follows_the_notification_through_every_log(e2e: E2E) -> None:
+    user_id = await e2e.new_user(devices=0)
+    corr = f"corr-{uuid.uuid4().hex[:12]}"
+    status, sent = await e2e.api(
+        "POST",
+        "/v1/notifications",
+        {"userId": user_id, "templateId": "welcome", "variables": {"name": "Trace"}},
+        headers={"x-correlation-id": corr},
+    )
+    assert status == 200, sent
+    assert sent["notification"]["correlationId"] == corr
+    await e2e.settle(sent["notification"]["id"])
+    seen = set()
+    for service in ("gateway", "user_svc", "template_svc", "email_worker"):
+        for line in e2e.system.log_path(service).read_text().splitlines():
+            if line.startswith("{") and json.loads(line).get("correlation_id") == corr:
+                seen.add(service)
+    assert seen == {"gateway", "user_svc", "template_svc", "email_worker"}
+
+
+async def test_api_key_scopes_are_enforced(e2e: E2E) -> None:
+    store_pool = await db.create_pool(
+        f"{e2e.cfg.pg_base}/{e2e.cfg.db_prefix}gateway", application="test"
+    )
+    try:
+        await KeyStore(store_pool).ensure("read-only-key", "reader", frozenset({"read"}))
+    finally:
+        await db.close_pool(store_pool)
+    user_id = await e2e.new_user(devices=0)
+    status, got = await e2e.api(
+        "POST",
+        "/v1/notifications",
+        {"userId": user_id, "templateId": "welcome"},
+        api_key="read-only-key",
+    )
+    assert status == 403 and _reason(got) == "SCOPE_MISSING", got
+    status, got = await e2e.api("GET", f"/v1/users/{user_id}", api_key="read-only-key")
+    assert status == 200, got

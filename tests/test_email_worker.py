@@ -1,93 +1,56 @@
 """The e-mail worker against real RabbitMQ, PostgreSQL, SMTP (MailCatcher) and mTLS gRPC.
 
-UserService and TemplateService are stood in for by tiny in-process servicers behind the
-real ``GrpcServer`` (mTLS, access matrix), so these tests own every input the worker
-sees; the end-to-end suite runs the same worker against the real services.
+The stand-in upstreams, the broker and ``start_worker`` are shared with the push worker's
+tests (``tests/worker_support.py``); what is here is the e-mail worker's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.policy
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import EmailMessage
 from email.parser import BytesParser
+from functools import partial
 from pathlib import Path
 
-import aio_pika
 import grpc
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
 from google.protobuf import timestamp_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from notify.v1 import (
-    common_pb2,
-    jobs_pb2,
-    template_service_pb2,
-    template_service_pb2_grpc,
-    user_service_pb2,
-    user_service_pb2_grpc,
-)
+from grpc_health.v1 import health_pb2
+from notify.v1 import common_pb2, jobs_pb2, template_service_pb2, template_service_pb2_grpc
 
 from email_worker import mime
 from email_worker.app import App
 from email_worker.config import Config, SmtpConfig
 from email_worker.sender import InMemorySender, SmtpSender
-from notify_kit import rpc
-from notify_kit.amqp import EMAIL, Publisher, Topology
+from notify_kit.amqp import EMAIL, Topology
 from notify_kit.errors import NotFound
-from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
 from notify_kit.worker import PermanentError, TransientError
 from scripts.mailcatcher import MailCatcher
+from tests import worker_support
+from tests.worker_support import (
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    RETRYING,
+    SENDING,
+    WAIT,
+    Broker,
+    RecordingUsers,
+    health_status,
+    job_meta,
+    own_topology,
+    publish,
+    statuses,
+)
 
-S = common_pb2.NotificationStatus
-SENDING, DELIVERED = S.NOTIFICATION_STATUS_SENDING, S.NOTIFICATION_STATUS_DELIVERED
-RETRYING, FAILED = S.NOTIFICATION_STATUS_RETRYING, S.NOTIFICATION_STATUS_FAILED
-EXPIRED = S.NOTIFICATION_STATUS_EXPIRED
-WAIT = 15.0
-
-
-# --- stand-ins for our own UserService and TemplateService --------------------------
-
-
-class RecordingUsers(user_service_pb2_grpc.UserServiceServicer):
-    """Records every UpdateDeliveryStatus so tests can wait for a status."""
-
-    def __init__(self) -> None:
-        self.updates: list[user_service_pb2.UpdateDeliveryStatusRequest] = []
-        self._changed = asyncio.Condition()
-
-    async def UpdateDeliveryStatus(
-        self,
-        request: user_service_pb2.UpdateDeliveryStatusRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> user_service_pb2.UpdateDeliveryStatusResponse:
-        async with self._changed:
-            self.updates.append(request)
-            self._changed.notify_all()
-        return user_service_pb2.UpdateDeliveryStatusResponse(
-            delivery=common_pb2.Delivery(
-                channel=request.channel,
-                status=request.status,
-                detail=request.detail,
-                attempts=request.attempt,
-            )
-        )
-
-    def of(self, nid: str) -> list[user_service_pb2.UpdateDeliveryStatusRequest]:
-        return [u for u in self.updates if u.notification_id == nid]
-
-    async def wait_status(
-        self, nid: str, status: int, count: int = 1
-    ) -> list[user_service_pb2.UpdateDeliveryStatusRequest]:
-        """All updates of ``nid`` once ``status`` was reported ``count`` times."""
-        async with asyncio.timeout(WAIT), self._changed:
-            await self._changed.wait_for(
-                lambda: sum(u.status == status for u in self.of(nid)) >= count
-            )
-        return self.of(nid)
+# The shared fixtures, bound here so pytest finds them in this module.
+users = worker_support.users
+upstreams = worker_support.upstreams
+broker = worker_support.broker
+start_worker = worker_support.start_worker
 
 
 class FixedTemplates(template_service_pb2_grpc.TemplateServiceServicer):
@@ -116,59 +79,12 @@ class FixedTemplates(template_service_pb2_grpc.TemplateServiceServicer):
         )
 
 
-class DeadLetters:
-    """Consumes the failed queue, keeping each message by its message id."""
-
-    def __init__(self) -> None:
-        self.by_id: dict[str, AbstractIncomingMessage] = {}
-        self._arrived = asyncio.Condition()
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        async with message.process(), self._arrived:
-            self.by_id[message.message_id or ""] = message
-            self._arrived.notify_all()
-
-    async def wait_for(self, message_id: str) -> AbstractIncomingMessage:
-        async with asyncio.timeout(WAIT), self._arrived:
-            await self._arrived.wait_for(lambda: message_id in self.by_id)
-        return self.by_id[message_id]
-
-
 # --- fixtures -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-async def users() -> RecordingUsers:
-    # Only what the worker calls is implemented; the rest answers UNIMPLEMENTED.
-    return RecordingUsers()  # type: ignore[abstract]
 
 
 @pytest.fixture(scope="module")
 async def templates() -> FixedTemplates:
     return FixedTemplates()  # type: ignore[abstract]
-
-
-@pytest.fixture(scope="module")
-async def upstreams(
-    common_for: Callable[[str], CommonSettings],
-    users: RecordingUsers,
-    templates: FixedTemplates,
-) -> AsyncIterator[tuple[int, int]]:
-    """The stand-in user_svc and template_svc, with their real certificates."""
-    user_server = GrpcServer(
-        common_for("user_svc"),
-        [lambda s: user_service_pb2_grpc.add_UserServiceServicer_to_server(users, s)],
-        ["notify.v1.UserService"],
-    )
-    template_server = GrpcServer(
-        common_for("template_svc"),
-        [lambda s: template_service_pb2_grpc.add_TemplateServiceServicer_to_server(templates, s)],
-        ["notify.v1.TemplateService"],
-    )
-    ports = (await user_server.start(), await template_server.start())
-    yield ports
-    await user_server.stop()
-    await template_server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -182,29 +98,8 @@ async def catcher() -> AsyncIterator[MailCatcher]:
 @pytest.fixture(scope="module")
 async def topo(topology: Topology, amqp_url: str) -> AsyncIterator[Topology]:
     """This module's own names under the run's prefix, so its failed queue is its own."""
-    own = Topology(prefix=f"{topology.prefix}ew.", retry_delays_ms=topology.retry_delays_ms)
-    yield own
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for name in own.all_queues():
-            await channel.queue_delete(name)
-        await channel.exchange_delete(own.exchange)
-
-
-@pytest.fixture(scope="module")
-async def broker(amqp_url: str, topo: Topology) -> AsyncIterator[tuple[Publisher, DeadLetters]]:
-    """A publisher for jobs and a consumer of the failed queue."""
-    connection = await aio_pika.connect_robust(amqp_url, timeout=10)
-    publisher = Publisher(connection, topo)
-    await publisher.start()
-    dead = DeadLetters()
-    channel = await connection.channel()
-    queue = await channel.get_queue(topo.failed_queue)
-    await queue.consume(dead.on_message)
-    yield publisher, dead
-    await publisher.close()
-    await connection.close()
+    async with own_topology(topology, amqp_url, "ew.") as own:
+        yield own
 
 
 @pytest.fixture(scope="module")
@@ -228,33 +123,17 @@ async def config(
     )
 
 
-@pytest.fixture
-async def start_worker(
-    config: Config, broker: tuple[Publisher, DeadLetters]
-) -> AsyncIterator[Callable[..., Awaitable[App]]]:
-    """Start a worker (real SMTP unless a sender is given); stopped after the test."""
-    apps: list[App] = []
-
-    async def start(sender: InMemorySender | None = None) -> App:
-        app = await App.start(config, sender=sender)
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        await app.stop()
+@pytest.fixture(scope="module")
+def launch(config: Config) -> Callable[..., Awaitable[App]]:
+    """How ``start_worker`` starts this worker: real SMTP unless a ``sender`` is given."""
+    return partial(App.start, config)
 
 
 def email_job(
     *, to: str = "ana@example.com", name: str = "Zoë", template: str = "welcome"
 ) -> jobs_pb2.EmailJob:
     job = jobs_pb2.EmailJob(
-        meta=jobs_pb2.JobMeta(
-            notification_id=str(uuid.uuid4()),
-            attempt=1,
-            correlation_id=uuid.uuid4().hex,
-            user_id="user-1",
-        ),
+        meta=job_meta(),
         to_address=to,
         to_name=name,
         template_id=template,
@@ -262,16 +141,6 @@ def email_job(
     )
     job.variables.update({"name": name})
     return job
-
-
-async def publish(publisher: Publisher, body: bytes, message_id: str) -> None:
-    await publisher.publish(
-        EMAIL.key,
-        body,
-        message_type=EMAIL.message_type,
-        message_id=message_id,
-        correlation_id=uuid.uuid4().hex,
-    )
 
 
 async def mail_for(catcher: MailCatcher, nid: str) -> EmailMessage:
@@ -287,16 +156,12 @@ async def mail_for(catcher: MailCatcher, nid: str) -> EmailMessage:
             count = len(messages) + 1
 
 
-def statuses(updates: list[user_service_pb2.UpdateDeliveryStatusRequest]) -> list[int]:
-    return [u.status for u in updates]
-
-
 # --- the worker -----------------------------------------------------------------------
 
 
 async def test_delivers_rendered_mail_and_reports_delivered(
     start_worker: Callable[..., Awaitable[App]],
-    broker: tuple[Publisher, DeadLetters],
+    broker: Broker,
     users: RecordingUsers,
     templates: FixedTemplates,
     catcher: MailCatcher,
@@ -305,7 +170,7 @@ async def test_delivers_rendered_mail_and_reports_delivered(
     app = await start_worker()
     job = email_job(name="Zoë Ångström")
     nid = job.meta.notification_id
-    await publish(broker[0], job.SerializeToString(), nid)
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, DELIVERED)
     assert statuses(updates) == [SENDING, DELIVERED]
@@ -329,16 +194,13 @@ async def test_delivers_rendered_mail_and_reports_delivered(
     history = await app.store.history(nid)
     assert [(a.attempt, a.status) for a in history] == [(1, "DELIVERED")]
 
-    channel = rpc.secure_channel(f"127.0.0.1:{app.port}", tls_for("operator"))
-    async with channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert await health_status(app.port, tls_for("operator")) == serving
 
 
 async def test_transient_failure_is_retried_then_delivered(
     start_worker: Callable[..., Awaitable[App]],
-    broker: tuple[Publisher, DeadLetters],
+    broker: Broker,
     users: RecordingUsers,
 ) -> None:
     sender = InMemorySender()
@@ -346,7 +208,7 @@ async def test_transient_failure_is_retried_then_delivered(
     app = await start_worker(sender)
     job = email_job()
     nid = job.meta.notification_id
-    await publish(broker[0], job.SerializeToString(), nid)
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, DELIVERED)
     assert statuses(updates) == [SENDING, RETRYING, SENDING, DELIVERED]
@@ -359,7 +221,7 @@ async def test_transient_failure_is_retried_then_delivered(
 
 async def test_retries_run_out_into_the_failed_queue(
     start_worker: Callable[..., Awaitable[App]],
-    broker: tuple[Publisher, DeadLetters],
+    broker: Broker,
     users: RecordingUsers,
     topo: Topology,
 ) -> None:
@@ -368,7 +230,7 @@ async def test_retries_run_out_into_the_failed_queue(
     await start_worker(sender)
     job = email_job()
     nid = job.meta.notification_id
-    await publish(broker[0], job.SerializeToString(), nid)
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, FAILED)
     retries = topo.max_attempts - 1
@@ -381,13 +243,13 @@ async def test_retries_run_out_into_the_failed_queue(
 
 async def test_smtp_rejection_fails_permanently(
     start_worker: Callable[..., Awaitable[App]],
-    broker: tuple[Publisher, DeadLetters],
+    broker: Broker,
     users: RecordingUsers,
 ) -> None:
     app = await start_worker()
     job = email_job(to="reject-me@example.com")
     nid = job.meta.notification_id
-    await publish(broker[0], job.SerializeToString(), nid)
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, FAILED)
     assert statuses(updates) == [SENDING, FAILED]
@@ -400,13 +262,13 @@ async def test_smtp_rejection_fails_permanently(
 
 async def test_unknown_template_fails_permanently(
     start_worker: Callable[..., Awaitable[App]],
-    broker: tuple[Publisher, DeadLetters],
+    broker: Broker,
     users: RecordingUsers,
 ) -> None:
     await start_worker()
     job = email_job(template="missing")
     nid = job.meta.notification_id
-    await publish(broker[0], job.SerializeToString(), nid)
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, FAILED)
     assert statuses(updates) == [SENDING, FAILED]
@@ -416,7 +278,7 @@ async def test_unknown_template_fails_permanently(
 
 async def test_header_injection_fails_permanently(
     start_worker: Callable[..., Awaitable[App]],
-    broker: tuple[Publisher, DeadLetters],
+    broker: Broker,
     users: RecordingUsers,
     catcher: MailCatcher,
 ) -> None:
@@ -424,7 +286,7 @@ async def test_header_injection_fails_permanently(
     job = email_job(name="Ana\r\nBcc: victim@example.com")
     nid = job.meta.notification_id
     before = len(catcher.messages)
-    await publish(broker[0], job.SerializeToString(), nid)
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, FAILED)
     assert statuses(updates) == [SENDING, FAILED]
@@ -434,33 +296,33 @@ async def test_header_injection_fails_permanently(
 
 async def test_undecodable_message_is_dead_lettered_and_work_goes_on(
     start_worker: Callable[..., Awaitable[App]],
-    broker: tuple[Publisher, DeadLetters],
+    broker: Broker,
     users: RecordingUsers,
 ) -> None:
     await start_worker()
     garbage_id = f"garbage-{uuid.uuid4()}"
-    await publish(broker[0], b"\xff\xff not a job", garbage_id)
+    await publish(broker[0], EMAIL, b"\xff\xff not a job", garbage_id)
     dead = await broker[1].wait_for(garbage_id)
     assert dead.body == b"\xff\xff not a job"
     assert dead.headers["x-notify-error"] == "undecodable"
 
     job = email_job()
-    await publish(broker[0], job.SerializeToString(), job.meta.notification_id)
+    await publish(broker[0], EMAIL, job.SerializeToString(), job.meta.notification_id)
     await users.wait_status(job.meta.notification_id, DELIVERED)
 
 
 async def test_redelivered_job_is_not_sent_twice(
     start_worker: Callable[..., Awaitable[App]],
-    broker: tuple[Publisher, DeadLetters],
+    broker: Broker,
     users: RecordingUsers,
     catcher: MailCatcher,
 ) -> None:
     app = await start_worker()
     job = email_job()
     nid = job.meta.notification_id
-    await publish(broker[0], job.SerializeToString(), nid)
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
     await users.wait_status(nid, DELIVERED)
-    await publish(broker[0], job.SerializeToString(), nid)
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, DELIVERED, count=2)
     assert statuses(updates) == [SENDING, DELIVERED, DELIVERED]
@@ -472,7 +334,7 @@ async def test_redelivered_job_is_not_sent_twice(
 
 async def test_expired_job_is_not_sent(
     start_worker: Callable[..., Awaitable[App]],
-    broker: tuple[Publisher, DeadLetters],
+    broker: Broker,
     users: RecordingUsers,
     catcher: MailCatcher,
 ) -> None:
@@ -481,7 +343,7 @@ async def test_expired_job_is_not_sent(
     job.meta.expire_time.CopyFrom(timestamp_pb2.Timestamp(seconds=1_600_000_000))
     nid = job.meta.notification_id
     before = len(catcher.messages)
-    await publish(broker[0], job.SerializeToString(), nid)
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, EXPIRED)
     assert statuses(updates) == [EXPIRED]

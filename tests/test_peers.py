@@ -271,3 +271,14 @@ async def test_real_firebase_admin_sends_through_the_fake(
     finally:
         # delete_app closes the async client with asyncio.run(), impossible on a running loop.
         await asyncio.to_thread(firebase_admin.delete_app, app)
+
+
+async def test_fcm_fake_lists_what_it_received(
+    fake: FcmFake, http: aiohttp.ClientSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = len(fake.messages)
+    await test_real_firebase_admin_sends_through_the_fake(fake, tmp_path, monkeypatch)
+    async with http.get(f"http://127.0.0.1:{fake.port}/messages") as resp:
+        assert resp.status == 200
+        listed = await resp.json()
+    assert len(listed) == before + 1 and listed[-1]["fid"] == "device-42"

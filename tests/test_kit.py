@@ -1,0 +1,215 @@
+"""notify_kit against real servers: migrations, publishing, shutdown, errors, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from notify.v1 import user_service_pb2, user_service_pb2_grpc
+
+from notify_kit import db
+from notify_kit.amqp import EMAIL, Publisher, Topology
+from notify_kit.context import set_correlation_id
+from notify_kit.errors import NotFound, Unavailable, error_info, from_rpc_error
+from notify_kit.logs import JsonFormatter
+from notify_kit.rpc import secure_channel, unary
+from notify_kit.server import GrpcServer
+from notify_kit.settings import CommonSettings, SettingsError, TlsSettings, env_int, env_str
+
+
+async def test_migrations_apply_once_under_concurrent_starts(
+    database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    (tmp_path / "001_one.sql").write_text("CREATE TABLE one (id int PRIMARY KEY);")
+    (tmp_path / "002_two.sql").write_text("INSERT INTO one VALUES (1);")
+    dsn = await database("kit_migrate")
+    pools = [await db.create_pool(dsn, application="t", max_size=2) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(db.migrate(p, tmp_path) for p in pools))
+        assert sorted(len(a) for a in applied) == [0, 0, 2]
+        assert await pools[0].fetchval("SELECT count(*) FROM one") == 1
+        assert await db.migrate(pools[0], tmp_path) == []
+    finally:
+        for pool in pools:
+            await db.close_pool(pool)
+
+
+async def test_badly_named_migration_is_refused(
+    database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    (tmp_path / "1_bad.sql").write_text("SELECT 1;")
+    pool = await db.create_pool(await database("kit_badname"), application="t")
+    try:
+        with pytest.raises(ValueError, match="NNN_name"):
+            await db.migrate(pool, tmp_path)
+    finally:
+        await db.close_pool(pool)
+
+
+async def test_published_jobs_are_persistent_and_typed(amqp_url: str) -> None:
+    topo = Topology(prefix=f"kit{uuid.uuid4().hex[:6]}.")
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        publisher = Publisher(connection, topo)
+        await publisher.start()
+        await publisher.publish(
+            "email",
+            b"\x0a\x00",
+            message_type=EMAIL.message_type,
+            message_id="m1",
+            correlation_id="c1",
+        )
+        channel = await connection.channel()
+        queue = await channel.get_queue(topo.queue(EMAIL))
+        message = await queue.get(timeout=5)
+        assert message is not None
+        await message.ack()
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert (message.type, message.message_id, message.correlation_id) == (
+            "notify.v1.EmailJob",
+            "m1",
+            "c1",
+        )
+        # The queue is durable and quorum: redeclaring it as a classic queue is refused.
+        with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+            await channel.declare_queue(
+                topo.queue(EMAIL), durable=True, arguments={"x-queue-type": "classic"}
+            )
+    finally:
+        await _delete(connection, topo)
+        await connection.close()
+
+
+async def test_unroutable_publish_is_an_error_not_a_silent_drop(amqp_url: str) -> None:
+    topo = Topology(prefix=f"kit{uuid.uuid4().hex[:6]}.")
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        publisher = Publisher(connection, topo)
+        await publisher.start()
+        with pytest.raises(Unavailable) as err:
+            await publisher.publish(
+                "no-such-key", b"x", message_type="t", message_id="m", correlation_id="c"
+            )
+        assert err.value.reason in {"QUEUE_UNAVAILABLE", "QUEUE_REJECTED"}
+    finally:
+        await _delete(connection, topo)
+        await connection.close()
+
+
+async def _delete(connection: aio_pika.abc.AbstractRobustConnection, topo: Topology) -> None:
+    channel = await connection.channel()
+    for name in topo.all_queues():
+        await channel.queue_delete(name)
+    await channel.exchange_delete(topo.exchange)
+
+
+class _SlowUsers(user_service_pb2_grpc.UserServiceServicer):
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def GetUser(
+        self, request: user_service_pb2.GetUserRequest, context: grpc.aio.ServicerContext
+    ) -> user_service_pb2.GetUserResponse:
+        self.entered.set()
+        await self.release.wait()
+        if request.id == "missing":
+            raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": request.id})
+        return user_service_pb2.GetUserResponse(user=user_service_pb2.User(id=request.id))
+
+
+async def test_shutdown_turns_health_off_first_and_finishes_in_flight_calls(
+    common_for: Callable[[str], CommonSettings], tls_for: Callable[[str], TlsSettings]
+) -> None:
+    servicer = _SlowUsers()  # type: ignore[abstract]  # only GetUser is needed
+    server = GrpcServer(
+        common_for("user_svc"),
+        [lambda s: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, s)],
+        ["notify.v1.UserService"],
+    )
+    port = await server.start()
+    channel = secure_channel(f"127.0.0.1:{port}", tls_for("gateway"))
+    try:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        call = asyncio.ensure_future(
+            unary(stub.GetUser, user_service_pb2.GetUserRequest(id="u1"), timeout=10)
+        )
+        await servicer.entered.wait()
+        stopping = asyncio.ensure_future(server.stop())
+        await asyncio.sleep(0)  # let stop() flip health before we look
+        status = await server.health.Check(health_pb2.HealthCheckRequest(), None)
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        servicer.release.set()
+        assert (await call).user.id == "u1"  # the in-flight call completed
+        await stopping
+    finally:
+        servicer.release.set()
+        await channel.close()
+
+
+async def test_errors_travel_with_their_reason_and_metadata(
+    common_for: Callable[[str], CommonSettings], tls_for: Callable[[str], TlsSettings]
+) -> None:
+    servicer = _SlowUsers()  # type: ignore[abstract]  # only GetUser is needed
+    servicer.release.set()
+    server = GrpcServer(
+        common_for("user_svc"),
+        [lambda s: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, s)],
+        ["notify.v1.UserService"],
+    )
+    port = await server.start()
+    try:
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{port}", _creds(tls_for("gateway"))
+        ) as channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raw:
+                await stub.GetUser(user_service_pb2.GetUserRequest(id="missing"), timeout=5)
+            assert raw.value.code() == grpc.StatusCode.NOT_FOUND
+            info = error_info(raw.value.trailing_metadata())
+            assert (info.reason, info.domain, dict(info.metadata)) == (
+                "USER_NOT_FOUND",
+                "notify.dev",
+                {"user_id": "missing"},
+            )
+            mapped = from_rpc_error(raw.value)
+            assert isinstance(mapped, NotFound) and mapped.reason == "USER_NOT_FOUND"
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop()
+
+
+def _creds(tls: TlsSettings) -> grpc.ChannelCredentials:
+    from notify_kit.tls import channel_credentials  # noqa: PLC0415
+
+    return channel_credentials(tls)
+
+
+def test_settings_fail_fast_with_the_variable_name() -> None:
+    with pytest.raises(SettingsError, match="NOTIFY_X"):
+        env_str("NOTIFY_X", env={})
+    with pytest.raises(SettingsError, match="NOTIFY_N must be an integer"):
+        env_int("NOTIFY_N", env={"NOTIFY_N": "ten"})
+    with pytest.raises(SettingsError, match="make certs"):
+        TlsSettings.for_service("gateway", env={"NOTIFY_TLS_DIR": "/nonexistent"})
+
+
+def test_json_logs_carry_the_correlation_id() -> None:
+    set_correlation_id("corr-123")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello %s", ("you",), None)
+    record.notification_id = "n1"
+    line = json.loads(JsonFormatter("svc").format(record))
+    assert line["msg"] == "hello you"
+    assert line["correlation_id"] == "corr-123"
+    assert (line["service"], line["notification_id"]) == ("svc", "n1")
+    set_correlation_id("")
