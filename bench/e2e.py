@@ -33,12 +33,10 @@ from typing import Any
 import aiohttp
 import aiosmtplib
 
-from notify_kit import db
 from scripts import gen_certs
 from scripts.api import DEMO_TEMPLATE
-from scripts.fcm_fake import FcmFake
+from scripts.harness import running_system
 from scripts.mailcatcher import MailCatcher
-from scripts.system import LocalSystem, Ports, SystemConfig
 
 API_KEY = "bench-key"
 
@@ -158,29 +156,11 @@ async def amain(args: argparse.Namespace) -> None:
     """Start the system, warm up, run, print a JSON summary."""
     run_id = uuid.uuid4().hex[:8]
     var = Path(tempfile.mkdtemp(prefix="notify-bench-"))
-    certs = var / "certs"
-    gen_certs.generate(certs)
-    ports = Ports.free()
-    mail, fcm = MailCatcher(), FcmFake()
-    await mail.start("127.0.0.1", ports.smtp)
-    await fcm.start("127.0.0.1", ports.fcm)
-    fcm.write_service_account(var / "sa.json", "notify-bench")
-    db_prefix = f"notify_bench{run_id}_"
-    cfg = SystemConfig(
-        var=var,
-        certs=certs,
-        ports=ports,
-        db_prefix=db_prefix,
-        amqp_prefix=f"bench{run_id}.",
-        api_key=API_KEY,
-        fcm_credentials=var / "sa.json",
-        log_level="WARNING",
-    )
-    system = LocalSystem(cfg)
-    base = f"http://127.0.0.1:{ports.http}"
-    try:
-        await system.start_services()
-        await system.start_envoy()
+    gen_certs.generate(var / "certs")
+    async with running_system(
+        var, var / "certs", tag=f"bench{run_id}", api_key=API_KEY, log_level="WARNING"
+    ) as running:
+        base, mail = running.base, running.mail
         async with aiohttp.ClientSession() as session:
             await _post(session, f"{base}/v1/templates", DEMO_TEMPLATE)
             users = []
@@ -190,27 +170,25 @@ async def amain(args: argparse.Namespace) -> None:
                 )
                 users.append(got["user"]["id"])
         await one_run(base, mail, users, min(200, args.count), args.concurrency)  # warm-up
-        runs = []
-        base_rates = []
-        pids = {name: proc.pid for name, proc in system.procs.items()}
+        runs, paced, base_rates = [], [], []
+        pids = {name: proc.pid for name, proc in running.system.procs.items()}
         pids["bench (client + SMTP server)"] = os.getpid()
         cpu_ms: dict[str, list[float]] = {name: [] for name in pids}
-        paced = []
         for _ in range(args.runs):
             paced.append(
                 await paced_run(base, mail, users, args.paced_rate, int(args.paced_rate * 15))
             )
-            base_rates.append(await baseline(mail, ports.smtp, args.count))
+            base_rates.append(await baseline(mail, running.cfg.ports.smtp, args.count))
             before = cpu_seconds(pids)
             runs.append(await one_run(base, mail, users, args.count, args.concurrency))
             after = cpu_seconds(pids)
             for name in pids:
                 cpu_ms[name].append((after[name] - before[name]) * 1000 / args.count)
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        direct = statistics.median(base_rates)
         summary = {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-            f"{__import__('os').cpu_count()} cores",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "python": f"{platform.python_implementation()} {platform.python_version()} "
             f"({sys.executable}), uvloop in services",
             "count": args.count,
@@ -223,16 +201,10 @@ async def amain(args: argparse.Namespace) -> None:
             },
             "paced": paced,
             "paced_median": {k: statistics.median(r[k] for r in paced) for k in paced[0]},
-            "baseline_direct_smtp_per_s": statistics.median(base_rates),
-            "ratio_pipeline_to_direct_smtp": med["delivered_per_s"] / statistics.median(base_rates),
+            "baseline_direct_smtp_per_s": direct,
+            "ratio_pipeline_to_direct_smtp": med["delivered_per_s"] / direct,
         }
         print(json.dumps(summary, indent=2))
-    finally:
-        await system.stop()
-        await mail.stop()
-        await fcm.stop()
-        for name in ("gateway", "user", "template", "email", "push"):
-            await db.drop_database(f"{cfg.pg_base}/{db_prefix}{name}")
 
 
 def main() -> None:

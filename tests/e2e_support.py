@@ -12,17 +12,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from notify_kit import db
 from scripts.api import DEMO_TEMPLATE, call
-from scripts.fcm_fake import FcmFake
-from scripts.mailcatcher import MailCatcher
-from scripts.system import LocalSystem, Ports, SystemConfig
+from scripts.harness import Running, running_system
 from tests.conftest import AMQP_URL, PG_BASE, REDIS_URL, RUN_ID
 
 API_KEY = "e2e-admin-key"
@@ -34,19 +30,8 @@ IN_FLIGHT = {
 }
 
 
-@dataclass
-class E2E:
-    """Handles on the running system."""
-
-    system: LocalSystem
-    cfg: SystemConfig
-    mail: MailCatcher
-    fcm: FcmFake
-
-    @property
-    def base(self) -> str:
-        """Public HTTP base URL (Envoy)."""
-        return f"http://127.0.0.1:{self.cfg.ports.http}"
+class E2E(Running):
+    """The running system plus the client helpers the tests share."""
 
     async def api(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
         """One JSON request through Envoy (off the event loop)."""
@@ -96,38 +81,16 @@ async def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: f
 @pytest.fixture(scope="session")
 async def e2e(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> AsyncIterator[E2E]:
     """The whole system, started once for the e2e tests and torn down with its data."""
-    var = tmp_path_factory.mktemp("var")
-    ports = Ports.free()
-    mail = MailCatcher(var / "mail")
-    fcm = FcmFake()
-    await mail.start("127.0.0.1", ports.smtp)
-    await fcm.start("127.0.0.1", ports.fcm)
-    credentials = var / "service-account.json"
-    fcm.write_service_account(credentials, "notify-e2e")
-    db_prefix = f"notify_t{RUN_ID}_e2e_"
-    cfg = SystemConfig(
-        var=var,
-        certs=certs_dir,
-        ports=ports,
-        db_prefix=db_prefix,
-        amqp_prefix=f"t{RUN_ID}e2e.",
+    async with running_system(
+        tmp_path_factory.mktemp("var"),
+        certs_dir,
+        tag=f"t{RUN_ID}e2e",
+        api_key=API_KEY,
         amqp_url=AMQP_URL,
         redis_url=REDIS_URL,
         pg_base=PG_BASE,
-        api_key=API_KEY,
-        fcm_credentials=credentials,
-    )
-    system = LocalSystem(cfg)
-    try:
-        await system.start_services()
-        await system.start_envoy()
-        handle = E2E(system, cfg, mail, fcm)
+    ) as running:
+        handle = E2E(running.system, running.cfg, running.mail, running.fcm)
         status, body = await handle.api("POST", "/v1/templates", DEMO_TEMPLATE)
         assert status == 200, body
         yield handle
-    finally:
-        await system.stop()
-        await mail.stop()
-        await fcm.stop()
-        for name in ("gateway", "user", "template", "email", "push"):
-            await db.drop_database(f"{PG_BASE}/{db_prefix}{name}")

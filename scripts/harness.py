@@ -1,0 +1,83 @@
+"""The whole system with its two third-party peers in the calling process.
+
+Tests and the benchmark need to see what arrived at the SMTP server and at FCM, so the
+peers (a real aiosmtpd server and the FCM v1 stand-in) run in-process while the five
+services and Envoy run as the same processes ``make run`` starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from notify_kit import db
+from scripts.fcm_fake import FcmFake
+from scripts.mailcatcher import MailCatcher
+from scripts.system import LocalSystem, Ports, SystemConfig
+
+DATABASES = ("gateway", "user", "template", "email", "push")
+
+
+@dataclass
+class Running:
+    """Handles on a running system and its peers."""
+
+    system: LocalSystem
+    cfg: SystemConfig
+    mail: MailCatcher
+    fcm: FcmFake
+
+    @property
+    def base(self) -> str:
+        """Public HTTP base URL (Envoy)."""
+        return f"http://127.0.0.1:{self.cfg.ports.http}"
+
+
+@contextlib.asynccontextmanager
+async def running_system(
+    var: Path,
+    certs: Path,
+    *,
+    tag: str,
+    api_key: str,
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/",
+    redis_url: str = "redis://127.0.0.1:6379/0",
+    pg_base: str = "postgresql://postgres@127.0.0.1:5432",
+    log_level: str = "INFO",
+) -> AsyncIterator[Running]:
+    """Start peers, services and Envoy on free ports; tear it all down with its databases.
+
+    ``tag`` names this instance's databases (``notify_<tag>_*``) and RabbitMQ prefix, so
+    several instances (and ``make run``) can share the backing servers.
+    """
+    ports = Ports.free()
+    mail, fcm = MailCatcher(var / "mail"), FcmFake()
+    await mail.start("127.0.0.1", ports.smtp)
+    await fcm.start("127.0.0.1", ports.fcm)
+    credentials = fcm.write_service_account(var / "service-account.json", f"notify-{tag}")
+    cfg = SystemConfig(
+        var=var,
+        certs=certs,
+        ports=ports,
+        db_prefix=f"notify_{tag}_",
+        amqp_prefix=f"{tag}.",
+        amqp_url=amqp_url,
+        redis_url=redis_url,
+        pg_base=pg_base,
+        api_key=api_key,
+        fcm_credentials=credentials,
+        log_level=log_level,
+    )
+    system = LocalSystem(cfg)
+    try:
+        await system.start_services()
+        await system.start_envoy()
+        yield Running(system, cfg, mail, fcm)
+    finally:
+        await system.stop()
+        await mail.stop()
+        await fcm.stop()
+        for name in DATABASES:
+            await db.drop_database(f"{pg_base}/{cfg.db_prefix}{name}")
