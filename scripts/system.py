@@ -165,11 +165,19 @@ class LocalSystem:
     async def start_services(self, timeout: float = 60.0) -> None:
         """The five services, in dependency order, each waited on via gRPC health."""
         for group in (("user_svc", "template_svc"), ("gateway", "email_worker", "push_worker")):
-            for service in group:
-                await self.spawn(
-                    service, sys.executable, "-m", service, env=service_env(self.cfg, service)
-                )
-            await asyncio.gather(*(self.wait_healthy(s, timeout) for s in group))
+            await asyncio.gather(*(self.start_service(s, timeout) for s in group))
+
+    async def start_service(self, service: str, timeout: float = 60.0) -> None:
+        """Start (or restart) one service and wait until it reports SERVING."""
+        await self.spawn(service, sys.executable, "-m", service, env=service_env(self.cfg, service))
+        await self.wait_healthy(service, timeout)
+
+    async def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one process and wait for it to exit (chaos tests)."""
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        await proc.wait()
 
     async def start_envoy(self, timeout: float = 30.0) -> None:
         """Envoy with the rendered config, waited on until the gateway is healthy behind it."""

@@ -1,0 +1,146 @@
+"""Kill processes mid-stream: a notification that got OK is never lost.
+
+Each test runs its own system (the shared e2e one must not lose processes). A killed
+worker redelivers at most its unacked window (prefetch), and every duplicate is counted.
+The long soak with repeated kills runs nightly (``make nightly``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from scripts.api import DEMO_TEMPLATE
+from scripts.harness import running_system
+from tests.conftest import AMQP_URL, PG_BASE, REDIS_URL, RUN_ID
+from tests.e2e_support import API_KEY, E2E
+
+pytestmark = pytest.mark.timeout(600)
+PREFETCH = 32  # the workers' default NOTIFY_PREFETCH
+
+
+@pytest.fixture
+async def chaos(tmp_path: Path, certs_dir: Path) -> AsyncIterator[E2E]:
+    """A private system that tests may damage."""
+    tag = f"t{RUN_ID}c{uuid.uuid4().hex[:4]}"
+    async with running_system(
+        tmp_path,
+        certs_dir,
+        tag=tag,
+        api_key=API_KEY,
+        amqp_url=AMQP_URL,
+        redis_url=REDIS_URL,
+        pg_base=PG_BASE,
+    ) as running:
+        handle = E2E(running.system, running.cfg, running.mail, running.fcm)
+        status, body = await handle.api("POST", "/v1/templates", DEMO_TEMPLATE)
+        assert status == 200, body
+        yield handle
+
+
+async def _send_many(sys: E2E, user_ids: list[str], count: int) -> tuple[list[str], int]:
+    """Post ``count`` e-mail notifications with 16 clients; (ids answered OK, errors)."""
+    ok: list[str] = []
+    errors = 0
+    todo = iter(range(count))
+    async with aiohttp.ClientSession() as session:
+
+        async def client() -> None:
+            nonlocal errors
+            for i in todo:
+                body: dict[str, Any] = {
+                    "userId": user_ids[i % len(user_ids)],
+                    "templateId": "welcome",
+                    "channels": ["CHANNEL_EMAIL"],
+                    "variables": {"name": f"c{i}"},
+                }
+                try:
+                    async with session.post(
+                        f"{sys.base}/v1/notifications",
+                        json=body,
+                        headers={"x-api-key": API_KEY},
+                        timeout=aiohttp.ClientTimeout(total=20),
+                    ) as resp:
+                        got = await resp.json(content_type=None)
+                        if resp.status == 200:
+                            ok.append(got["notification"]["id"])
+                        else:
+                            errors += 1
+                except (aiohttp.ClientError, TimeoutError):
+                    errors += 1
+
+        await asyncio.gather(*(client() for _ in range(16)))
+    return ok, errors
+
+
+async def _wait_mail_count(sys: E2E, count: int) -> None:
+    await sys.mail.wait_for(count, timeout=120)
+
+
+async def _assert_all_delivered_once_or_within_window(sys: E2E, ids: list[str], kills: int) -> int:
+    """Every id arrives; duplicates stay within the killed workers' windows."""
+    wanted = set(ids)
+
+    def arrived() -> Counter[str]:
+        return Counter(
+            m["X-Notify-Notification-Id"]
+            for m in sys.mail.messages
+            if m["X-Notify-Notification-Id"] in wanted
+        )
+
+    deadline = asyncio.get_running_loop().time() + 180
+    while set(arrived()) != wanted:
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"lost: {len(wanted - set(arrived()))} of {len(wanted)}"
+        )
+        await sys.mail.wait_for(len(sys.mail.messages) + 1, timeout=60)
+    duplicates = sum(arrived().values()) - len(wanted)
+    assert duplicates <= PREFETCH * kills, duplicates
+    for nid in ids[:: max(1, len(ids) // 20)]:  # statuses, sampled
+        final = await sys.settle(nid, timeout=60)
+        assert final["notification"]["status"] == "NOTIFICATION_STATUS_DELIVERED", final
+    return duplicates
+
+
+async def test_killed_email_worker_loses_nothing(chaos: E2E) -> None:
+    users = [await chaos.new_user(devices=0) for _ in range(5)]
+    ids, errors = await _send_many(chaos, users, 300)
+    assert errors == 0 and len(ids) == 300
+    await _wait_mail_count(chaos, 30)  # the worker is mid-stream
+    await chaos.system.kill("email_worker", signal.SIGKILL)
+    await chaos.system.start_service("email_worker")
+    duplicates = await _assert_all_delivered_once_or_within_window(chaos, ids, kills=1)
+    print(f"email worker SIGKILLed mid-stream: 300 delivered, {duplicates} duplicates")
+
+
+async def test_killed_gateway_loses_no_accepted_notification(chaos: E2E) -> None:
+    users = [await chaos.new_user(devices=0) for _ in range(5)]
+    sending = asyncio.ensure_future(_send_many(chaos, users, 300))
+    await _wait_mail_count(chaos, 20)
+    await chaos.system.kill("gateway", signal.SIGKILL)
+    await chaos.system.start_service("gateway")
+    ids, errors = await sending
+    assert len(ids) + errors == 300
+    await _assert_all_delivered_once_or_within_window(chaos, ids, kills=0)
+    print(f"gateway SIGKILLed mid-burst: {len(ids)} accepted and delivered, {errors} refused")
+
+
+@pytest.mark.nightly
+async def test_soak_with_repeated_worker_kills(chaos: E2E) -> None:
+    users = [await chaos.new_user(devices=0) for _ in range(20)]
+    ids, errors = await _send_many(chaos, users, 3000)
+    assert errors == 0
+    for round_ in range(1, 6):
+        await _wait_mail_count(chaos, round_ * 300)
+        await chaos.system.kill("email_worker", signal.SIGKILL)
+        await chaos.system.start_service("email_worker")
+    duplicates = await _assert_all_delivered_once_or_within_window(chaos, ids, kills=5)
+    print(f"soak: 3000 delivered through 5 worker kills, {duplicates} duplicates")
