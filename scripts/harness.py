@@ -12,7 +12,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aio_pika
+
 from notify_kit import db
+from notify_kit.amqp import Topology
 from scripts.fcm_fake import FcmFake
 from scripts.mailcatcher import MailCatcher
 from scripts.system import LocalSystem, Ports, SystemConfig
@@ -81,3 +84,18 @@ async def running_system(
         await fcm.stop()
         for name in DATABASES:
             await db.drop_database(f"{pg_base}/{cfg.db_prefix}{name}")
+        await delete_topology(amqp_url, Topology(prefix=cfg.amqp_prefix))
+
+
+async def delete_topology(amqp_url: str, topology: Topology) -> None:
+    """Delete every queue and the exchange of a throwaway topology.
+
+    Each quorum queue is a Raft group in the broker; thousands of forgotten test queues
+    make a small RabbitMQ unresponsive, so whoever declares a topology deletes it.
+    """
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        for name in topology.all_queues():
+            await channel.queue_delete(name)
+        await channel.exchange_delete(topology.exchange)

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aio_pika
 import pytest
 import redis.asyncio as aioredis
 
@@ -20,6 +19,7 @@ from notify_kit import db
 from notify_kit.amqp import Topology
 from notify_kit.settings import CommonSettings, TlsSettings
 from scripts import gen_certs
+from scripts.harness import delete_topology
 
 RUN_ID = uuid.uuid4().hex[:8]
 PG_BASE = os.environ.get("NOTIFY_PG_DSN_BASE", "postgresql://postgres@127.0.0.1:5432")
@@ -102,12 +102,7 @@ async def topology(amqp_url: str) -> AsyncIterator[Topology]:
     """RabbitMQ names unique to this run; every queue and the exchange deleted at the end."""
     topo = Topology(prefix=f"t{RUN_ID}.", retry_delays_ms=(200, 400, 800, 1600))
     yield topo
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for name in topo.all_queues():
-            await channel.queue_delete(name)
-        await channel.exchange_delete(topo.exchange)
+    await delete_topology(amqp_url, topo)
 
 
 # The whole system as processes behind Envoy, shared by every end-to-end module.

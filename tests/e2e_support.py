@@ -9,6 +9,7 @@ speaking FCM v1 (OAuth token exchange included).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -78,13 +79,13 @@ async def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: f
         await asyncio.sleep(0.1)  # probe interval
 
 
-@pytest.fixture(scope="session")
-async def e2e(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> AsyncIterator[E2E]:
-    """The whole system, started once for the e2e tests and torn down with its data."""
+@contextlib.asynccontextmanager
+async def e2e_system(var: Path, certs: Path, tag: str) -> AsyncIterator[E2E]:
+    """A system on this machine's backing servers, with the demo template created."""
     async with running_system(
-        tmp_path_factory.mktemp("var"),
-        certs_dir,
-        tag=f"t{RUN_ID}e2e",
+        var,
+        certs,
+        tag=tag,
         api_key=API_KEY,
         amqp_url=AMQP_URL,
         redis_url=REDIS_URL,
@@ -93,4 +94,11 @@ async def e2e(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> Asyn
         handle = E2E(running.system, running.cfg, running.mail, running.fcm)
         status, body = await handle.api("POST", "/v1/templates", DEMO_TEMPLATE)
         assert status == 200, body
+        yield handle
+
+
+@pytest.fixture(scope="session")
+async def e2e(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> AsyncIterator[E2E]:
+    """The whole system, started once for the e2e tests and torn down with its data."""
+    async with e2e_system(tmp_path_factory.mktemp("var"), certs_dir, f"t{RUN_ID}e2e") as handle:
         yield handle

@@ -18,10 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from scripts.api import DEMO_TEMPLATE
-from scripts.harness import running_system
-from tests.conftest import AMQP_URL, PG_BASE, REDIS_URL, RUN_ID
-from tests.e2e_support import API_KEY, E2E
+from tests.conftest import RUN_ID
+from tests.e2e_support import API_KEY, E2E, e2e_system
 
 pytestmark = pytest.mark.timeout(600)
 PREFETCH = 32  # the workers' default NOTIFY_PREFETCH
@@ -30,19 +28,7 @@ PREFETCH = 32  # the workers' default NOTIFY_PREFETCH
 @pytest.fixture
 async def chaos(tmp_path: Path, certs_dir: Path) -> AsyncIterator[E2E]:
     """A private system that tests may damage."""
-    tag = f"t{RUN_ID}c{uuid.uuid4().hex[:4]}"
-    async with running_system(
-        tmp_path,
-        certs_dir,
-        tag=tag,
-        api_key=API_KEY,
-        amqp_url=AMQP_URL,
-        redis_url=REDIS_URL,
-        pg_base=PG_BASE,
-    ) as running:
-        handle = E2E(running.system, running.cfg, running.mail, running.fcm)
-        status, body = await handle.api("POST", "/v1/templates", DEMO_TEMPLATE)
-        assert status == 200, body
+    async with e2e_system(tmp_path, certs_dir, f"t{RUN_ID}c{uuid.uuid4().hex[:4]}") as handle:
         yield handle
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -26,7 +27,7 @@ from email_worker.config import Config, SmtpConfig
 from email_worker.sender import InMemorySender, SmtpSender
 from notify_kit.amqp import EMAIL, Topology
 from notify_kit.errors import NotFound
-from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
+from notify_kit.settings import SettingsError, TlsSettings
 from notify_kit.worker import PermanentError, TransientError
 from scripts.mailcatcher import MailCatcher
 from tests import worker_support
@@ -38,10 +39,10 @@ from tests.worker_support import (
     SENDING,
     WAIT,
     Broker,
+    ConfigFields,
     RecordingUsers,
     health_status,
     job_meta,
-    own_topology,
     publish,
     statuses,
 )
@@ -49,6 +50,8 @@ from tests.worker_support import (
 # The shared fixtures, bound here so pytest finds them in this module.
 users = worker_support.users
 upstreams = worker_support.upstreams
+topo = worker_support.own_topology("ew.")
+config_fields = worker_support.config_fields
 broker = worker_support.broker
 start_worker = worker_support.start_worker
 
@@ -96,30 +99,13 @@ async def catcher() -> AsyncIterator[MailCatcher]:
 
 
 @pytest.fixture(scope="module")
-async def topo(topology: Topology, amqp_url: str) -> AsyncIterator[Topology]:
-    """This module's own names under the run's prefix, so its failed queue is its own."""
-    async with own_topology(topology, amqp_url, "ew.") as own:
-        yield own
-
-
-@pytest.fixture(scope="module")
 async def config(
-    common_for: Callable[[str], CommonSettings],
-    database: Callable[[str], Awaitable[str]],
-    amqp_url: str,
-    topo: Topology,
-    upstreams: tuple[int, int],
+    config_fields: Callable[[str], Awaitable[ConfigFields]],
     catcher: MailCatcher,
 ) -> Config:
     return Config(
-        common=common_for("email_worker"),
-        dsn=await database("email_worker"),
-        amqp_url=amqp_url,
-        topology=topo,
-        user_svc_addr=f"127.0.0.1:{upstreams[0]}",
-        template_svc_addr=f"127.0.0.1:{upstreams[1]}",
+        **await config_fields("email_worker"),
         smtp=SmtpConfig(host="127.0.0.1", port=catcher.port, timeout=5.0),
-        prefetch=8,
     )
 
 

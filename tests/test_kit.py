@@ -23,6 +23,7 @@ from notify_kit.logs import JsonFormatter
 from notify_kit.rpc import secure_channel, unary
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings, env_int, env_str
+from scripts.harness import delete_topology
 
 
 async def test_migrations_apply_once_under_concurrent_starts(
@@ -84,8 +85,8 @@ async def test_published_jobs_are_persistent_and_typed(amqp_url: str) -> None:
                 topo.queue(EMAIL), durable=True, arguments={"x-queue-type": "classic"}
             )
     finally:
-        await _delete(connection, topo)
         await connection.close()
+        await delete_topology(amqp_url, topo)
 
 
 async def test_unroutable_publish_is_an_error_not_a_silent_drop(amqp_url: str) -> None:
@@ -100,15 +101,8 @@ async def test_unroutable_publish_is_an_error_not_a_silent_drop(amqp_url: str) -
             )
         assert err.value.reason in {"QUEUE_UNAVAILABLE", "QUEUE_REJECTED"}
     finally:
-        await _delete(connection, topo)
         await connection.close()
-
-
-async def _delete(connection: aio_pika.abc.AbstractRobustConnection, topo: Topology) -> None:
-    channel = await connection.channel()
-    for name in topo.all_queues():
-        await channel.queue_delete(name)
-    await channel.exchange_delete(topo.exchange)
+        await delete_topology(amqp_url, topo)
 
 
 class _SlowUsers(user_service_pb2_grpc.UserServiceServicer):

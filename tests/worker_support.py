@@ -5,9 +5,10 @@ real ``GrpcServer`` (mTLS, access matrix), so the worker tests own every input a
 sees; the end-to-end suite runs the same workers against the real services.
 
 The fixtures here are bound into each worker test module by name (``broker =
-worker_support.broker``), which is how pytest finds them there. They expect the module
-to provide ``templates`` (its TemplateService stand-in), ``topo`` (its own queue names)
-and ``launch`` (how to start its worker with an optional sender).
+worker_support.broker``, ``topo = worker_support.own_topology("ew.")``), which is how
+pytest finds them there. They expect the module to provide ``templates`` (its
+TemplateService stand-in) and ``launch`` (how to start its worker with an optional
+sender).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import aio_pika
 import grpc
@@ -35,6 +35,7 @@ from notify_kit import rpc
 from notify_kit.amqp import JobKind, Publisher, Topology
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, TlsSettings
+from scripts.harness import delete_topology
 
 S = common_pb2.NotificationStatus
 SENDING, DELIVERED = S.NOTIFICATION_STATUS_SENDING, S.NOTIFICATION_STATUS_DELIVERED
@@ -115,6 +116,18 @@ class DeadLetters:
 Broker = tuple[Publisher, DeadLetters]
 
 
+class ConfigFields(TypedDict):
+    """The ``Config`` fields both workers have, pointed at the run's peers and stand-ins."""
+
+    common: CommonSettings
+    dsn: str
+    amqp_url: str
+    topology: Topology
+    user_svc_addr: str
+    template_svc_addr: str
+    prefetch: int
+
+
 class Worker(Protocol):
     """What ``start_worker`` needs of either worker's ``App``."""
 
@@ -159,22 +172,6 @@ async def health_status(port: int, tls: TlsSettings) -> int:
         return status
 
 
-@asynccontextmanager
-async def own_topology(topology: Topology, amqp_url: str, prefix: str) -> AsyncIterator[Topology]:
-    """Names under ``prefix`` within the run's, so a module's failed queue is its own.
-
-    Every queue and the exchange are deleted on the way out.
-    """
-    own = Topology(prefix=f"{topology.prefix}{prefix}", retry_delays_ms=topology.retry_delays_ms)
-    yield own
-    connection = await aio_pika.connect(amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for name in own.all_queues():
-            await channel.queue_delete(name)
-        await channel.exchange_delete(own.exchange)
-
-
 # --- fixtures (bound into each worker test module) ------------------------------------
 
 
@@ -205,6 +202,53 @@ async def upstreams(
     yield ports
     await user_server.stop()
     await template_server.stop()
+
+
+def own_topology(prefix: str) -> object:
+    """A module's ``topo`` fixture: its own queue names, so its failed queue is its own.
+
+    The names go under ``prefix`` within the run's prefix; every queue and the exchange
+    are deleted after the module. Typed ``object`` because pytest needs nothing of it but
+    the name it is bound to in the module.
+    """
+
+    @pytest.fixture(scope="module")
+    async def topo(topology: Topology, amqp_url: str) -> AsyncIterator[Topology]:
+        own = Topology(
+            prefix=f"{topology.prefix}{prefix}", retry_delays_ms=topology.retry_delays_ms
+        )
+        yield own
+        await delete_topology(amqp_url, own)
+
+    return topo
+
+
+@pytest.fixture(scope="module")
+def config_fields(
+    common_for: Callable[[str], CommonSettings],
+    database: Callable[[str], Awaitable[str]],
+    amqp_url: str,
+    topo: Topology,
+    upstreams: tuple[int, int],
+) -> Callable[[str], Awaitable[ConfigFields]]:
+    """Builds the ``Config`` fields both workers have, for ``service``.
+
+    Its certificate, a fresh database, the module's queues and the stand-in upstreams;
+    the module adds its provider's settings.
+    """
+
+    async def make(service: str) -> ConfigFields:
+        return ConfigFields(
+            common=common_for(service),
+            dsn=await database(service),
+            amqp_url=amqp_url,
+            topology=topo,
+            user_svc_addr=f"127.0.0.1:{upstreams[0]}",
+            template_svc_addr=f"127.0.0.1:{upstreams[1]}",
+            prefetch=8,
+        )
+
+    return make
 
 
 @pytest.fixture(scope="module")
