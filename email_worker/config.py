@@ -15,6 +15,7 @@ from notify_kit.settings import (
     env_str,
     postgres_dsn,
 )
+from notify_kit.worker import worker_fields_from_env
 
 SERVICE = "email_worker"
 DEFAULT_PORT = 50054
@@ -70,15 +71,10 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """Read every ``NOTIFY_*`` variable the worker uses, failing fast on bad ones."""
-        source = os.environ if env is None else env
         return cls(
             common=CommonSettings.from_env(SERVICE, DEFAULT_PORT, env),
             dsn=env_str("NOTIFY_EMAIL_WORKER_DSN", postgres_dsn("notify_email", env), env),
-            amqp_url=env_str("NOTIFY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", env),
-            topology=Topology(prefix=source.get("NOTIFY_AMQP_PREFIX", "")),
-            user_svc_addr=env_str("NOTIFY_USER_SVC_ADDR", "127.0.0.1:50052", env),
-            template_svc_addr=env_str("NOTIFY_TEMPLATE_SVC_ADDR", "127.0.0.1:50053", env),
             smtp=SmtpConfig.from_env(env),
             mail_from=env_str("NOTIFY_EMAIL_FROM", "notify <no-reply@notify.localhost>", env),
-            prefetch=env_int("NOTIFY_PREFETCH", 32, env),
+            **worker_fields_from_env(env),
         )

@@ -18,13 +18,10 @@ from notify.v1 import (
 
 from email_worker.mime import MessageError, build_message, check_address, format_address
 from email_worker.sender import EmailSender
-from notify_kit import rpc
 from notify_kit.amqp import EMAIL
-from notify_kit.errors import ServiceError
 from notify_kit.worker import (
-    PERMANENT_UPSTREAM,
     PermanentError,
-    TransientError,
+    render,
 )
 
 log = logging.getLogger(__name__)
@@ -77,21 +74,13 @@ class EmailJobHandler:
         return await self._sender.send(self._envelope_from, [job.to_address], message)
 
     async def _render(self, job: jobs_pb2.EmailJob) -> template_service_pb2.EmailContent:
-        request = template_service_pb2.RenderTemplateRequest(
-            template_id=job.template_id,
-            language=job.language,
-            channel=common_pb2.CHANNEL_EMAIL,
-            variables=job.variables,
+        response = await render(
+            self._templates,
+            job.template_id,
+            job.language,
+            common_pb2.CHANNEL_EMAIL,
+            job.variables,
+            timeout=self._rpc_timeout,
         )
-        try:
-            response = await rpc.unary(
-                self._templates.RenderTemplate, request, timeout=self._rpc_timeout
-            )
-        except PERMANENT_UPSTREAM as exc:
-            raise PermanentError(f"template {job.template_id!r}: {exc.reason}") from exc
-        except ServiceError as exc:
-            raise TransientError(f"template service: {exc.reason}") from exc
-        if not response.HasField("email"):
-            raise PermanentError(f"template {job.template_id!r} has no e-mail content")
         content: template_service_pb2.EmailContent = response.email
         return content

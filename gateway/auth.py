@@ -16,7 +16,7 @@ import grpc
 from gateway.cache import TtlCache
 from gateway.store import ApiKey, KeyStore
 from notify_kit.errors import PermissionDenied, Unauthenticated
-from notify_kit.interceptors import metadata_value
+from notify_kit.interceptors import metadata_value, wrap_unary
 
 API_KEY_HEADER = "x-api-key"
 SEND, READ, ADMIN = "send", "read", "admin"
@@ -93,11 +93,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             _CALLER.set(key)  # each RPC runs in its own task: this stays with the call
             return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wrap_unary(handler, wrapped)
 
 
 def current_api_key() -> ApiKey:

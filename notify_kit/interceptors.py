@@ -45,6 +45,15 @@ def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
+def wrap_unary(handler: grpc.RpcMethodHandler, wrapped: Handler) -> grpc.RpcMethodHandler:
+    """A unary-unary handler that runs ``wrapped`` with the original (de)serializers."""
+    return grpc.unary_unary_rpc_method_handler(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Binds correlation ids, enforces the access policy, maps errors, logs each call."""
 
@@ -97,11 +106,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     },
                 )
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wrap_unary(handler, wrapped)
 
 
 class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import uvloop
 
+from notify_kit.logs import setup_logging
 from notify_kit.server import wait_for_shutdown_signal
+from notify_kit.settings import CommonSettings
+from notify_kit.telemetry import setup_tracing
 
 
 def run(amain: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -21,6 +24,25 @@ async def wait_first(*aws: asyncio.Future[Any] | asyncio.Task[Any]) -> None:
     done, _ = await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         task.result()
+
+
+class HasCommon(Protocol):
+    """A service config: every one carries the shared settings as ``common``."""
+
+    @property
+    def common(self) -> CommonSettings:
+        """Service name, listen address, TLS, log level."""
+
+
+C = TypeVar("C", bound=HasCommon)
+
+
+def main(load: Callable[[], C], start: Callable[[C], Awaitable[Stoppable]]) -> None:
+    """The body of every ``__main__``: config once, logs, tracing, serve until SIGTERM."""
+    config = load()
+    setup_logging(config.common.service, config.common.log_level)
+    setup_tracing(config.common.service)
+    run(lambda: serve_until_signal(start(config)))
 
 
 class Stoppable(Protocol):

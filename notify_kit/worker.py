@@ -23,23 +23,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeAlias, TypeVar
+from typing import Generic, Literal, Protocol, TypeAlias, TypedDict, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
-from notify.v1 import common_pb2, jobs_pb2, user_service_pb2, user_service_pb2_grpc
+from notify.v1 import (
+    common_pb2,
+    jobs_pb2,
+    template_service_pb2,
+    template_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from notify_kit import rpc
 from notify_kit.amqp import FAILED_KEY, JobKind, Publisher, Topology, connect
 from notify_kit.context import new_correlation_id, set_correlation_id
-from notify_kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from notify_kit.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from notify_kit.server import GrpcServer
-from notify_kit.settings import CommonSettings
+from notify_kit.settings import CommonSettings, env_int, env_optional, env_str
 from notify_kit.telemetry import extract_trace_context
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,27 @@ class DeliveryLedger(Protocol):
 
 
 StatusReport = Callable[[str, Status, str, int], Awaitable[None]]
+
+
+class WorkerFields(TypedDict):
+    """The configuration every worker has: broker, topology, upstreams, prefetch."""
+
+    amqp_url: str
+    topology: Topology
+    user_svc_addr: str
+    template_svc_addr: str
+    prefetch: int
+
+
+def worker_fields_from_env(env: Mapping[str, str] | None = None) -> WorkerFields:
+    """Read ``NOTIFY_AMQP_URL``/``_PREFIX``, the upstream addresses and ``NOTIFY_PREFETCH``."""
+    return WorkerFields(
+        amqp_url=env_str("NOTIFY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", env),
+        topology=Topology(prefix=env_optional("NOTIFY_AMQP_PREFIX", env)),
+        user_svc_addr=env_str("NOTIFY_USER_SVC_ADDR", "127.0.0.1:50052", env),
+        template_svc_addr=env_str("NOTIFY_TEMPLATE_SVC_ADDR", "127.0.0.1:50053", env),
+        prefetch=env_int("NOTIFY_PREFETCH", 32, env),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +311,37 @@ async def start_worker(
     return port
 
 
+async def render(
+    templates: template_service_pb2_grpc.TemplateServiceStub,
+    template_id: str,
+    language: str,
+    channel: common_pb2.Channel.ValueType,
+    variables: struct_pb2.Struct,
+    *,
+    timeout: float,
+) -> template_service_pb2.RenderTemplateResponse:
+    """RenderTemplate, with the answer sorted into permanent and transient failures.
+
+    A template that is missing, lacks the channel or a variable will not render on a
+    retry either; a TemplateService that is down or slow might.
+    """
+    request = template_service_pb2.RenderTemplateRequest(
+        template_id=template_id, language=language, channel=channel, variables=variables
+    )
+    try:
+        response: template_service_pb2.RenderTemplateResponse = await rpc.unary(
+            templates.RenderTemplate, request, timeout=timeout
+        )
+    except PERMANENT_UPSTREAM as exc:
+        raise PermanentError(f"template {template_id!r}: {exc.reason}") from exc
+    except ServiceError as exc:
+        raise TransientError(f"template service: {exc.reason}") from exc
+    field: Literal["email", "push"] = "email" if channel == common_pb2.CHANNEL_EMAIL else "push"
+    if not response.HasField(field):
+        raise PermanentError(f"template {template_id!r} has no {field} content")
+    return response
+
+
 def status_reporter(
     users: user_service_pb2_grpc.UserServiceStub,
     channel: common_pb2.Channel.ValueType,
@@ -324,6 +383,7 @@ __all__ = [
     "RunnerSettings",
     "StatusReport",
     "TransientError",
+    "render",
     "start_worker",
     "status_reporter",
 ]

@@ -1,19 +1,11 @@
-"""``python -m push_worker``: read the config, set up logs and tracing, run until SIGTERM."""
+"""``python -m push_worker``: consumes push.queue and sends through FCM.
+
+Configured by ``NOTIFY_*`` environment variables (see its ``config.py``).
+"""
 
 from notify_kit import runtime
-from notify_kit.logs import setup_logging
-from notify_kit.telemetry import setup_tracing
 from push_worker.app import App
-from push_worker.config import SERVICE, Config
-
-
-def main() -> None:
-    """Read config, set up logs and tracing, serve until SIGTERM."""
-    config = Config.from_env()
-    setup_logging(SERVICE, config.common.log_level)
-    setup_tracing(SERVICE)
-    runtime.run(lambda: runtime.serve_until_signal(App.start(config)))
-
+from push_worker.config import Config
 
 if __name__ == "__main__":
-    main()
+    runtime.main(Config.from_env, App.start)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,10 @@ from notify_kit.settings import (
     CommonSettings,
     SettingsError,
     env_float,
-    env_int,
     env_str,
     postgres_dsn,
 )
+from notify_kit.worker import worker_fields_from_env
 
 SERVICE = "push_worker"
 DEFAULT_PORT = 50055
@@ -63,14 +62,9 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """Read every ``NOTIFY_*`` variable the worker uses, failing fast on bad ones."""
-        source = os.environ if env is None else env
         return cls(
             common=CommonSettings.from_env(SERVICE, DEFAULT_PORT, env),
             dsn=env_str("NOTIFY_PUSH_WORKER_DSN", postgres_dsn("notify_push", env), env),
-            amqp_url=env_str("NOTIFY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", env),
-            topology=Topology(prefix=source.get("NOTIFY_AMQP_PREFIX", "")),
-            user_svc_addr=env_str("NOTIFY_USER_SVC_ADDR", "127.0.0.1:50052", env),
-            template_svc_addr=env_str("NOTIFY_TEMPLATE_SVC_ADDR", "127.0.0.1:50053", env),
             fcm=FcmConfig.from_env(env),
-            prefetch=env_int("NOTIFY_PREFETCH", 32, env),
+            **worker_fields_from_env(env),
         )

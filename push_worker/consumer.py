@@ -21,9 +21,9 @@ from notify_kit import rpc
 from notify_kit.amqp import PUSH
 from notify_kit.errors import ServiceError
 from notify_kit.worker import (
-    PERMANENT_UPSTREAM,
     PermanentError,
     TransientError,
+    render,
 )
 from push_worker.sender import Outcome, PushResult, PushSender
 
@@ -72,22 +72,14 @@ class PushJobHandler:
         return _judge(result)
 
     async def _render(self, job: jobs_pb2.PushJob) -> template_service_pb2.PushContent:
-        request = template_service_pb2.RenderTemplateRequest(
-            template_id=job.template_id,
-            language=job.language,
-            channel=common_pb2.CHANNEL_PUSH,
-            variables=job.variables,
+        response = await render(
+            self._templates,
+            job.template_id,
+            job.language,
+            common_pb2.CHANNEL_PUSH,
+            job.variables,
+            timeout=self._rpc_timeout,
         )
-        try:
-            response = await rpc.unary(
-                self._templates.RenderTemplate, request, timeout=self._rpc_timeout
-            )
-        except PERMANENT_UPSTREAM as exc:
-            raise PermanentError(f"template {job.template_id!r}: {exc.reason}") from exc
-        except ServiceError as exc:
-            raise TransientError(f"template service: {exc.reason}") from exc
-        if not response.HasField("push"):
-            raise PermanentError(f"template {job.template_id!r} has no push content")
         content: template_service_pb2.PushContent = response.push
         return content
 

@@ -1,21 +1,11 @@
-"""Run the template service: ``python -m template_svc``."""
+"""``python -m template_svc``: TemplateService (templates, versions, rendering).
 
-from __future__ import annotations
+Configured by ``NOTIFY_*`` environment variables (see its ``config.py``).
+"""
 
 from notify_kit import runtime
-from notify_kit.logs import setup_logging
-from notify_kit.telemetry import setup_tracing
 from template_svc.app import App
-from template_svc.config import SERVICE, Config
-
-
-def main() -> None:
-    """Read the config, set up logs and traces, serve until SIGTERM."""
-    config = Config.from_env()
-    setup_logging(SERVICE, config.common.log_level)
-    setup_tracing(SERVICE)
-    runtime.run(lambda: runtime.serve_until_signal(App.start(config)))
-
+from template_svc.config import Config
 
 if __name__ == "__main__":
-    main()
+    runtime.main(Config.from_env, App.start)

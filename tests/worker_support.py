@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol, TypedDict
+from typing import Protocol
 
 import aio_pika
 import grpc
@@ -35,6 +35,7 @@ from notify_kit import rpc
 from notify_kit.amqp import JobKind, Publisher, Topology
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, TlsSettings
+from notify_kit.worker import WorkerFields
 from scripts.harness import delete_topology
 
 S = common_pb2.NotificationStatus
@@ -116,16 +117,11 @@ class DeadLetters:
 Broker = tuple[Publisher, DeadLetters]
 
 
-class ConfigFields(TypedDict):
+class ConfigFields(WorkerFields):
     """The ``Config`` fields both workers have, pointed at the run's peers and stand-ins."""
 
     common: CommonSettings
     dsn: str
-    amqp_url: str
-    topology: Topology
-    user_svc_addr: str
-    template_svc_addr: str
-    prefetch: int
 
 
 class Worker(Protocol):
