@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from notify_kit.errors import PermissionDenied, Unauthenticated
 
-_OPEN_TO_MESH = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_TO_MESH = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _WORKER_CALLS = (
     "/notify.v1.TemplateService/RenderTemplate",
     "/notify.v1.UserService/UpdateDeliveryStatus",
@@ -62,7 +62,7 @@ class AccessPolicy:
         """Raise unless ``caller`` may call ``method`` on this server."""
         if not caller:
             raise Unauthenticated("NO_PEER_IDENTITY", "a client certificate is required")
-        if method.startswith(_OPEN_TO_MESH):
+        if method.startswith(OPEN_TO_MESH):
             return
         allowed = self.rules.get(caller, ())
         if not method.startswith(allowed) or not allowed:

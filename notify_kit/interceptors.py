@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from notify_kit.acl import AccessPolicy
+from notify_kit.acl import OPEN_TO_MESH, AccessPolicy
 from notify_kit.context import (
     CORRELATION_HEADER,
     get_correlation_id,
@@ -65,11 +65,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        """Wrap unary-unary handlers; streaming ones (reflection, Watch) pass through."""
+        """Wrap unary-unary handlers; only health and reflection may stream."""
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
         method: str = handler_call_details.method
+        if handler is None:
+            return handler
+        if handler.unary_unary is None:
+            # Streaming handlers cannot be wrapped like unary ones; the mesh only streams
+            # health Watch and reflection, so anything else is refused (UNIMPLEMENTED)
+            # rather than served past the access matrix.
+            if method.startswith(OPEN_TO_MESH):
+                return handler
+            log.warning(
+                "streaming method refused: not covered by the access matrix",
+                extra={"method": method},
+            )
+            return None
         inner: Handler = handler.unary_unary
         policy = self._policy
 
