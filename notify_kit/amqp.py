@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # Delay before attempt N+1, in milliseconds (attempt 1 failed -> wait 2 s, ...).
 RETRY_DELAYS_MS = (2_000, 10_000, 30_000, 120_000)
+DELIVERY_LIMIT = 200
 _QUORUM: FieldTable = {"x-queue-type": "quorum"}
 
 
@@ -100,7 +101,21 @@ class Topology:
         failed = await channel.declare_queue(self.failed_queue, durable=True, arguments=_QUORUM)
         await failed.bind(exchange, FAILED_KEY)
         for kind in KINDS:
-            queue = await channel.declare_queue(self.queue(kind), durable=True, arguments=_QUORUM)
+            queue = await channel.declare_queue(
+                self.queue(kind),
+                durable=True,
+                arguments={
+                    **_QUORUM,
+                    # A message redelivered this often is poison (it crashes or hangs
+                    # every worker): park it in failed.queue rather than loop forever or,
+                    # on RabbitMQ 4's default limit, be dropped.
+                    "x-delivery-limit": DELIVERY_LIMIT,
+                    "x-dead-letter-exchange": self.exchange,
+                    "x-dead-letter-routing-key": FAILED_KEY,
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                },
+            )
             await queue.bind(exchange, kind.key)
             for attempt, delay in enumerate(self.retry_delays_ms, start=1):
                 await channel.declare_queue(

@@ -20,9 +20,12 @@ from notify_kit.worker import Status
 
 _STATUS_PREFIX = "NOTIFICATION_STATUS_"
 
-SELECT_DELIVERED = """
-SELECT detail FROM delivery_logs
-WHERE notification_id = $1 AND status = 'DELIVERED'
+SELECT_OUTCOME = """
+SELECT status, detail FROM delivery_logs
+WHERE notification_id = $1
+  AND (status = 'DELIVERED' OR (attempt = $2 AND status IN ('RETRYING', 'FAILED', 'EXPIRED')))
+ORDER BY (status = 'DELIVERED') DESC, id DESC
+LIMIT 1
 """
 
 INSERT_ATTEMPT = """
@@ -63,13 +66,16 @@ class DeliveryLog:
         self._pool = pool
         self._timeout = timeout
 
-    async def delivered(self, notification_id: str) -> str | None:
-        """The detail of the notification's DELIVERED row, if it has one."""
+    async def outcome(self, notification_id: str, attempt: int) -> tuple[Status, str] | None:
+        """DELIVERED by any attempt, else the recorded outcome of ``attempt``, if any."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            detail: str | None = await conn.fetchval(
-                SELECT_DELIVERED, notification_id, timeout=self._timeout
+            row = await conn.fetchrow(
+                SELECT_OUTCOME, notification_id, attempt, timeout=self._timeout
             )
-        return detail
+        if row is None:
+            return None
+        status: Status = common_pb2.NotificationStatus.Value(_STATUS_PREFIX + row["status"])
+        return status, row["detail"]
 
     async def record(self, notification_id: str, attempt: int, status: Status, detail: str) -> None:
         """Append an attempt; a second DELIVERED row for the same notification is ignored."""

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeAlias, TypedDict, TypeVar
 
+import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
@@ -90,8 +91,13 @@ class JobHandler(Protocol[J]):
 class DeliveryLedger(Protocol):
     """The worker's delivery log: the record that makes redeliveries harmless."""
 
-    async def delivered(self, notification_id: str) -> str | None:
-        """The detail of an earlier successful delivery of this notification, if any."""
+    async def outcome(self, notification_id: str, attempt: int) -> tuple[Status, str] | None:
+        """An outcome already recorded: DELIVERED by any attempt, or that of ``attempt``.
+
+        With it, a redelivered job (the worker died, or a report failed after the
+        outcome was recorded) is re-reported instead of being sent, retried or
+        dead-lettered a second time.
+        """
 
     async def record(self, notification_id: str, attempt: int, status: Status, detail: str) -> None:
         """Append one attempt's outcome (DELIVERED, RETRYING, FAILED, EXPIRED)."""
@@ -126,7 +132,9 @@ class RunnerSettings:
     """How many jobs one process holds at once, and how long it may take to stop."""
 
     prefetch: int = 32
-    unexpected_error_backoff: float = 1.0
+    unexpected_error_backoff: float = 0.5
+    max_backoff: float = 30.0
+    stop_timeout: float = 10.0
 
 
 class JobRunner(Generic[J]):
@@ -153,6 +161,7 @@ class JobRunner(Generic[J]):
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._tracer = trace.get_tracer(__name__)
+        self._failures = 0
 
     async def start(self) -> None:
         """Open a channel with bounded prefetch and start consuming."""
@@ -163,22 +172,31 @@ class JobRunner(Generic[J]):
         self._tag = await self._queue.consume(self._on_message)
 
     async def stop(self) -> None:
-        """Stop taking jobs, let those in hand finish (their acks still go out)."""
+        """Stop taking jobs, let those in hand finish (their acks still go out).
+
+        Bounded: with the broker unreachable the cancel would wait for a reconnect and
+        the jobs could not ack anyway; they are redelivered to another worker.
+        """
+        timeout = self._settings.stop_timeout
         if self._queue is not None and self._tag is not None:
-            await self._queue.cancel(self._tag)
+            try:
+                await asyncio.wait_for(self._queue.cancel(self._tag), timeout)
+            except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError):
+                log.warning("could not cancel the consumer cleanly; stopping anyway")
             self._tag = None
         if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+            _, pending = await asyncio.wait(self._inflight, timeout=timeout)
+            for task in pending:
+                task.cancel()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)
         try:
-            await self._process(message)
-        except Exception:
-            log.exception("job failed unexpectedly; requeued")
-            await asyncio.sleep(self._settings.unexpected_error_backoff)
+            # A failure was logged and paused for in _process; the message is requeued.
+            with contextlib.suppress(Exception):
+                await self._process(message)
         finally:
             if task is not None:
                 self._inflight.discard(task)
@@ -186,27 +204,44 @@ class JobRunner(Generic[J]):
     async def _process(self, message: AbstractIncomingMessage) -> None:
         async with message.process(requeue=True, ignore_processed=True):
             try:
-                job = self._handler.decode(message.body)
-            except DecodeError:
-                set_correlation_id(message.correlation_id or new_correlation_id())
-                log.error("undecodable job moved to the failed queue")
-                await self._dead_letter(message.body, message.message_id or "", 0, "undecodable")
-                return
-            meta = job.meta
-            set_correlation_id(meta.correlation_id or new_correlation_id())
-            token = otel_context.attach(extract_trace_context(meta.trace_context))
-            try:
-                with self._tracer.start_as_current_span(f"{self._handler.kind.key} job"):
-                    await self._run(job, meta)
-            finally:
-                otel_context.detach(token)
+                await self._handle(message)
+                self._failures = 0
+            except Exception:
+                # A bug or a dependency down while recording: requeue, but only after a
+                # pause that grows while failures continue, so a UserService outage
+                # does not spin the queue (the pause runs before the reject).
+                self._failures += 1
+                pause = min(
+                    self._settings.max_backoff,
+                    self._settings.unexpected_error_backoff * 2 ** min(self._failures, 16),
+                )
+                log.exception("job failed unexpectedly; requeued in %.1fs", pause)
+                await asyncio.sleep(pause)
+                raise
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            job = self._handler.decode(message.body)
+        except DecodeError:
+            set_correlation_id(message.correlation_id or new_correlation_id())
+            log.error("undecodable job moved to the failed queue")
+            await self._dead_letter(message.body, message.message_id or "", 0, "undecodable")
+            return
+        meta = job.meta
+        set_correlation_id(meta.correlation_id or new_correlation_id())
+        token = otel_context.attach(extract_trace_context(meta.trace_context))
+        try:
+            with self._tracer.start_as_current_span(f"{self._handler.kind.key} job"):
+                await self._run(job, meta)
+        finally:
+            otel_context.detach(token)
 
     async def _run(self, job: J, meta: jobs_pb2.JobMeta) -> None:
         nid, attempt = meta.notification_id, meta.attempt or 1
-        earlier = await self._ledger.delivered(nid)
+        earlier = await self._ledger.outcome(nid, attempt)
         if earlier is not None:
-            log.info("duplicate job skipped", extra={"notification_id": nid})
-            await self._report(nid, DELIVERED, earlier, attempt)
+            log.info("outcome already recorded; re-reported", extra={"notification_id": nid})
+            await self._report(nid, earlier[0], earlier[1], attempt)
             return
         if meta.HasField("expire_time") and _past(meta.expire_time):
             await self._ledger.record(nid, attempt, EXPIRED, "expired before sending")

@@ -246,6 +246,25 @@ async def test_smtp_rejection_fails_permanently(
     assert [a.status for a in history] == ["FAILED"]
 
 
+async def test_failed_report_after_dead_lettering_does_not_send_or_dead_letter_again(
+    start_worker: Callable[..., Awaitable[App]],
+    broker: Broker,
+    users: RecordingUsers,
+) -> None:
+    app = await start_worker()
+    job = email_job(to="reject-twice@example.com")
+    nid = job.meta.notification_id
+    users.refuse[FAILED] = 2  # UserService fails the FAILED report twice: redelivered twice
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
+
+    updates = await users.wait_status(nid, FAILED)
+    assert statuses(updates) == [SENDING, FAILED]
+    await broker[1].wait_for(nid)
+    assert broker[1].counts[nid] == 1
+    assert [a.status for a in await app.store.history(nid)] == ["FAILED"]
+    assert users.refuse[FAILED] == 0  # both refusals happened
+
+
 async def test_unknown_template_fails_permanently(
     start_worker: Callable[..., Awaitable[App]],
     broker: Broker,

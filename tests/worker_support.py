@@ -33,6 +33,7 @@ from notify.v1 import (
 
 from notify_kit import rpc
 from notify_kit.amqp import JobKind, Publisher, Topology
+from notify_kit.errors import Aborted
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, TlsSettings
 from notify_kit.worker import WorkerFields
@@ -54,6 +55,7 @@ class RecordingUsers(user_service_pb2_grpc.UserServiceServicer):
     def __init__(self) -> None:
         self.updates: list[user_service_pb2.UpdateDeliveryStatusRequest] = []
         self.removed: list[tuple[str, str]] = []
+        self.refuse: dict[int, int] = {}  # status -> how many reports of it to refuse
         self._changed = asyncio.Condition()
 
     async def UpdateDeliveryStatus(
@@ -61,6 +63,9 @@ class RecordingUsers(user_service_pb2_grpc.UserServiceServicer):
         request: user_service_pb2.UpdateDeliveryStatusRequest,
         context: grpc.aio.ServicerContext,
     ) -> user_service_pb2.UpdateDeliveryStatusResponse:
+        if self.refuse.get(request.status, 0) > 0:
+            self.refuse[request.status] -= 1
+            raise Aborted("DB_DOWN", "simulated failure while reporting (not retried by gRPC)")
         async with self._changed:
             self.updates.append(request)
             self._changed.notify_all()
@@ -100,11 +105,14 @@ class DeadLetters:
 
     def __init__(self) -> None:
         self.by_id: dict[str, AbstractIncomingMessage] = {}
+        self.counts: dict[str, int] = {}
         self._arrived = asyncio.Condition()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         async with message.process(), self._arrived:
             self.by_id[message.message_id or ""] = message
+            key = message.message_id or ""
+            self.counts[key] = self.counts.get(key, 0) + 1
             self._arrived.notify_all()
 
     async def wait_for(self, message_id: str) -> AbstractIncomingMessage:
