@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 _NAMESPACE = uuid.UUID("6f1c1c9e-4d0b-4f43-9a57-8f3e1f9d2a10")
-_TEMPLATE_ID = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_LANGUAGE = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+_TEMPLATE_ID = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_LANGUAGE = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*")
+# The canonical form only: uuid.UUID() also takes "{...}", "urn:uuid:..." and no dashes.
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 _MIN_TTL, _MAX_TTL, _DEFAULT_TTL = 60, 7 * 24 * 3600, 24 * 3600
 _MAX_VARIABLES_BYTES = 32 * 1024
 
@@ -51,17 +53,15 @@ CHANNEL_KINDS: dict[int, JobKind] = {S.CHANNEL_EMAIL: EMAIL, S.CHANNEL_PUSH: PUS
 
 def _validate(req: notification_service_pb2.SendNotificationRequest, key: str) -> None:
     problems: list[tuple[str, str]] = []
-    try:
-        uuid.UUID(req.user_id)
-    except ValueError:
+    if not _UUID.fullmatch(req.user_id):
         problems.append(("user_id", "required; a user id (UUID)"))
-    if not _TEMPLATE_ID.match(req.template_id):
+    if not _TEMPLATE_ID.fullmatch(req.template_id):
         problems.append(("template_id", "required; 1-63 of a-z, 0-9, '-', '_'"))
     if len(set(req.channels)) != len(req.channels):
         problems.append(("channels", "each channel at most once"))
     if any(c not in CHANNEL_KINDS for c in req.channels):
         problems.append(("channels", "only CHANNEL_EMAIL and CHANNEL_PUSH"))
-    if req.language and not _LANGUAGE.match(req.language):
+    if req.language and not _LANGUAGE.fullmatch(req.language):
         problems.append(("language", "a BCP 47 language tag such as 'en' or 'fr-CA'"))
     if req.HasField("ttl") and not _MIN_TTL <= req.ttl.seconds <= _MAX_TTL:
         problems.append(("ttl", "between 60s and 604800s"))
@@ -136,7 +136,10 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         claim = await self._idempotency.claim(api_key.id, key, fingerprint)
         if claim.response is not None:
             return notification_service_pb2.SendNotificationResponse.FromString(claim.response)
-        notification_id = str(uuid.uuid5(_NAMESPACE, f"{api_key.id}:{key}"))
+        # The body's fingerprint is part of the name: reusing a key for another request
+        # once the idempotency record is gone (24 h, or a Redis loss) makes a new
+        # notification instead of silently answering with the old one.
+        notification_id = str(uuid.uuid5(_NAMESPACE, f"{api_key.id}:{key}:{fingerprint.hex()}"))
         try:
             response = await self._send(request, notification_id, key, timeout)
         except BaseException:

@@ -8,12 +8,15 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from notify_kit.errors import Unavailable
+
 _FIND_KEY = """
 SELECT id, name, scopes FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL
 """
-_UPSERT_KEY = """
+# A revoked key stays revoked: re-running with the same bootstrap key does not revive it.
+_INSERT_KEY = """
 INSERT INTO api_keys (id, name, key_hash, scopes) VALUES ($1, $2, $3, $4)
-ON CONFLICT (key_hash) DO UPDATE SET scopes = EXCLUDED.scopes, revoked_at = NULL
+ON CONFLICT (key_hash) DO NOTHING
 """
 
 
@@ -39,14 +42,18 @@ class KeyStore:
         self._timeout = timeout
 
     async def find(self, raw: str) -> ApiKey | None:
-        """The active key whose hash matches ``raw``."""
-        row = await self._pool.fetchrow(_FIND_KEY, hash_key(raw), timeout=self._timeout)
+        """The active key whose hash matches ``raw``; ``Unavailable`` if the DB is not."""
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                row = await conn.fetchrow(_FIND_KEY, hash_key(raw), timeout=self._timeout)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise Unavailable("AUTH_STORE_UNAVAILABLE", "cannot check API keys now") from exc
         if row is None:
             return None
         return ApiKey(id=str(row["id"]), name=row["name"], scopes=frozenset(row["scopes"]))
 
     async def ensure(self, raw: str, name: str, scopes: frozenset[str]) -> None:
-        """Create (or re-activate) a key with exactly ``scopes``."""
+        """Create a key with ``scopes`` unless it exists (revoked or not)."""
         await self._pool.execute(
-            _UPSERT_KEY, uuid.uuid4(), name, hash_key(raw), sorted(scopes), timeout=self._timeout
+            _INSERT_KEY, uuid.uuid4(), name, hash_key(raw), sorted(scopes), timeout=self._timeout
         )

@@ -17,6 +17,8 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 _MIGRATION = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_MIGRATION_TIMEOUT_S = 300
+_MIGRATION_TIMEOUT_MS = _MIGRATION_TIMEOUT_S * 1000
 _LOCK_KEY = 0x6E6F74  # "not": one advisory lock id per database is enough
 _CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -109,7 +111,10 @@ async def migrate(pool: asyncpg.Pool, directory: Path) -> list[str]:
     """Apply pending migrations from ``directory``; return the names applied."""
     applied: list[str] = []
     async with pool.acquire(timeout=10) as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY, timeout=60)
+        # The pool's statement_timeout (seconds) is for requests; waiting for another
+        # replica's migrations and running long DDL need their own bound.
+        await conn.execute(f"SET statement_timeout = {_MIGRATION_TIMEOUT_MS}")
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY, timeout=_MIGRATION_TIMEOUT_S)
         try:
             await conn.execute(_CREATE_LEDGER)
             done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
@@ -117,7 +122,7 @@ async def migrate(pool: asyncpg.Pool, directory: Path) -> list[str]:
                 if version in done:
                     continue
                 async with conn.transaction():
-                    await conn.execute(path.read_text(), timeout=60)
+                    await conn.execute(path.read_text(), timeout=_MIGRATION_TIMEOUT_S)
                     await conn.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                         version,
@@ -127,4 +132,5 @@ async def migrate(pool: asyncpg.Pool, directory: Path) -> list[str]:
                 log.info("migration applied", extra={"migration": path.name})
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+            await conn.execute("RESET statement_timeout")
     return applied

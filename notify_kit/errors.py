@@ -146,16 +146,29 @@ def to_status(err: ServiceError) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=details))
 
 
-def error_info(metadata: Iterable[tuple[str, str | bytes]] | None) -> error_details_pb2.ErrorInfo:
-    """Extract the ErrorInfo from trailing metadata (an empty one when absent)."""
+def _details(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[any_pb2.Any]:
     for key, value in metadata or ():
         if key == _DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                found = error_details_pb2.ErrorInfo()
-                if detail.Unpack(found):
-                    return found
+            return list(status_pb2.Status.FromString(value).details)
+    return []
+
+
+def error_info(metadata: Iterable[tuple[str, str | bytes]] | None) -> error_details_pb2.ErrorInfo:
+    """Extract the ErrorInfo from trailing metadata (an empty one when absent)."""
+    for detail in _details(metadata):
+        found = error_details_pb2.ErrorInfo()
+        if detail.Unpack(found):
+            return found
     return error_details_pb2.ErrorInfo()
+
+
+def field_violations(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[tuple[str, str]]:
+    """The BadRequest field violations in trailing metadata, if any."""
+    for detail in _details(metadata):
+        found = error_details_pb2.BadRequest()
+        if detail.Unpack(found):
+            return [(v.field, v.description) for v in found.field_violations]
+    return []
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> ServiceError:
@@ -164,9 +177,15 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> ServiceError:
     cls = _BY_CODE.get(code, Internal)
     if code == grpc.StatusCode.CANCELLED:
         cls = Unavailable
-    info = error_info(exc.trailing_metadata())
+    trailing = exc.trailing_metadata()
+    info = error_info(trailing)
     reason = info.reason or f"UPSTREAM_{code.name}"
-    return cls(reason, exc.details() or code.name, metadata=dict(info.metadata))
+    return cls(
+        reason,
+        exc.details() or code.name,
+        metadata=dict(info.metadata),
+        field_violations=field_violations(trailing),
+    )
 
 
 def status_code_number(code: grpc.StatusCode) -> int:

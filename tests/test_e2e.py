@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.store import KeyStore
 from notify_kit import db
@@ -93,6 +94,8 @@ def _reason(body: Any) -> str:
         ('{"userId": 5, "channels": "x"}', 400, 3, ""),  # wrong field types
         ('{"templateId": "welcome"}', 400, 3, "INVALID_REQUEST"),  # missing user
         ('{"userId": "%s"}', 400, 3, "INVALID_REQUEST"),  # missing template
+        ('{"userId": "{%s}", "templateId": "welcome"}', 400, 3, "INVALID_REQUEST"),
+        ('{"userId": "%s", "templateId": "welcome\\n"}', 400, 3, "INVALID_REQUEST"),
         (
             '{"userId": "%s", "templateId": "welcome", "channels": ["CHANNEL_UNSPECIFIED"]}',
             400,
@@ -176,6 +179,17 @@ async def test_idempotent_send(e2e: E2E) -> None:
     await e2e.settle(first[1]["notification"]["id"])
     status, listed = await e2e.api("GET", f"/v1/users/{user_id}/notifications")
     assert status == 200 and len(listed["notifications"]) == 1
+    # Once the idempotency record is gone (TTL, Redis loss), the same key with another
+    # body is a new notification, never the old answer.
+    redis = aioredis.from_url(e2e.cfg.redis_url)
+    try:
+        async for name in redis.scan_iter(match=f"notify:idem:*:{key}"):
+            await redis.delete(name)
+    finally:
+        await redis.aclose()
+    later = await e2e.api("POST", "/v1/notifications", {**body, "variables": {"name": "Later"}})
+    assert later[0] == 200, later
+    assert later[1]["notification"]["id"] != first[1]["notification"]["id"]
     mails = [
         m
         for m in e2e.mail.messages

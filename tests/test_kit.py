@@ -18,7 +18,13 @@ from notify.v1 import user_service_pb2, user_service_pb2_grpc
 from notify_kit import db
 from notify_kit.amqp import EMAIL, Publisher, Topology
 from notify_kit.context import set_correlation_id
-from notify_kit.errors import NotFound, Unavailable, error_info, from_rpc_error
+from notify_kit.errors import (
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    error_info,
+    from_rpc_error,
+)
 from notify_kit.logs import JsonFormatter
 from notify_kit.rpc import secure_channel, unary
 from notify_kit.server import GrpcServer
@@ -41,6 +47,20 @@ async def test_migrations_apply_once_under_concurrent_starts(
     finally:
         for pool in pools:
             await db.close_pool(pool)
+
+
+async def test_migrations_are_not_bound_by_the_request_statement_timeout(
+    database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    (tmp_path / "001_slow.sql").write_text("SELECT pg_sleep(1);")
+    pool = await db.create_pool(
+        await database("kit_slow"), application="t", statement_timeout_ms=300
+    )
+    try:
+        assert await db.migrate(pool, tmp_path) == ["001_slow.sql"]
+        assert await pool.fetchval("SHOW statement_timeout") == "300ms"  # reset after
+    finally:
+        await db.close_pool(pool)
 
 
 async def test_badly_named_migration_is_refused(
@@ -117,6 +137,8 @@ class _SlowUsers(user_service_pb2_grpc.UserServiceServicer):
         await self.release.wait()
         if request.id == "missing":
             raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": request.id})
+        if request.id == "bad":
+            raise InvalidArgument("INVALID_ID", "bad id", field_violations=[("id", "a UUID")])
         return user_service_pb2.GetUserResponse(user=user_service_pb2.User(id=request.id))
 
 
@@ -176,6 +198,11 @@ async def test_errors_travel_with_their_reason_and_metadata(
             )
             mapped = from_rpc_error(raw.value)
             assert isinstance(mapped, NotFound) and mapped.reason == "USER_NOT_FOUND"
+            with pytest.raises(grpc.aio.AioRpcError) as raw:
+                await stub.GetUser(user_service_pb2.GetUserRequest(id="bad"), timeout=5)
+            mapped = from_rpc_error(raw.value)  # field details survive a hop
+            assert isinstance(mapped, InvalidArgument)
+            assert mapped.field_violations == [("id", "a UUID")]
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
