@@ -50,7 +50,7 @@ def check_template_id(value: str, path: str) -> Violations:
 def new_template(message: template_service_pb2.Template) -> tuple[str, list[Content]]:
     """Validate a template to create; return its default language and contents."""
     violations = check_template_id(message.id, "template.id")
-    violations += _check_size(message.description, "template.description")
+    violations += _check_text(message.description, "template.description")
     contents, found = parse_contents(message.contents, "template.contents")
     violations += found
     default, found = _default_language(
@@ -125,14 +125,18 @@ def _take(
         if required:
             violations.append((f"{at}.{name}", "required"))
         return
-    violations += _check_size(value, f"{at}.{name}")
+    violations += _check_text(value, f"{at}.{name}")
     fields[name] = value
 
 
-def _check_size(value: str, path: str) -> Violations:
+def _check_text(value: str, path: str) -> Violations:
+    """Problems with a stored text: its size, and NUL, which PostgreSQL text cannot hold."""
+    violations: Violations = []
     if len(value.encode()) > MAX_FIELD_BYTES:
-        return [(path, f"at most {MAX_FIELD_BYTES} bytes")]
-    return []
+        violations.append((path, f"at most {MAX_FIELD_BYTES} bytes"))
+    if "\x00" in value:
+        violations.append((path, "must not contain NUL characters"))
+    return violations
 
 
 def _default_language(

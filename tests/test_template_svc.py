@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,10 +19,12 @@ from notify.v1 import common_pb2, template_service_pb2, template_service_pb2_grp
 from notify_kit.errors import error_info
 from notify_kit.rpc import secure_channel
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
+from template_svc import sandbox
 from template_svc.app import App
 from template_svc.cache import LruCache
 from template_svc.config import Config
 from template_svc.model import pick_language
+from template_svc.renderer import _THREADS
 
 if TYPE_CHECKING:
     from notify.v1.template_service_pb2_grpc import TemplateServiceAsyncStub as Stub
@@ -305,6 +309,30 @@ async def test_syntax_error_is_rejected_with_field_path(admin: Stub) -> None:
         "{{ ''.__class__ }}",
         "{{ 'a' * 100000000 }}",
         "{{ 2 ** 100000 }}",
+        # Each builds far more than _MAX_REPEAT_LENGTH in one step. Assigned, not printed,
+        # so that only the size checks (not the output budget) can refuse them.
+        "{% set _ = 'x'|center(50000000) %}",
+        "{% set _ = '%50000000s'|format('x') %}",
+        "{% set _ = ('x' * 1000)|replace('x', 'y' * 10000) %}",
+        "{% set _ = '{:>50000000}'.format('x') %}",
+        "{% set _ = 'x'.ljust(50000000) %}",
+        "{% set _ = ('\\n' * 1000)|indent(10000) %}",
+        "{% set _ = ([''] * 10000)|join('y' * 1000) %}",
+        "{% set _ = ('a ' * 1000)|wordwrap(1, wrapstring='y' * 10000) %}",
+        "{% set _ = ([1] * 100000)|tojson(100) %}",
+        "{% set _ = ([['y'] * 100000] * 20)|sum(start=[]) %}",
+        "{% set _ = [['y' * 10000] * 1000]|map('join')|list %}",
+        "{% set _ = '%*s' % (50000000, 'x') %}",
+        "{% set _ = '%(a)s%(a)s' % {'a': 'y' * 1000000} %}",
+        "{% set _ = ('{0}' * 1000).format('y' * 10000) %}",
+        "{% set _ = '{:{w}}'.format('x', w=50000000) %}",
+        "{% set _ = ('y' * 10000).join([''] * 1000) %}",
+        "{% set _ = ('\\t' * 1000).expandtabs(10000) %}",
+        "{% set _ = ('x' * 1000).translate({120: 'y' * 10000}) %}",
+        "{% set _ = ('x' * 1000000) ~ ('x' * 1000000) %}",
+        "{% set _ = ('x' * 1000000) + ('x' * 1000000) %}",
+        "{% set _ = ('x' * 1000).encode() * 10000 %}",
+        "{% set a = [1] * 600000 %}{% set _ = a.extend(a) %}",
     ],
 )
 async def test_sandbox_violations_are_rejected_on_save(admin: Stub, source: str) -> None:
@@ -321,6 +349,194 @@ async def test_runaway_loop_is_rejected_on_save(tight_stub_for: StubFor) -> None
         await _create(tight_stub_for("gateway"), _content("en", text=loops))
     assert error_info(caught.value.trailing_metadata()).reason == "INVALID_TEMPLATE"
     assert list(_violations(caught.value)) == ["template.contents[0].email.text_body"]
+
+
+async def test_runaway_loops_stop_and_give_their_threads_back(
+    tight_stub_for: StubFor,
+) -> None:
+    """Loops that call nothing used to spin on after the caller gave up, one pool thread each."""
+    gateway = tight_stub_for("gateway")
+    loops = "{% set a = [1] * 1000000 %}{% for x in a %}{% for y in a %}{% endfor %}{% endfor %}"
+    outcomes = await asyncio.gather(
+        *(_create(gateway, _content("en", text=loops)) for _ in range(_THREADS)),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        assert isinstance(outcome, grpc.aio.AioRpcError)
+        assert error_info(outcome.trailing_metadata()).reason == "INVALID_TEMPLATE"
+        assert list(_violations(outcome)) == ["template.contents[0].email.text_body"]
+    # Every render thread is free again: a normal template is test-rendered in time.
+    created = await _create(gateway, _content("en", subject="s", text="{{ n }}"))
+    assert list(created.variables) == ["n"]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{% set a = [1] * 1000000 %}{% for x in a %}{% for y in a %}{% endfor %}{% endfor %}",
+        "{% set a = [1] * 1000000 %}{% for x in a %}{% for y in a if y %}{% endfor %}{% endfor %}",
+    ],
+)
+def test_runaway_loop_stops_its_thread_at_the_deadline(source: str) -> None:
+    problems: list[sandbox.TemplateProblem] = []
+    finished = threading.Event()
+
+    def analyse() -> None:
+        try:
+            sandbox.analyse(
+                sandbox.Sandbox.create(), "email.text_body", source, timeout=0.2, max_bytes=100
+            )
+        except sandbox.TemplateProblem as exc:
+            problems.append(exc)
+        finally:
+            finished.set()
+
+    threading.Thread(target=analyse, daemon=True).start()
+    assert finished.wait(timeout=10), "the render thread did not stop at its deadline"
+    assert len(problems) == 1
+
+
+@pytest.mark.parametrize(
+    ("source", "variables", "expected"),
+    [
+        (
+            "{% for x in 'abc' %}{{ loop.index }}{{ x }}/{{ loop.length }}"
+            "{% if loop.last %}.{% endif %}{% endfor %}",
+            {},
+            "1a/32b/33c/3.",
+        ),
+        (
+            "{% for k in d %}{{ k }}{% endfor %}|{% for k, v in d.items() %}{{ k }}={{ v }};"
+            "{% endfor %}|{% for k, v in d|dictsort %}{{ k }}{% endfor %}",
+            {"d": {"b": 2, "a": 1}},
+            "ba|b=2;a=1;|ab",
+        ),
+        ("{% for x in [] %}x{% else %}empty{% endfor %}", {}, "empty"),
+        (
+            "{% for x in range(10) if x is odd %}{{ x }}{{ loop.revindex }}{% endfor %}",
+            {},
+            "1534537291",
+        ),
+        (
+            "{% for x in 'ab' %}{{ loop.cycle('x', 'y') }}{{ loop.previtem|default('-') }}"
+            "{{ loop.nextitem|default('-') }}{{ loop.first }}{% endfor %}",
+            {},
+            "x-bTrueya-False",
+        ),
+        (
+            "{% for n in tree recursive %}{{ n.name }}{{ loop.depth }}"
+            "{% if n.children %}({{ loop(n.children) }}){% endif %}{% endfor %}",
+            {
+                "tree": [
+                    {"name": "a", "children": [{"name": "b", "children": []}]},
+                    {"name": "c", "children": []},
+                ]
+            },
+            "a1(b2)c1",
+        ),
+        ("{{ 'a' ~ n ~ none }}", {"n": 1}, "a1None"),
+        (
+            "{{ n|center(5) }}|{{ '%05d'|format(n) }}|{{ '%d'|format(5000000) }}",
+            {"n": 3},
+            "  3  |00003|5000000",
+        ),
+        ("{{ 'banana'|replace('a', 'o') }}|{{ 'ba'.replace('a', 'o') }}", {}, "bonono|bo"),
+        ("{{ '{:>4}'.format('ab') }}|{{ '{a}'.format_map({'a': 1}) }}", {}, "  ab|1"),
+        (
+            "{{ 'ab'.ljust(4, '.') }}|{{ 'ab'.zfill(4) }}|{{ 'a\tb'.expandtabs(4) }}",
+            {},
+            "ab..|00ab|a   b",
+        ),
+        (
+            "{{ users|join(', ', attribute='name') }}|{{ '-'.join('abc') }}",
+            {"users": [{"name": "a"}, {"name": "b"}]},
+            "a, b|a-b-c",
+        ),
+        (
+            "{{ [1, 2]|map('string')|join }}|{{ [[1], [2]]|sum(start=[]) }}|{{ [1] + [2] }}",
+            {},
+            "12|[1, 2]|[1, 2]",
+        ),
+        (
+            "{{ 'a b c'|wordwrap(3) }}|{{ 'a\nb'|indent(2) }}|{{ {'a': 1}|tojson(2) }}",
+            {},
+            'a b\nc|a\n  b|{\n  "a": 1\n}',
+        ),
+        ("{{ '%s-%s' % ('a', 'b') }}|{{ 'abc'.translate({97: 'AA'}) }}", {}, "a-b|AAbc"),
+        # Materialized before extending: over a generator of itself this used to never end.
+        ("{% set a = [1, 2] %}{{ a.extend(a|map('string')) or a|join(',') }}", {}, "1,2,1,2"),
+    ],
+)
+def test_guarded_loops_filters_and_operators_behave_as_before(
+    source: str, variables: dict[str, Any], expected: str
+) -> None:
+    template = sandbox.Sandbox.create().text.from_string(source)
+    assert template.render(variables) == expected
+
+
+def test_guarded_concat_and_format_still_escape_html() -> None:
+    source = (
+        "{{ '<b>'|safe ~ name }}|{{ name ~ '!' }}|{{ ('<p>{}</p>'|safe).format(name) }}"
+        "|{% autoescape false %}{{ name ~ '!' }}{% endautoescape %}"
+        "|{{ ['<a>', name]|join('<br>'|safe) }}"
+    )
+    template = sandbox.Sandbox.create().html.from_string(source)
+    assert template.render(name="<i>") == (
+        "<b>&lt;i&gt;|&lt;i&gt;!|<p>&lt;i&gt;</p>|<i>!|&lt;a&gt;<br>&lt;i&gt;"
+    )
+
+
+def test_memory_error_in_the_test_render_rejects_the_template() -> None:
+    box = sandbox.Sandbox.create()
+
+    def exhaust() -> None:
+        raise MemoryError
+
+    box.text.globals["exhaust"] = exhaust
+    with pytest.raises(sandbox.TemplateProblem):
+        sandbox.analyse(box, "email.text_body", "{{ exhaust() }}", timeout=1, max_bytes=100)
+
+
+async def test_bounded_filters_still_render_normal_uses(admin: Stub, worker: Stub) -> None:
+    text = (
+        "{{ name|center(9) }}|{{ '%05d'|format(n) }}|{{ name|replace('n', 'N') }}"
+        "|{{ '{:>5}'.format(name) }}|{{ name.ljust(5, '.') }}|{{ items|join(', ') }}"
+        "|{{ name ~ n }}|{% for i in items %}{{ loop.index }}{{ i }}{% endfor %}"
+    )
+    created = await _create(admin, _content("en", subject="s", text=text))
+    rendered = await worker.RenderTemplate(
+        _render_request(created.id, name="Ann", n=3, items=["x", "y"]), timeout=5
+    )
+    assert rendered.email.text_body == "   Ann   |00003|ANN|  Ann|Ann..|x, y|Ann3|1x2y"
+
+
+async def test_nul_characters_are_rejected(admin: Stub) -> None:
+    """PostgreSQL text cannot hold NUL: it must be an invalid argument, not an internal error."""
+    template = pb.Template(
+        id=_id(),
+        description="a\x00b",
+        contents=[_content("en", subject="Hi\x00{{ name }}", push=("T", "b\x00"))],
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await admin.CreateTemplate(pb.CreateTemplateRequest(template=template), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value.trailing_metadata()).reason == "INVALID_TEMPLATE"
+    assert set(_violations(caught.value)) == {
+        "template.description",
+        "template.contents[0].email.subject",
+        "template.contents[0].push.body",
+    }
+
+    created = await _create(admin, _content("en"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await admin.CreateTemplateVersion(
+            pb.CreateTemplateVersionRequest(
+                template_id=created.id, contents=[_content("en", html="<p>\x00</p>")]
+            ),
+            timeout=5,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(_violations(caught.value)) == ["contents[0].email.html_body"]
 
 
 async def test_line_break_in_rendered_subject_is_rejected(admin: Stub, worker: Stub) -> None:
