@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import grpc
@@ -234,3 +235,36 @@ def test_json_logs_carry_the_correlation_id() -> None:
     assert line["correlation_id"] == "corr-123"
     assert (line["service"], line["notification_id"]) == ("svc", "n1")
     set_correlation_id("")
+
+
+class _HangingQueue:
+    """A consumer cancel that never returns, as on a robust channel waiting to reconnect."""
+
+    def __init__(self) -> None:
+        self.cancel_called = asyncio.Event()
+
+    async def cancel(self, tag: str) -> None:
+        self.cancel_called.set()
+        await asyncio.Event().wait()
+
+
+async def test_worker_stop_is_bounded_when_the_broker_is_gone() -> None:
+    from notify_kit.worker import JobRunner, RunnerSettings  # noqa: PLC0415
+
+    unused: Any = None  # stop() touches none of the collaborators
+    runner: JobRunner[Any] = JobRunner(
+        unused, Topology(), unused, unused, unused, unused, RunnerSettings(stop_timeout=0.2)
+    )
+    queue = _HangingQueue()
+    runner._queue, runner._tag = queue, "ctag"  # type: ignore[assignment]
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    stuck = asyncio.ensure_future(never())
+    runner._inflight.add(stuck)  # a job that cannot finish (its ack has nowhere to go)
+    async with asyncio.timeout(5):
+        await runner.stop()
+    assert queue.cancel_called.is_set()
+    await asyncio.sleep(0)  # let the cancellation land
+    assert stuck.cancelled()
