@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 
-from gateway.cache import TtlCache
 from gateway.store import ApiKey, KeyStore
+from notify_kit.cache import LruCache
 from notify_kit.errors import PermissionDenied, Unauthenticated
 from notify_kit.interceptors import metadata_value, wrap_unary
 
@@ -45,7 +45,7 @@ class Authenticator:
 
     def __init__(self, store: KeyStore, *, ttl: float) -> None:
         self._store = store
-        self._cache: TtlCache[str, ApiKey | None] = TtlCache(ttl)
+        self._cache: LruCache[str, ApiKey | None] = LruCache(4096, ttl=ttl)
 
     async def authenticate(self, raw: str | None) -> ApiKey:
         """The key's owner, or ``Unauthenticated``."""

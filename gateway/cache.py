@@ -1,4 +1,4 @@
-"""Gateway caches: idempotency records in Redis, template summaries in-process.
+"""Idempotency records in Redis.
 
 Idempotency (AIP-155): the first request with a key claims it with ``SET NX`` and a short
 lease; when it succeeds the stored value becomes the serialized response for the TTL
@@ -9,9 +9,8 @@ so concurrent duplicates create exactly one notification.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Generic, TypeVar, cast
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -84,29 +83,3 @@ class IdempotencyCache:
             await self._redis.delete(claim.redis_key)
         except RedisError:
             pass  # the lease expires on its own
-
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class TtlCache(Generic[K, V]):
-    """A tiny bounded in-process cache with per-entry expiry (for hot, small lookups)."""
-
-    def __init__(self, ttl: float, max_entries: int = 4096) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._data: dict[K, tuple[float, V]] = {}
-
-    def lookup(self, key: K) -> tuple[V] | None:
-        """``(value,)`` if present and fresh (so a cached ``None`` is a hit), else None."""
-        hit = self._data.get(key)
-        if hit is None or hit[0] < time.monotonic():
-            return None
-        return (hit[1],)
-
-    def put(self, key: K, value: V) -> None:
-        """Store ``value``; clear everything when full (simple and bounded)."""
-        if len(self._data) >= self._max:
-            self._data.clear()
-        self._data[key] = (time.monotonic() + self._ttl, value)

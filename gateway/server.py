@@ -28,8 +28,9 @@ from notify.v1 import (
 )
 
 from gateway.auth import current_api_key
-from gateway.cache import IdempotencyCache, TtlCache
+from gateway.cache import IdempotencyCache
 from notify_kit.amqp import EMAIL, PUSH, JobKind, Publisher
+from notify_kit.cache import LruCache
 from notify_kit.context import get_correlation_id
 from notify_kit.errors import FailedPrecondition, InvalidArgument
 from notify_kit.interceptors import metadata_value
@@ -116,8 +117,8 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         self._publisher = publisher
         self._idempotency = idempotency
         self._timeout = upstream_timeout
-        self._template_cache: TtlCache[str, template_service_pb2.Template] = TtlCache(
-            template_cache_ttl
+        self._template_cache: LruCache[str, template_service_pb2.Template] = LruCache(
+            ttl=template_cache_ttl
         )
 
     async def SendNotification(  # noqa: N802 (gRPC method name)

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 from pathlib import Path
 
-import asyncpg
 import grpc
 from notify.v1 import template_service_pb2, template_service_pb2_grpc
 
-from notify_kit.db import create_pool, ensure_database, migrate
+from notify_kit.cache import LruCache
+from notify_kit.db import close_pool, create_pool, ensure_database, migrate
 from notify_kit.server import GrpcServer
-from template_svc.cache import LruCache
 from template_svc.config import SERVICE, Config
 from template_svc.renderer import Renderer
 from template_svc.server import TemplateServicer
 from template_svc.store import TemplateStore
 
-log = logging.getLogger(__name__)
-
 MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICE_NAME = template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name
-_POOL_CLOSE_TIMEOUT = 10.0
 
 
 class App:
@@ -40,8 +34,11 @@ class App:
         async with contextlib.AsyncExitStack() as stack:
             await ensure_database(config.dsn)
             pool = await create_pool(config.dsn, application=SERVICE)
-            stack.push_async_callback(_close_pool, pool)
+            stack.push_async_callback(close_pool, pool)
             await migrate(pool, MIGRATIONS)
+            # Versions never change once written (the database forbids it), so loaded
+            # versions and compiled templates are cached without expiry; the "current
+            # version" pointer is never cached, so every replica sees a new one at once.
             renderer = Renderer(
                 timeout=config.render_timeout,
                 max_bytes=config.render_max_bytes,
@@ -67,12 +64,3 @@ class App:
     async def stop(self) -> None:
         """Drain the server, then close the renderer and the pool."""
         await self._resources.aclose()
-
-
-async def _close_pool(pool: asyncpg.Pool) -> None:
-    """Close gracefully; terminate if a connection will not come back in time."""
-    try:
-        await asyncio.wait_for(pool.close(), _POOL_CLOSE_TIMEOUT)
-    except TimeoutError:
-        log.warning("pool did not close in %ss; terminating", _POOL_CLOSE_TIMEOUT)
-        pool.terminate()

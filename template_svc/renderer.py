@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 from notify.v1 import common_pb2
 
+from notify_kit.cache import LruCache
 from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
 from template_svc import sandbox
-from template_svc.cache import LruCache
 from template_svc.model import CHANNEL_FIELDS, Content, Version
 
 log = logging.getLogger(__name__)

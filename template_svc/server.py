@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 from notify.v1 import common_pb2, template_service_pb2, template_service_pb2_grpc
 
+from notify_kit.cache import LruCache
 from notify_kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from notify_kit.rpc import clamp_timeout
 from template_svc import messages
-from template_svc.cache import LruCache
 from template_svc.model import CHANNEL_FIELDS, Version
 from template_svc.renderer import Renderer
 from template_svc.store import TemplateStore

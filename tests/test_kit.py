@@ -268,3 +268,17 @@ async def test_worker_stop_is_bounded_when_the_broker_is_gone() -> None:
     assert queue.cancel_called.is_set()
     await asyncio.sleep(0)  # let the cancellation land
     assert stuck.cancelled()
+
+
+def test_cache_expires_entries_and_evicts_one_at_a_time() -> None:
+    from notify_kit.cache import LruCache  # noqa: PLC0415
+
+    cache: LruCache[str, str | None] = LruCache(2, ttl=0.0)
+    cache.put("unknown-key", None)
+    assert cache.lookup("unknown-key") is None  # expired at once with ttl=0
+    lasting: LruCache[str, str | None] = LruCache(2, ttl=60)
+    lasting.put("a", None)
+    assert lasting.lookup("a") == (None,)  # a cached None is a hit
+    lasting.put("b", "B")
+    lasting.put("c", "C")  # evicts only "a", the least recently used
+    assert (lasting.get("b"), lasting.get("c"), len(lasting)) == ("B", "C", 2)

@@ -16,12 +16,12 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from notify.v1 import common_pb2, template_service_pb2, template_service_pb2_grpc
 
+from notify_kit.cache import LruCache
 from notify_kit.errors import error_info
 from notify_kit.rpc import secure_channel
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
 from template_svc import sandbox
 from template_svc.app import App
-from template_svc.cache import LruCache
 from template_svc.config import Config
 from template_svc.model import pick_language
 from template_svc.renderer import _THREADS
