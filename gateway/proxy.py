@@ -15,9 +15,9 @@ from collections.abc import Mapping
 import grpc
 
 from gateway.auth import METHOD_SCOPES
+from notify_kit.errors import DETAILS_KEY
 from notify_kit.rpc import clamp_timeout
 
-_DETAILS_KEY = "grpc-status-details-bin"
 OWNERS = {"notify.v1.UserService": "user_svc", "notify.v1.TemplateService": "template_svc"}
 
 
@@ -53,7 +53,7 @@ class ForwardingHandler(grpc.GenericRpcHandler):
                 )
             except grpc.aio.AioRpcError as exc:
                 details = tuple(
-                    (k, v) for k, v in exc.trailing_metadata() or () if k == _DETAILS_KEY
+                    (k, v) for k, v in exc.trailing_metadata() or () if k == DETAILS_KEY
                 )
                 await context.abort(exc.code(), exc.details() or "", trailing_metadata=details)
             return response

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import uuid
 
 import grpc
@@ -29,6 +28,7 @@ from notify.v1 import (
 
 from gateway.auth import current_api_key
 from gateway.cache import IdempotencyCache
+from notify_kit import formats
 from notify_kit.amqp import EMAIL, PUSH, JobKind, Publisher
 from notify_kit.cache import LruCache
 from notify_kit.context import get_correlation_id
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 _NAMESPACE = uuid.UUID("6f1c1c9e-4d0b-4f43-9a57-8f3e1f9d2a10")
-_TEMPLATE_ID = re.compile(r"[a-z][a-z0-9_-]{0,62}")
-_LANGUAGE = re.compile(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*")
-# The canonical form only: uuid.UUID() also takes "{...}", "urn:uuid:..." and no dashes.
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 _MIN_TTL, _MAX_TTL, _DEFAULT_TTL = 60, 7 * 24 * 3600, 24 * 3600
 _MAX_VARIABLES_BYTES = 32 * 1024
 
@@ -54,15 +50,15 @@ CHANNEL_KINDS: dict[int, JobKind] = {S.CHANNEL_EMAIL: EMAIL, S.CHANNEL_PUSH: PUS
 
 def _validate(req: notification_service_pb2.SendNotificationRequest, key: str) -> None:
     problems: list[tuple[str, str]] = []
-    if not _UUID.fullmatch(req.user_id):
+    if not formats.UUID.fullmatch(req.user_id):
         problems.append(("user_id", "required; a user id (UUID)"))
-    if not _TEMPLATE_ID.fullmatch(req.template_id):
+    if not formats.TEMPLATE_ID.fullmatch(req.template_id):
         problems.append(("template_id", "required; 1-63 of a-z, 0-9, '-', '_'"))
     if len(set(req.channels)) != len(req.channels):
         problems.append(("channels", "each channel at most once"))
     if any(c not in CHANNEL_KINDS for c in req.channels):
         problems.append(("channels", "only CHANNEL_EMAIL and CHANNEL_PUSH"))
-    if req.language and not _LANGUAGE.fullmatch(req.language):
+    if req.language and not formats.is_language_tag(req.language):
         problems.append(("language", "a BCP 47 language tag such as 'en' or 'fr-CA'"))
     if req.HasField("ttl") and not _MIN_TTL <= req.ttl.seconds <= _MAX_TTL:
         problems.append(("ttl", "between 60s and 604800s"))

@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "notify.dev"
-_DETAILS_KEY = "grpc-status-details-bin"
+DETAILS_KEY = "grpc-status-details-bin"
 
 
 class ServiceError(Exception):
@@ -148,7 +148,7 @@ def to_status(err: ServiceError) -> grpc.Status:
 
 def _details(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[any_pb2.Any]:
     for key, value in metadata or ():
-        if key == _DETAILS_KEY and isinstance(value, bytes):
+        if key == DETAILS_KEY and isinstance(value, bytes):
             return list(status_pb2.Status.FromString(value).details)
     return []
 

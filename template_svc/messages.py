@@ -6,13 +6,13 @@ used ("template.contents[1].push.title"), so a template author fixes everything 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 from notify.v1 import template_service_pb2
 
+from notify_kit import formats
 from notify_kit.errors import InvalidArgument
 from template_svc.model import (
     EMAIL_HTML,
@@ -25,7 +25,6 @@ from template_svc.model import (
     canonical_language,
 )
 
-TEMPLATE_ID = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 MAX_FIELD_BYTES = 64 * 1024
 MAX_CONTENTS = 100
 _MAX_SAFE_INTEGER = 2**53
@@ -42,7 +41,7 @@ def check_template_id(value: str, path: str) -> Violations:
     """Problems with a template id (empty when it is well formed)."""
     if not value:
         return [(path, "required")]
-    if not TEMPLATE_ID.fullmatch(value):
+    if not formats.TEMPLATE_ID.fullmatch(value):
         return [(path, "1-63 of a-z, 0-9, '-' and '_', starting with a letter")]
     return []
 

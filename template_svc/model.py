@@ -7,12 +7,13 @@ sandbox and error messages all name a field the same way a caller sees it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from notify.v1 import common_pb2
+
+from notify_kit import formats
 
 EMAIL_SUBJECT = "email.subject"
 EMAIL_TEXT = "email.text_body"
@@ -30,10 +31,6 @@ CHANNEL_FIELDS: Mapping[common_pb2.Channel.ValueType, tuple[str, ...]] = {
 HTML_FIELDS = frozenset({EMAIL_HTML})
 # Become mail headers / notification titles: stripped, and a line break is an injection.
 SINGLE_LINE_FIELDS = frozenset({EMAIL_SUBJECT, PUSH_TITLE})
-
-# BCP 47-ish: a 2-3 letter language, then subtags of 1-8 letters or digits.
-_LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8})*")
-_MAX_TAG_LENGTH = 35
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +84,7 @@ def canonical_language(tag: str) -> str | None:
     Tags are compared after canonicalisation, so "fr-ca" and "fr-CA" are the same language
     both when saving (uniqueness) and when rendering (fallback).
     """
-    if len(tag) > _MAX_TAG_LENGTH or not _LANGUAGE_TAG.fullmatch(tag):
+    if not formats.is_language_tag(tag):
         return None
     first, *rest = tag.split("-")
     parts = [first.lower()]

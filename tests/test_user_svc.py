@@ -19,10 +19,9 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from google.rpc import error_details_pb2, status_pb2
 from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 
-from notify_kit.errors import error_info
+from notify_kit.errors import error_info, field_violations
 from notify_kit.kv import redis_client
 from notify_kit.rpc import secure_channel
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
@@ -104,14 +103,7 @@ def reason(err: grpc.aio.AioRpcError) -> str:
 
 def violated_fields(err: grpc.aio.AioRpcError) -> set[str]:
     """The fields named by the BadRequest detail of a failed call."""
-    fields: set[str] = set()
-    for key, value in err.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                bad = error_details_pb2.BadRequest()
-                if detail.Unpack(bad):
-                    fields |= {v.field for v in bad.field_violations}
-    return fields
+    return {field for field, _ in field_violations(err.trailing_metadata())}
 
 
 def unique_email() -> str:

@@ -9,13 +9,13 @@ CR/LF or other control characters: that is how header injection starts.
 from __future__ import annotations
 
 import functools
-import re
 import unicodedata
 import uuid
 import zoneinfo
 
 from notify.v1 import common_pb2, user_service_pb2
 
+from notify_kit import formats
 from notify_kit.errors import InvalidArgument
 from notify_kit.status import Status
 from user_svc.store import NewDelivery, NewDevice, NewNotification, NewUser, StatusReport
@@ -31,10 +31,6 @@ DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 DEFAULT_LOCALE = "en"
 DEFAULT_TIMEZONE = "UTC"
-
-# BCP 47-ish: a 2-3 letter language, then subtags of 1-8 letters or digits ("fr-CA",
-# "zh-Hant-TW", "sr-Latn"). Full RFC 5646 checking is not worth a dependency here.
-_LOCALE = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8}){0,6}")
 
 # Control (Cc), format (Cf: zero-width and bidi tricks) and line/paragraph separators.
 _EMAIL_FORBIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp"})
@@ -63,7 +59,7 @@ def new_user(user: user_service_pb2.User) -> NewUser:
     _check_email(user.email, "user.email", problems)
     _check_display_name(user.display_name, "user.display_name", problems)
     locale = user.locale or DEFAULT_LOCALE
-    if len(locale) > 35 or not _LOCALE.fullmatch(locale):
+    if not formats.is_language_tag(locale):
         problems.append(("user.locale", "must be a BCP 47 language tag such as en or fr-CA"))
     timezone = user.timezone or DEFAULT_TIMEZONE
     if timezone not in _timezones():
