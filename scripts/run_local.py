@@ -12,27 +12,17 @@ import asyncio
 import contextlib
 import signal
 import sys
-import time
 import uuid
 
 from scripts import gen_certs
 from scripts.api import DEMO_TEMPLATE, call
-from scripts.backing import ensure_backing, reachable
-from scripts.system import ROOT, LocalSystem, SystemConfig
+from scripts.backing import ensure_backing
+from scripts.system import ROOT, LocalSystem, SystemConfig, poll
 
 VAR = ROOT / "var"
 
 
-async def wait_port(port: int, proc: asyncio.subprocess.Process, name: str) -> None:
-    """Readiness of a peer: it accepts TCP connections (or it died, which is an error)."""
-    deadline = time.monotonic() + 20
-    while not reachable(port):
-        if proc.returncode is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not start; see var/log/{name}.log")
-        await asyncio.sleep(0.1)  # poll interval of a TCP readiness probe
-
-
-def demo(cfg: SystemConfig) -> None:
+async def demo(cfg: SystemConfig) -> None:
     """Create a template, a user with a device, send, and follow the notification."""
     base = f"http://127.0.0.1:{cfg.ports.http}"
     key = cfg.api_key
@@ -70,20 +60,20 @@ def demo(cfg: SystemConfig) -> None:
         raise RuntimeError(f"sending the demo notification failed: {status} {sent}")
     nid = sent["notification"]["id"]
     print(f"\nsent notification {nid} to {email}; waiting for delivery ...")
-    deadline = time.monotonic() + 30
-    note: dict[str, object] = {}
-    while time.monotonic() < deadline:
-        _, got = call("GET", f"{base}/v1/notifications/{nid}", api_key=key)
-        note = got["notification"]
-        if note["status"] not in (
-            "NOTIFICATION_STATUS_QUEUED",
-            "NOTIFICATION_STATUS_SENDING",
-            "NOTIFICATION_STATUS_ACCEPTED",
-            "NOTIFICATION_STATUS_RETRYING",
-        ):
-            break
-        time.sleep(0.2)  # polling the public status API, as a client would
-    for d in note.get("deliveries", []):  # type: ignore[attr-defined]
+    in_flight = {
+        "NOTIFICATION_STATUS_QUEUED",
+        "NOTIFICATION_STATUS_SENDING",
+        "NOTIFICATION_STATUS_ACCEPTED",
+        "NOTIFICATION_STATUS_RETRYING",
+    }
+    _, got = await poll(  # the public status API, as a client would
+        lambda: asyncio.to_thread(call, "GET", f"{base}/v1/notifications/{nid}", api_key=key),
+        lambda r: r[1]["notification"]["status"] not in in_flight,
+        timeout=30,
+        what="the demo notification",
+    )
+    note = got["notification"]
+    for d in note.get("deliveries", []):
         print(f"  {d['channel']:<14} {d['status']:<32} {d.get('detail', '')}")
 
 
@@ -139,12 +129,12 @@ async def amain() -> int:
             "--credentials-out",
             str(cfg.fcm_credentials),
         )
-        await wait_port(cfg.ports.smtp, system.procs["mailcatcher"], "mailcatcher")
-        await wait_port(cfg.ports.fcm, system.procs["fcm_fake"], "fcm_fake")
+        await system.wait_port("mailcatcher", cfg.ports.smtp)
+        await system.wait_port("fcm_fake", cfg.ports.fcm)
         print("starting services ...")
         await system.start_services()
         await system.start_envoy()
-        await asyncio.to_thread(demo, cfg)
+        await demo(cfg)
         banner(cfg)
         await stop.wait()
         return 0

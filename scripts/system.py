@@ -19,10 +19,10 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import yaml
@@ -30,9 +30,36 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from notify_kit.settings import TlsSettings
 from notify_kit.tls import channel_credentials
+from scripts.backing import reachable
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("user_svc", "template_svc", "gateway", "email_worker", "push_worker")
+
+
+T = TypeVar("T")
+
+
+async def poll(
+    probe: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.1,
+) -> T:
+    """Run ``probe`` until ``done(result)``: the one readiness-polling loop we have.
+
+    Used where nothing can notify us (a process coming up, a status a client reads);
+    ``probe`` may raise to stop early, e.g. when the process it waits for has died.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if done(result):
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout}s (last: {result!r:.300})")
+        await asyncio.sleep(interval)  # the probe interval
 
 
 def free_port() -> int:
@@ -202,38 +229,46 @@ class LocalSystem:
             self.cfg.certs / "operator.pem",
             self.cfg.certs / "operator-key.pem",
         )
-        deadline = time.monotonic() + timeout
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_credentials(tls)) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
-            while True:
+
+            async def status() -> int | None:
                 self._check_alive(service)
                 try:
                     reply = await stub.Check(
                         health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True
                     )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
                 except grpc.aio.AioRpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{service} not healthy after {timeout}s")
-                await asyncio.sleep(0.1)  # poll interval of the readiness probe
+                    return None
+                return int(reply.status)
+
+            serving = health_pb2.HealthCheckResponse.SERVING
+            await poll(status, lambda s: s == serving, timeout=timeout, what=service)
 
     async def wait_envoy(self, timeout: float) -> None:
         """Poll Envoy's admin API until the gateway cluster has a healthy host."""
         url = f"http://127.0.0.1:{self.cfg.ports.envoy_admin}/clusters?format=json"
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def healthy_host() -> bool:
             self._check_alive("envoy")
             with contextlib.suppress(OSError, ValueError):
                 body = await asyncio.to_thread(_get, url)
                 for cluster in json.loads(body).get("cluster_statuses", []):
                     for host in cluster.get("host_statuses", []):
                         if "failed_active_health_check" not in host.get("health_status", {}):
-                            return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"envoy not ready after {timeout}s")
-            await asyncio.sleep(0.1)  # poll interval of the readiness probe
+                            return True
+            return False
+
+        await poll(healthy_host, bool, timeout=timeout, what="envoy")
+
+    async def wait_port(self, name: str, port: int, timeout: float = 20.0) -> None:
+        """A peer is ready when it accepts TCP connections (and has not died)."""
+
+        async def accepting() -> bool:
+            self._check_alive(name)
+            return reachable(port)
+
+        await poll(accepting, bool, timeout=timeout, what=name)
 
     async def stop(self) -> None:
         """SIGTERM everything (reverse start order), SIGKILL what ignores it."""

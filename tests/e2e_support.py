@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 
 from scripts.api import DEMO_TEMPLATE, call
 from scripts.harness import Running, running_system
+from scripts.system import poll
 from tests.conftest import AMQP_URL, PG_BASE, REDIS_URL, RUN_ID
 
 API_KEY = "e2e-admin-key"
@@ -56,27 +56,17 @@ class E2E(Running):
 
     async def settle(self, nid: str, timeout: float = 30.0) -> dict[str, Any]:
         """Poll the public status API until every delivery left the in-flight states."""
-        settled: dict[str, Any] = await poll(
+        _, settled = await poll(
             lambda: self.api("GET", f"/v1/notifications/{nid}"),
             lambda r: (
                 r[0] == 200
                 and all(d["status"] not in IN_FLIGHT for d in r[1]["notification"]["deliveries"])
             ),
-            timeout,
+            timeout=timeout,
+            what=f"notification {nid}",
         )
-        return settled
-
-
-async def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float) -> Any:
-    """Call ``fetch`` until ``done(result)``; the readiness probe of a client-visible state."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await fetch()
-        if done(result):
-            return result[1] if isinstance(result, tuple) else result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not settled after {timeout}s: {result}")
-        await asyncio.sleep(0.1)  # probe interval
+        result: dict[str, Any] = settled
+        return result
 
 
 @contextlib.asynccontextmanager
