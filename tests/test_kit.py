@@ -282,3 +282,17 @@ def test_cache_expires_entries_and_evicts_one_at_a_time() -> None:
     lasting.put("b", "B")
     lasting.put("c", "C")  # evicts only "a", the least recently used
     assert (lasting.get("b"), lasting.get("c"), len(lasting)) == ("B", "C", 2)
+
+
+def test_trace_context_survives_the_trip_through_a_job() -> None:
+    from opentelemetry import trace  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+
+    from notify_kit.telemetry import extract_trace_context, inject_trace_context  # noqa: PLC0415
+
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("gateway send") as span:
+        carried = inject_trace_context()  # what the gateway puts into JobMeta.trace_context
+    assert "traceparent" in carried
+    restored = trace.get_current_span(extract_trace_context(carried)).get_span_context()
+    assert restored.trace_id == span.get_span_context().trace_id
