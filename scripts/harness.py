@@ -18,9 +18,7 @@ from notify_kit import db
 from notify_kit.amqp import Topology
 from scripts.fcm_fake import FcmFake
 from scripts.mailcatcher import MailCatcher
-from scripts.system import LocalSystem, Ports, SystemConfig
-
-DATABASES = ("gateway", "user", "template", "email", "push")
+from scripts.system import DATABASES, LocalSystem, Ports, SystemConfig
 
 
 @dataclass
@@ -82,9 +80,14 @@ async def running_system(
         await system.stop()
         await mail.stop()
         await fcm.stop()
-        for name in DATABASES:
-            await db.drop_database(f"{pg_base}/{cfg.db_prefix}{name}")
-        await delete_topology(amqp_url, Topology(prefix=cfg.amqp_prefix))
+        await delete_data(cfg)
+
+
+async def delete_data(cfg: SystemConfig) -> None:
+    """Drop a throwaway system's databases and delete its RabbitMQ topology."""
+    for name in DATABASES:
+        await db.drop_database(f"{cfg.pg_base}/{cfg.db_prefix}{name}")
+    await delete_topology(cfg.amqp_url, Topology(prefix=cfg.amqp_prefix))
 
 
 async def delete_topology(amqp_url: str, topology: Topology) -> None:

@@ -1,25 +1,37 @@
 """``make run``: the whole system on this machine, a demo notification, Ctrl-C to stop.
 
-Checks (and if needed starts) PostgreSQL, Redis and RabbitMQ; makes the dev
-certificates; starts the mail catcher and the FCM stand-in, the five services and Envoy
-on the documented ports; sends one demo notification through Envoy as JSON; prints
-where to look; stops everything cleanly on Ctrl-C.
+Installs (on a Debian/Ubuntu machine, as root) and starts PostgreSQL, Redis and
+RabbitMQ, and gives PostgreSQL a password role of our own (``scripts/backing.py``);
+makes the dev certificates; starts the five services and Envoy on the documented ports;
+sends one demo notification through Envoy as JSON; prints where to look; stops
+everything cleanly on Ctrl-C.
+
+Every ``NOTIFY_*`` variable in the caller's environment reaches the services as it
+would if they were started by hand. The local stand-ins are the default and a real
+provider is one variable away: ``NOTIFY_SMTP_HOST`` (with ``NOTIFY_SMTP_PORT`` and the
+STARTTLS/AUTH settings) sends through that relay and starts no mail catcher;
+``NOTIFY_FCM_CREDENTIALS`` sends through Firebase (``NOTIFY_FCM_URL`` defaults to
+Google's) and starts no FCM stand-in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import uuid
+from collections.abc import Mapping
+from pathlib import Path
 
 from scripts import gen_certs
 from scripts.api import DEMO_TEMPLATE, call
-from scripts.backing import ensure_backing
-from scripts.system import ROOT, LocalSystem, SystemConfig, poll
+from scripts.backing import ensure_backing, ensure_role
+from scripts.system import DATABASES, ROOT, LocalSystem, Ports, SystemConfig, poll, user_settings
 
 VAR = ROOT / "var"
+DB_PREFIX = "notify_"
 
 
 async def demo(cfg: SystemConfig) -> None:
@@ -79,61 +91,84 @@ async def demo(cfg: SystemConfig) -> None:
 
 def banner(cfg: SystemConfig) -> None:
     """Where to look."""
-    p = cfg.ports
+    p, env = cfg.ports, cfg.extra_env
+    mail = (
+        f"e-mails received by the mail catcher:  {cfg.var / 'mail'}/*.eml"
+        if cfg.local_smtp
+        else f"e-mails go to the SMTP relay {env['NOTIFY_SMTP_HOST']}"
+    )
+    push = (
+        f"push messages received by the FCM stand-in:  http://127.0.0.1:{p.fcm}/messages"
+        if cfg.local_fcm
+        else "pushes go to Firebase Cloud Messaging"
+    )
     print(f"""
 notify is running. Try:
   curl -s -H 'x-api-key: {cfg.api_key}' http://localhost:{p.http}/v1/templates/welcome
   grpcurl -plaintext localhost:{p.http} list
-  e-mails received by the mail catcher:  {VAR / "mail"}/*.eml
-  push messages received by the FCM stand-in:  http://127.0.0.1:{p.fcm}/messages
-  service logs:  {VAR / "log"}/*.log     Envoy admin:  http://127.0.0.1:{p.envoy_admin}/
+  {mail}
+  {push}
+  service logs:  {cfg.var / "log"}/*.log     Envoy admin:  http://127.0.0.1:{p.envoy_admin}/
 Ctrl-C stops everything.""")
 
 
+def system_config(environ: Mapping[str, str], var: Path, pg_base: str) -> SystemConfig:
+    """What ``make run`` starts, with every setting of the user's environment honoured."""
+    settings = user_settings(environ)
+    defaults = SystemConfig(var=var, certs=var / "certs")
+    return SystemConfig(
+        var=var,
+        certs=Path(settings.get("NOTIFY_TLS_DIR", str(var / "certs"))),
+        ports=Ports.from_env(settings),
+        db_prefix=DB_PREFIX,
+        amqp_prefix=settings.get("NOTIFY_AMQP_PREFIX", ""),
+        amqp_url=settings.get("NOTIFY_AMQP_URL", defaults.amqp_url),
+        redis_url=settings.get("NOTIFY_REDIS_URL", defaults.redis_url),
+        pg_base=settings.get("NOTIFY_PG_DSN_BASE", pg_base),
+        api_key=settings.get("NOTIFY_BOOTSTRAP_API_KEY", defaults.api_key),
+        fcm_credentials=var / "fcm" / "service-account.json",
+        log_level=settings.get("NOTIFY_LOG_LEVEL", defaults.log_level),
+        extra_env=settings,
+    )
+
+
+async def start(system: LocalSystem) -> None:
+    """The local provider stand-ins the configuration needs, the services, Envoy."""
+    cfg, py = system.cfg, sys.executable
+    if cfg.local_smtp:
+        mail_dir = str(cfg.var / "mail")
+        smtp = ("--host", "127.0.0.1", "--port", str(cfg.ports.smtp), "--dir", mail_dir)
+        await system.spawn("mailcatcher", py, "-m", "scripts.mailcatcher", *smtp)
+        await system.wait_port("mailcatcher", cfg.ports.smtp)
+    if cfg.local_fcm:
+        assert cfg.fcm_credentials is not None
+        fcm = ("--port", str(cfg.ports.fcm), "--credentials-out", str(cfg.fcm_credentials))
+        await system.spawn("fcm_fake", py, "-m", "scripts.fcm_fake", *fcm)
+        await system.wait_port("fcm_fake", cfg.ports.fcm)
+    print("starting services ...")
+    await system.start_services()
+    await system.start_envoy()
+
+
 async def amain() -> int:
-    """Start, demo, wait for Ctrl-C, stop."""
+    """Install and start the backing servers, start, demo, wait for Ctrl-C, stop."""
     problems = ensure_backing()
     if problems:
         print("cannot start notify:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
-    certs = VAR / "certs"
-    if not (certs / "ca.pem").exists():
-        gen_certs.generate(certs)
-    cfg = SystemConfig(var=VAR, certs=certs, fcm_credentials=VAR / "fcm" / "service-account.json")
+    pg_base = ""
+    if "NOTIFY_PG_DSN_BASE" not in os.environ:
+        pg_base = ensure_role(VAR / "pg-password", [DB_PREFIX + d for d in DATABASES])
+    cfg = system_config(os.environ, VAR, pg_base)
+    if not (cfg.certs / "ca.pem").exists():
+        gen_certs.generate(cfg.certs)
     system = LocalSystem(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        py = sys.executable
-        await system.spawn(
-            "mailcatcher",
-            py,
-            "-m",
-            "scripts.mailcatcher",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(cfg.ports.smtp),
-            "--dir",
-            str(VAR / "mail"),
-        )
-        await system.spawn(
-            "fcm_fake",
-            py,
-            "-m",
-            "scripts.fcm_fake",
-            "--port",
-            str(cfg.ports.fcm),
-            "--credentials-out",
-            str(cfg.fcm_credentials),
-        )
-        await system.wait_port("mailcatcher", cfg.ports.smtp)
-        await system.wait_port("fcm_fake", cfg.ports.fcm)
-        print("starting services ...")
-        await system.start_services()
-        await system.start_envoy()
+        await start(system)
         await demo(cfg)
         banner(cfg)
         await stop.wait()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +35,8 @@ from scripts.backing import reachable
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("user_svc", "template_svc", "gateway", "email_worker", "push_worker")
+# Each service's database is ``<db_prefix><name>``.
+DATABASES = ("gateway", "user", "template", "email", "push")
 
 
 T = TypeVar("T")
@@ -89,6 +92,17 @@ class Ports:
         """All ports freshly chosen by the OS (tests, benchmarks)."""
         return cls(*(free_port() for _ in range(9)))
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Ports:
+        """The documented ports, except where ``NOTIFY_<SERVICE>_LISTEN`` says otherwise."""
+        ports = cls()
+        chosen = {
+            s: int(env[f"NOTIFY_{s.upper()}_LISTEN"].rsplit(":", 1)[1])
+            for s in SERVICES
+            if f"NOTIFY_{s.upper()}_LISTEN" in env
+        }
+        return dataclasses.replace(ports, **chosen)
+
 
 @dataclass(slots=True)
 class SystemConfig:
@@ -105,7 +119,24 @@ class SystemConfig:
     api_key: str = "notify-dev-key"
     fcm_credentials: Path | None = None
     log_level: str = "INFO"
+    # The user's own NOTIFY_* settings (``make run``) or a test's: they win over the
+    # local defaults, exactly as they would for a service started by hand.
     extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def local_smtp(self) -> bool:
+        """Mail goes to the local mail catcher unless the user named an SMTP relay."""
+        return "NOTIFY_SMTP_HOST" not in self.extra_env
+
+    @property
+    def local_fcm(self) -> bool:
+        """Pushes go to the FCM stand-in unless the user gave FCM credentials."""
+        return "NOTIFY_FCM_CREDENTIALS" not in self.extra_env
+
+
+def user_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``NOTIFY_*`` variables of ``environ``: what a user set for the system."""
+    return {k: v for k, v in environ.items() if k.startswith("NOTIFY_")}
 
 
 def render_envoy_config(cfg: SystemConfig, out: Path) -> Path:
@@ -131,8 +162,16 @@ def render_envoy_config(cfg: SystemConfig, out: Path) -> Path:
 def service_env(cfg: SystemConfig, service: str) -> dict[str, str]:
     """The environment one service process gets."""
     p = cfg.ports
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
+    peers: dict[str, str] = {}
+    if cfg.local_smtp:
+        peers |= {"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(p.smtp)}
+    if cfg.local_fcm:
+        peers["NOTIFY_FCM_URL"] = f"http://127.0.0.1:{p.fcm}/v1/projects/{{0}}/messages:send"
+        if cfg.fcm_credentials is not None:
+            peers["NOTIFY_FCM_CREDENTIALS"] = str(cfg.fcm_credentials)
     env = {
-        **os.environ,
+        **inherited,
         "NOTIFY_TLS_DIR": str(cfg.certs),
         "NOTIFY_LOG_LEVEL": cfg.log_level,
         "NOTIFY_PG_DSN_BASE": cfg.pg_base,
@@ -151,15 +190,11 @@ def service_env(cfg: SystemConfig, service: str) -> dict[str, str]:
         "NOTIFY_TEMPLATE_SVC_DSN": f"{cfg.pg_base}/{cfg.db_prefix}template",
         "NOTIFY_EMAIL_WORKER_DSN": f"{cfg.pg_base}/{cfg.db_prefix}email",
         "NOTIFY_PUSH_WORKER_DSN": f"{cfg.pg_base}/{cfg.db_prefix}push",
-        "NOTIFY_SMTP_HOST": "127.0.0.1",
-        "NOTIFY_SMTP_PORT": str(p.smtp),
-        "NOTIFY_FCM_URL": f"http://127.0.0.1:{p.fcm}/v1/projects/{{0}}/messages:send",
         "NOTIFY_BOOTSTRAP_API_KEY": cfg.api_key,
         "PYTHONUNBUFFERED": "1",
+        **peers,
         **cfg.extra_env,
     }
-    if cfg.fcm_credentials is not None:
-        env["NOTIFY_FCM_CREDENTIALS"] = str(cfg.fcm_credentials)
     return env
 
 

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 from cryptography import x509
 
 from scripts import backing, gen_certs
 from scripts.system import Ports, SystemConfig, render_envoy_config, service_env
-
-
-def test_missing_backing_servers_are_named_with_the_install_command(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(backing, "reachable", lambda port, host="127.0.0.1": False)
-    monkeypatch.setattr("scripts.backing.shutil.which", lambda name: None)
-    problems = backing.ensure_backing(timeout=0.1)
-    assert len(problems) == 3
-    assert any("PostgreSQL" in p and "apt-get install -y postgresql" in p for p in problems)
-    assert any("RabbitMQ" in p and "rabbitmq-server" in p for p in problems)
 
 
 def test_running_backing_servers_need_nothing() -> None:
