@@ -23,9 +23,7 @@ def _examples() -> str:
     return "\n".join(re.findall(r"```sh\n(.*?)```", block, flags=re.S))
 
 
-async def test_readme_examples_work_every_time_they_are_pasted(
-    e2e: E2E, certs_dir: Path
-) -> None:
+async def test_readme_examples_work_every_time_they_are_pasted(e2e: E2E, certs_dir: Path) -> None:
     script = (
         _examples()
         .replace("localhost:8080", f"localhost:{e2e.cfg.ports.http}")
