@@ -1,88 +1,46 @@
-"""Wiring of the e-mail worker: database, upstream channels, SMTP, RabbitMQ, health server."""
+"""Wiring of the e-mail worker: its providers in failover order, on the shared worker app."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from pathlib import Path
+from collections.abc import Sequence
 
-from notify.v1 import template_service_pb2_grpc, user_service_pb2_grpc
-
-from email_worker.config import SERVICE, Config
+from email_worker.config import Config
 from email_worker.consumer import EmailJobHandler
-from email_worker.sender import EmailSender, SmtpSender
-from notify_kit import db, rpc
-from notify_kit.ledger import DeliveryLog
-from notify_kit.worker import RunnerSettings, start_worker, status_reporter
+from email_worker.outgoing import OutgoingEmail
+from email_worker.sender import SmtpProvider
+from email_worker.sendgrid import SendGridProvider
+from notify_kit.jobs.app import Upstreams, WorkerApp
+from notify_kit.jobs.providers import Provider, ProviderChain
 
-log = logging.getLogger(__name__)
-
-MIGRATIONS = Path(__file__).parent / "migrations"
+EmailProvider = Provider[OutgoingEmail, str]
 
 
-class App:
-    """A running e-mail worker; ``stop()`` drains in-flight jobs, then closes everything."""
-
-    def __init__(self, port: int, store: DeliveryLog, stack: contextlib.AsyncExitStack) -> None:
-        self.port = port
-        self.store = store
-        self._stack = stack
-
-    @classmethod
-    async def start(cls, config: Config, *, sender: EmailSender | None = None) -> App:
-        """Start consuming ``email.queue``; ``sender`` replaces SMTP (tests, other providers).
-
-        Resources are entered into one exit stack in start order, so a failure half-way
-        closes what was opened and ``stop()`` closes in reverse: the runner first (it
-        drains), then the health server, the broker, the channels, the pool.
-        """
-        async with contextlib.AsyncExitStack() as stack:
-            await db.ensure_database(config.dsn)
-            pool = await db.create_pool(config.dsn, application=SERVICE)
-            stack.push_async_callback(db.close_pool, pool)
-            await db.migrate(pool, MIGRATIONS)
-            store = DeliveryLog(pool)
-
-            templates = rpc.secure_channel(config.template_svc_addr, config.common.tls)
-            stack.push_async_callback(templates.close)
-            users = rpc.secure_channel(config.user_svc_addr, config.common.tls)
-            stack.push_async_callback(users.close)
-
-            if sender is None:
-                smtp = SmtpSender(
-                    config.smtp.host,
-                    config.smtp.port,
-                    timeout=config.smtp.timeout,
-                    username=config.smtp.username,
-                    password=config.smtp.password,
-                    starttls=config.smtp.starttls,
-                )
-                stack.push_async_callback(smtp.close)
-                sender = smtp
-            handler = EmailJobHandler(
-                template_service_pb2_grpc.TemplateServiceStub(templates),
-                sender,
-                mail_from=config.mail_from,
-                rpc_timeout=config.rpc_timeout,
+def build_providers(config: Config) -> list[EmailProvider]:
+    """The configured providers, in ``config.providers`` order."""
+    providers: list[EmailProvider] = []
+    for name in config.providers:
+        if name == "smtp":
+            providers.append(SmtpProvider(config.smtp))
+        elif name == "sendgrid" and config.sendgrid is not None:
+            sg = config.sendgrid
+            providers.append(
+                SendGridProvider(api_key=sg.api_key, base_url=sg.url, timeout=sg.timeout)
             )
-            report = status_reporter(
-                user_service_pb2_grpc.UserServiceStub(users),
-                handler.channel,
-                timeout=config.rpc_timeout,
-            )
+    return providers
 
-            port = await start_worker(
-                stack,
-                config.common,
-                config.amqp_url,
-                config.topology,
-                handler,
-                store,
-                report,
-                RunnerSettings(prefetch=config.prefetch),
-            )
-            return cls(port, store, stack.pop_all())
 
-    async def stop(self) -> None:
-        """Drain and close, in reverse start order."""
-        await self._stack.aclose()
+async def start(config: Config, *, providers: Sequence[EmailProvider] | None = None) -> WorkerApp:
+    """Start consuming ``email.queue``; ``providers`` replace the configured ones (tests)."""
+
+    async def build(upstreams: Upstreams, stack: contextlib.AsyncExitStack) -> EmailJobHandler:
+        chain = ProviderChain("email", list(providers or build_providers(config)), config.breaker)
+        stack.push_async_callback(chain.close)
+        return EmailJobHandler(
+            upstreams.templates,
+            chain,
+            mail_from=config.mail_from,
+            rpc_timeout=config.worker.rpc_timeout,
+        )
+
+    return await WorkerApp.start(config.common, config.dsn, config.worker, build)

@@ -1,7 +1,8 @@
-"""The e-mail job handler (render, build, send) and the status reports to UserService.
+"""The e-mail job handler: render, check, and hand the e-mail to the provider chain.
 
-``notify_kit.worker.JobRunner`` owns the delivery guarantees; this module only says how
-an ``EmailJob`` becomes a sent message and which upstream failures are worth a retry.
+``notify_kit.jobs.runner.JobRunner`` owns the delivery guarantees and
+``notify_kit.jobs.providers.ProviderChain`` the failover between SMTP and SendGrid;
+this module only says how an ``EmailJob`` becomes an ``OutgoingEmail``.
 """
 
 from __future__ import annotations
@@ -9,26 +10,20 @@ from __future__ import annotations
 import logging
 from email.utils import parseaddr
 
-from notify.v1 import (
-    common_pb2,
-    jobs_pb2,
-    template_service_pb2,
-    template_service_pb2_grpc,
-)
+from notify.v1 import common_pb2, jobs_pb2, template_service_pb2_grpc
 
-from email_worker.mime import MessageError, build_message, check_address, format_address
-from email_worker.sender import EmailSender
+from email_worker.mime import MessageError, check_address, check_header_value, format_address
+from email_worker.outgoing import OutgoingEmail
 from notify_kit.amqp import EMAIL
-from notify_kit.worker import (
-    PermanentError,
-    render,
-)
+from notify_kit.jobs.errors import PermanentError
+from notify_kit.jobs.providers import ProviderChain, Sent
+from notify_kit.jobs.upstream import render
 
 log = logging.getLogger(__name__)
 
 
 class EmailJobHandler:
-    """Decodes ``EmailJob`` and delivers it: RenderTemplate, MIME bytes, ``EmailSender``."""
+    """Decodes ``EmailJob`` and delivers it: RenderTemplate, checks, the provider chain."""
 
     kind = EMAIL
     channel = common_pb2.CHANNEL_EMAIL
@@ -36,44 +31,33 @@ class EmailJobHandler:
     def __init__(
         self,
         templates: template_service_pb2_grpc.TemplateServiceStub,
-        sender: EmailSender,
+        chain: ProviderChain[OutgoingEmail, str],
         *,
         mail_from: str,
         rpc_timeout: float = 5.0,
     ) -> None:
         name, address = parseaddr(mail_from)
-        self._envelope_from = check_address(address)
-        self._from_header = format_address(name, address)
+        format_address(name, address)  # refuses a bad sender at start-up
+        self._from_name, self._from_address = name, address
         self._templates = templates
-        self._sender = sender
+        self.chain = chain
         self._rpc_timeout = rpc_timeout
 
     def decode(self, body: bytes) -> jobs_pb2.EmailJob:
         """Parse the queue body (``DecodeError`` when it is not an ``EmailJob``)."""
         return jobs_pb2.EmailJob.FromString(body)
 
-    async def send(self, job: jobs_pb2.EmailJob) -> str:
-        """Render the template, assemble the message, hand it to the sender."""
+    async def send(self, job: jobs_pb2.EmailJob) -> Sent[str]:
+        """Render the template, check what reaches a header, send through the chain.
+
+        Checked here, once for every provider: a bad address or a line break in the
+        recipient's name or the subject is permanent (header injection).
+        """
         try:
             check_address(job.to_address)
+            check_header_value("display name", job.to_name)
         except MessageError as exc:
             raise PermanentError(str(exc)) from exc
-        content = await self._render(job)
-        try:
-            message = build_message(
-                from_header=self._from_header,
-                to_address=job.to_address,
-                to_name=job.to_name,
-                subject=content.subject,
-                text_body=content.text_body,
-                html_body=content.html_body,
-                notification_id=job.meta.notification_id,
-            )
-        except MessageError as exc:
-            raise PermanentError(str(exc)) from exc
-        return await self._sender.send(self._envelope_from, [job.to_address], message)
-
-    async def _render(self, job: jobs_pb2.EmailJob) -> template_service_pb2.EmailContent:
         response = await render(
             self._templates,
             job.template_id,
@@ -82,5 +66,22 @@ class EmailJobHandler:
             job.variables,
             timeout=self._rpc_timeout,
         )
-        content: template_service_pb2.EmailContent = response.email
-        return content
+        content = response.email
+        try:
+            check_header_value("subject", content.subject)
+        except MessageError as exc:
+            raise PermanentError(str(exc)) from exc
+        email = OutgoingEmail(
+            notification_id=job.meta.notification_id,
+            from_name=self._from_name,
+            from_address=self._from_address,
+            to_name=job.to_name,
+            to_address=job.to_address,
+            subject=content.subject,
+            text_body=content.text_body,
+            html_body=content.html_body,
+        )
+        try:
+            return await self.chain.send(email)
+        except MessageError as exc:  # the MIME builder refused it (e.g. the id)
+            raise PermanentError(str(exc)) from exc

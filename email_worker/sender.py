@@ -1,9 +1,15 @@
-"""Handing finished messages to a mail transport: the real SMTP client and an in-memory one.
+"""E-mail providers: SMTP (a small pool of reused connections) and an in-memory one.
 
-The handler only sees ``EmailSender``; which failures are worth a retry is decided here,
-at the boundary, from the SMTP reply: a 5xx answer to MAIL, RCPT or DATA is permanent;
-4xx answers, timeouts, broken connections and a relay that refuses the session itself
-(greeting, EHLO, AUTH) are transient.
+Every provider takes an ``OutgoingEmail``; which failures are worth a retry is decided
+here, at the boundary, from the SMTP reply (one table, ``_classify``):
+
+* 5xx to MAIL, RCPT or DATA: permanent for this message (a 550 for one address is the
+  relay working: it does not count against the breaker);
+* 4xx, refused sessions (greeting, EHLO, STARTTLS, AUTH), timeouts and lost connections
+  before DATA: transient (the breaker counts them; another provider may take over);
+* a timeout or lost connection while the message itself is on the wire (after DATA was
+  accepted): ``OutcomeUnknown``. The relay may have queued it, and SMTP has no way to
+  ask; resending could deliver twice, so it is not failed over or retried.
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ import asyncio
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import aiosmtplib
 
-from notify_kit.worker import PermanentError, TransientError
+from email_worker.mime import build_message, format_address
+from email_worker.outgoing import OutgoingEmail
+from notify_kit.jobs.errors import OutcomeUnknown, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -27,126 +34,140 @@ _SESSION_ERRORS = (
 )
 
 
-class EmailSender(Protocol):
-    """Delivers one finished message to its recipients."""
+@dataclass(frozen=True, slots=True)
+class SmtpSettings:
+    """Where and how to hand mail to the relay."""
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> str:
-        """Return the transport's acceptance detail (e.g. the relay's queue id).
+    host: str = "127.0.0.1"
+    port: int = 1025
+    username: str | None = None
+    password: str | None = None
+    starttls: bool = False
+    timeout: float = 10.0
+    pool_size: int = 4
 
-        Raise ``PermanentError`` or ``TransientError`` when it was not accepted.
-        """
 
-
-class SmtpSender:
-    """One SMTP connection reused for every message, reopened when it was lost.
+class SmtpProvider:
+    """SMTP with up to ``pool_size`` reused connections, one transaction on each at a time.
 
     A new connection (TCP, EHLO, maybe STARTTLS and AUTH) costs several round trips, so
-    messages share one; the lock keeps transactions on it one at a time. A connection
-    the relay closed while idle is noticed before the next transaction and reopened; a
-    connection lost in the middle of one is a ``TransientError`` (the relay may or may
-    not have the message, so the retry queue decides, not a silent resend).
+    connections are kept and reused; a connection the relay closed while idle is
+    noticed before the next transaction and replaced. After any error whose effect on
+    the session is unknown the connection is dropped, never reused.
     """
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        timeout: float,
-        username: str | None = None,
-        password: str | None = None,
-        starttls: bool = False,
-    ) -> None:
-        self._host = host
-        self._port = port
-        self._timeout = timeout
-        self._username = username
-        self._password = password
-        self._starttls = starttls
-        self._lock = asyncio.Lock()
-        self._smtp: aiosmtplib.SMTP | None = None
+    name = "smtp"
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> str:
-        """Run one mail transaction, connecting first when needed."""
-        async with self._lock:
+    def __init__(self, settings: SmtpSettings) -> None:
+        self._settings = settings
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots = asyncio.Semaphore(settings.pool_size)
+        self._closed = False
+
+    async def send(self, email: OutgoingEmail) -> str:
+        """Run one mail transaction on a pooled connection; return the relay's reply."""
+        message = build_message(
+            from_header=format_address(email.from_name, email.from_address),
+            to_address=email.to_address,
+            to_name=email.to_name,
+            subject=email.subject,
+            text_body=email.text_body,
+            html_body=email.html_body,
+            notification_id=email.notification_id,
+        )
+        timeout = self._settings.timeout
+        async with self._slots:
+            smtp: aiosmtplib.SMTP | None = None
+            in_data = False
             try:
-                smtp = await self._connected()
-                _, reply = await smtp.sendmail(sender, recipients, message, timeout=self._timeout)
-            except aiosmtplib.SMTPRecipientsRefused as exc:
-                detail = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
-                if all(refused.code >= 500 for refused in exc.recipients):
-                    raise PermanentError(f"recipient refused: {detail}") from exc
-                raise TransientError(f"recipient deferred: {detail}") from exc
-            except _SESSION_ERRORS as exc:
-                # Greeting, EHLO or AUTH refused: the relay's or our configuration's
-                # fault, not this message's; retry rather than dead-letter it at once.
-                await self._drop()
-                raise TransientError(f"SMTP session: {exc.code} {exc.message}") from exc
+                smtp = await self._connection()
+                await smtp.mail(email.from_address, timeout=timeout)
+                await smtp.rcpt(email.to_address, timeout=timeout)
+                in_data = True
+                reply = await smtp.data(message, timeout=timeout)
             except aiosmtplib.SMTPResponseException as exc:
-                # MAIL, RCPT or DATA refused; sendmail already reset the envelope.
+                if isinstance(exc, _SESSION_ERRORS):
+                    _drop(smtp)  # greeting, EHLO or AUTH refused: not this message
+                    smtp = None
+                    raise TransientError(f"SMTP session: {exc.code} {exc.message}") from exc
+                smtp = await _reset(smtp, timeout)
                 if exc.code >= 500:
                     raise PermanentError(f"SMTP {exc.code} {exc.message}") from exc
                 raise TransientError(f"SMTP {exc.code} {exc.message}") from exc
             except (aiosmtplib.SMTPNotSupported, ValueError) as exc:
+                smtp = await _reset(smtp, timeout)
                 raise PermanentError(f"cannot send: {exc}") from exc
             except (aiosmtplib.SMTPException, TimeoutError, OSError) as exc:
-                # Timeouts and lost connections leave the session in an unknown state.
-                await self._drop()
+                _drop(smtp)
+                smtp = None
+                if in_data:
+                    raise OutcomeUnknown(f"SMTP connection lost during DATA: {exc!r}") from exc
                 raise TransientError(f"SMTP connection: {exc!r}") from exc
-            return reply
+            finally:
+                if smtp is not None and smtp.is_connected and not self._closed:
+                    self._idle.append(smtp)
+                elif smtp is not None:
+                    smtp.close()
+            return f"{reply.code} {reply.message}"
 
     async def close(self) -> None:
-        """Say QUIT politely (bounded by the timeout) and forget the connection."""
-        async with self._lock:
-            smtp, self._smtp = self._smtp, None
-            if smtp is not None and smtp.is_connected:
-                try:
-                    await smtp.quit(timeout=self._timeout)
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    smtp.close()
+        """Say QUIT on every idle connection (bounded by the timeout)."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for smtp in idle:
+            try:
+                await smtp.quit(timeout=self._settings.timeout)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                smtp.close()
 
-    async def _connected(self) -> aiosmtplib.SMTP:
-        if self._smtp is not None and self._smtp.is_connected:
-            return self._smtp
+    async def _connection(self) -> aiosmtplib.SMTP:
+        while self._idle:
+            smtp = self._idle.pop()
+            if smtp.is_connected:
+                return smtp
+        s = self._settings
         smtp = aiosmtplib.SMTP(
-            hostname=self._host,
-            port=self._port,
-            timeout=self._timeout,
-            start_tls=self._starttls,
-            username=self._username,
-            password=self._password,
+            hostname=s.host,
+            port=s.port,
+            timeout=s.timeout,
+            start_tls=s.starttls,
+            username=s.username,
+            password=s.password,
             local_hostname=socket.gethostname(),
         )
         await smtp.connect()
-        log.info("SMTP connected to %s:%s", self._host, self._port)
-        self._smtp = smtp
+        log.info("SMTP connected to %s:%s", s.host, s.port)
         return smtp
 
-    async def _drop(self) -> None:
-        """Forget a connection whose state is unknown after an error."""
-        smtp, self._smtp = self._smtp, None
-        if smtp is not None:
-            smtp.close()
+
+def _drop(smtp: aiosmtplib.SMTP | None) -> None:
+    """Forget a connection whose state is unknown after an error."""
+    if smtp is not None:
+        smtp.close()
 
 
-@dataclass(frozen=True, slots=True)
-class SentMessage:
-    """What ``InMemorySender`` was given."""
-
-    sender: str
-    recipients: list[str]
-    message: bytes
+async def _reset(smtp: aiosmtplib.SMTP | None, timeout: float) -> aiosmtplib.SMTP | None:
+    """RSET after a refused command so the connection can be reused; drop it if that fails."""
+    if smtp is None:
+        return None
+    try:
+        await smtp.rset(timeout=timeout)
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        smtp.close()
+        return None
+    return smtp
 
 
 @dataclass
-class InMemorySender:
-    """Records messages instead of sending them; can be told to fail first.
+class InMemoryEmailProvider:
+    """Records e-mails instead of sending them; can be told to fail first.
 
     ``fail_next(n)`` makes the next ``n`` sends raise ``TransientError`` (or
     ``PermanentError`` with ``permanent=True``) before anything is recorded.
     """
 
-    sent: list[SentMessage] = field(default_factory=list)
+    name: str = "memory"
+    sent: list[OutgoingEmail] = field(default_factory=list)
     _failures: int = field(default=0, init=False, repr=False)
     _permanent: bool = field(default=False, init=False, repr=False)
 
@@ -155,12 +176,15 @@ class InMemorySender:
         self._failures = count
         self._permanent = permanent
 
-    async def send(self, sender: str, recipients: list[str], message: bytes) -> str:
-        """Record the message, or fail as told."""
+    async def send(self, email: OutgoingEmail) -> str:
+        """Record the e-mail, or fail as told."""
         if self._failures > 0:
             self._failures -= 1
             if self._permanent:
-                raise PermanentError("in-memory sender told to fail permanently")
-            raise TransientError("in-memory sender told to fail transiently")
-        self.sent.append(SentMessage(sender, list(recipients), message))
+                raise PermanentError("in-memory provider told to fail permanently")
+            raise TransientError("in-memory provider told to fail transiently")
+        self.sent.append(email)
         return f"in-memory-{len(self.sent)}"
+
+    async def close(self) -> None:
+        """Nothing to release."""

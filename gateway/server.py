@@ -251,7 +251,9 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             job = jobs_pb2.PushJob(
                 meta=meta,
                 targets=[
-                    jobs_pb2.PushTarget(device_id=d.id, token=d.token, platform=d.platform)
+                    jobs_pb2.PushTarget(
+                        device_id=d.id, token=d.token, platform=d.platform, token_type=d.token_type
+                    )
                     for d in profile.devices
                 ],
                 template_id=request.template_id,

@@ -1,22 +1,23 @@
-"""Sending push notifications: FCM through firebase-admin, and an in-memory sender.
+"""Push providers: FCM HTTP v1 through firebase-admin, and an in-memory one.
 
-A push goes to every device of the user; the sender reports what happened per device
+A push goes to every device of the user; a provider reports what happened per device
 and the handler decides what that means for the job (delivered when any device took
 it). FCM errors are classified here, at the boundary: ``UNREGISTERED`` means the token
 is dead, throttling, outages and timeouts are transient, anything else is a bad target.
+A device is addressed by what it registered: a registration token as ``token``, a
+Firebase installation ID as ``fid``; FCM cannot reach a OneSignal subscription.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import firebase_admin
 import google.auth.exceptions
@@ -24,7 +25,8 @@ import google.auth.transport.requests
 import requests
 from firebase_admin import credentials, exceptions, messaging
 
-from notify_kit.worker import TransientError
+from notify_kit.jobs.errors import TransientError
+from push_worker.outgoing import Outcome, OutgoingPush, PushResult, Target, TargetKind, TargetResult
 
 log = logging.getLogger(__name__)
 
@@ -42,45 +44,7 @@ _TRANSIENT_FCM = (
 )
 
 
-class Outcome(enum.Enum):
-    """What happened to the push on one device."""
-
-    DELIVERED = "delivered"
-    UNREGISTERED = "unregistered"  # the token is dead: remove it from the user
-    INVALID = "invalid"  # this target will never work (bad token, wrong sender, ...)
-    TRANSIENT = "transient"  # might work later (outage, throttling, timeout)
-
-
-@dataclass(frozen=True, slots=True)
-class TargetResult:
-    """One device's result: the provider's message id, or why it failed."""
-
-    token: str
-    outcome: Outcome
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class PushResult:
-    """Every target's result, in the order the targets were given."""
-
-    results: list[TargetResult]
-
-    def of(self, outcome: Outcome) -> list[TargetResult]:
-        """The targets that ended with ``outcome``."""
-        return [r for r in self.results if r.outcome is outcome]
-
-
-class PushSender(Protocol):
-    """Sends one notification to a set of device tokens."""
-
-    async def send(
-        self, tokens: Sequence[str], title: str, body: str, data: Mapping[str, str]
-    ) -> PushResult:
-        """Return a result per token; raise ``TransientError`` when nothing could be tried."""
-
-
-class FcmSender:
+class FcmProvider:
     """FCM HTTP v1 through firebase-admin's async client, one Firebase app per sender.
 
     firebase-admin refreshes its OAuth2 token with a blocking HTTP call from inside its
@@ -89,6 +53,9 @@ class FcmSender:
     valid one. It also retries 500/503 on its own (up to 4 times with backoff); the
     whole batch is bounded by ``3 * timeout``.
     """
+
+    name = "fcm"
+    kinds = frozenset({TargetKind.FCM_TOKEN, TargetKind.FCM_FID})
 
     def __init__(self, credentials_path: Path, *, url: str, timeout: float) -> None:
         # firebase-admin has no emulator setting: the URL is a class attribute read when
@@ -105,32 +72,30 @@ class FcmSender:
         self._session = requests.Session()
         self._refresh_lock = asyncio.Lock()
 
-    async def send(
-        self, tokens: Sequence[str], title: str, body: str, data: Mapping[str, str]
-    ) -> PushResult:
-        """Send to every token (in batches of 500) and classify each answer."""
+    async def send(self, push: OutgoingPush) -> PushResult:
+        """Send to every FCM target (in batches of 500) and classify each answer."""
         await self._ensure_access_token()
+        data = {**push.data, "notification_id": push.notification_id}
         results: list[TargetResult] = []
-        for start in range(0, len(tokens), FCM_BATCH_LIMIT):
-            batch = list(tokens[start : start + FCM_BATCH_LIMIT])
+        targets = [t for t in push.targets if t.kind in self.kinds]
+        for start in range(0, len(targets), FCM_BATCH_LIMIT):
+            batch = targets[start : start + FCM_BATCH_LIMIT]
             messages = [
-                messaging.Message(
-                    fid=token,
-                    notification=messaging.Notification(title=title, body=body),
-                    data=dict(data),
-                )
-                for token in batch
+                _message(t, messaging.Notification(title=push.title, body=push.body), data)
+                for t in batch
             ]
             try:
                 async with asyncio.timeout(3 * self._timeout):
                     response = await messaging.send_each_async(messages, app=self._app)
             except (TimeoutError, exceptions.FirebaseError) as exc:
-                results += [TargetResult(t, Outcome.TRANSIENT, repr(exc)) for t in batch]
+                results += [TargetResult(t.address, Outcome.TRANSIENT, repr(exc)) for t in batch]
                 continue
             except ValueError as exc:  # firebase-admin refused to encode the messages
-                results += [TargetResult(t, Outcome.INVALID, str(exc)) for t in batch]
+                results += [TargetResult(t.address, Outcome.INVALID, str(exc)) for t in batch]
                 continue
-            results += [_classify(t, r) for t, r in zip(batch, response.responses, strict=True)]
+            results += [
+                _classify(t.address, r) for t, r in zip(batch, response.responses, strict=True)
+            ]
         return PushResult(results)
 
     async def close(self) -> None:
@@ -158,6 +123,19 @@ class FcmSender:
             log.info("FCM access token refreshed")
 
 
+def _message(
+    target: Target, notification: messaging.Notification, data: dict[str, str]
+) -> messaging.Message:
+    """The FCM message for one device, addressed in the field its kind belongs in."""
+    if target.kind is TargetKind.FCM_FID:
+        return messaging.Message(fid=target.address, notification=notification, data=data)
+    # firebase-admin 7.5+ marks ``token`` deprecated in favour of ``fid``, but they are
+    # different identifiers: a registration token is still sent as ``token``.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Message.token is deprecated", DeprecationWarning)
+        return messaging.Message(token=target.address, notification=notification, data=data)
+
+
 def _classify(token: str, response: Any) -> TargetResult:
     if response.success:
         return TargetResult(token, Outcome.DELIVERED, str(response.message_id))
@@ -169,25 +147,17 @@ def _classify(token: str, response: Any) -> TargetResult:
     return TargetResult(token, Outcome.INVALID, f"{type(error).__name__}: {error}")
 
 
-@dataclass(frozen=True, slots=True)
-class SentPush:
-    """What ``InMemoryPushSender`` accepted for one device."""
-
-    token: str
-    title: str
-    body: str
-    data: dict[str, str]
-
-
 @dataclass
-class InMemoryPushSender:
+class InMemoryPushProvider:
     """Records pushes instead of sending them.
 
-    Tokens in ``unregistered`` (or starting with ``unregistered``) come back
+    Addresses in ``unregistered`` (or starting with ``unregistered``) come back
     UNREGISTERED; ``fail_next(n)`` makes every target of the next ``n`` sends TRANSIENT.
     """
 
-    sent: list[SentPush] = field(default_factory=list)
+    name: str = "memory"
+    kinds: frozenset[TargetKind] = frozenset(TargetKind)
+    sent: list[tuple[Target, OutgoingPush]] = field(default_factory=list)
     unregistered: set[str] = field(default_factory=set)
     _failures: int = field(default=0, init=False, repr=False)
 
@@ -195,18 +165,22 @@ class InMemoryPushSender:
         """Make the next ``count`` sends fail transiently on every target."""
         self._failures = count
 
-    async def send(
-        self, tokens: Sequence[str], title: str, body: str, data: Mapping[str, str]
-    ) -> PushResult:
+    async def send(self, push: OutgoingPush) -> PushResult:
         """Record each deliverable target; report the others as told."""
         if self._failures > 0:
             self._failures -= 1
-            return PushResult([TargetResult(t, Outcome.TRANSIENT, "told to fail") for t in tokens])
+            return PushResult(
+                [TargetResult(t.address, Outcome.TRANSIENT, "told to fail") for t in push.targets]
+            )
         results = []
-        for token in tokens:
-            if token in self.unregistered or token.startswith("unregistered"):
-                results.append(TargetResult(token, Outcome.UNREGISTERED, "unregistered"))
+        for target in push.targets:
+            address = target.address
+            if address in self.unregistered or address.startswith("unregistered"):
+                results.append(TargetResult(address, Outcome.UNREGISTERED, "unregistered"))
                 continue
-            self.sent.append(SentPush(token, title, body, dict(data)))
-            results.append(TargetResult(token, Outcome.DELIVERED, f"in-memory-{len(self.sent)}"))
+            self.sent.append((target, push))
+            results.append(TargetResult(address, Outcome.DELIVERED, f"in-memory-{len(self.sent)}"))
         return PushResult(results)
+
+    async def close(self) -> None:
+        """Nothing to release."""

@@ -11,7 +11,9 @@ Both halves are checked the way Google does:
   ``invalid_grant``).
 * ``POST /v1/projects/{project}/messages:send``: needs one of those bearer tokens, for
   that project (401/403 otherwise), and a ``message`` with exactly one of ``token``,
-  ``fid``, ``topic``, ``condition`` (400 ``INVALID_ARGUMENT`` otherwise).
+  ``fid``, ``topic``, ``condition`` (400 ``INVALID_ARGUMENT`` otherwise); an ``fid`` must
+  look like a Firebase installation ID and a ``token`` must not, so a device sent in the
+  wrong field is caught.
 
 Device tokens starting with ``unregistered`` get 404 ``UNREGISTERED`` and those starting
 with ``unavailable`` get 503, like a dead device and an FCM outage. ``fail_next`` makes
@@ -28,6 +30,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -52,6 +55,8 @@ BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
 TOKEN_LIFETIME = 3600
 CLOCK_SKEW = 60
 TARGET_FIELDS = ("token", "fid", "topic", "condition")
+# The format of a Firebase installation ID: 22 characters of base64url, first c, d, e or f.
+FID = re.compile(r"[cdef][A-Za-z0-9_-]{21}")
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -306,6 +311,12 @@ def _validate(message: object) -> tuple[str, str] | None:
         return "message", "exactly one of token, fid, topic or condition is required"
     if not isinstance(message[targets[0]], str):
         return f"message.{targets[0]}", "must be a string"
+    # A Firebase installation ID has a fixed shape; a registration token never has it.
+    # Sending one in the other's field is a client bug real FCM refuses too.
+    if targets[0] == "fid" and not FID.fullmatch(message["fid"]):
+        return "message.fid", "not a Firebase installation ID (is it a registration token?)"
+    if targets[0] == "token" and FID.fullmatch(message["token"]):
+        return "message.token", "an installation ID belongs in message.fid"
     data = message.get("data", {})
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in data.items()

@@ -7,6 +7,7 @@ tests (``tests/worker_support.py``); what is here is the e-mail worker's own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.policy
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,14 +22,17 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2
 from notify.v1 import common_pb2, jobs_pb2, template_service_pb2, template_service_pb2_grpc
 
+from email_worker import app as email_app
 from email_worker import mime
-from email_worker.app import App
-from email_worker.config import Config, SmtpConfig
-from email_worker.sender import InMemorySender, SmtpSender
+from email_worker.config import Config
+from email_worker.outgoing import OutgoingEmail
+from email_worker.sender import InMemoryEmailProvider, SmtpProvider, SmtpSettings
 from notify_kit.amqp import EMAIL, Topology
+from notify_kit.breaker import BreakerSettings, State
 from notify_kit.errors import NotFound
+from notify_kit.jobs.app import WorkerApp
+from notify_kit.jobs.errors import OutcomeUnknown, PermanentError, TransientError
 from notify_kit.settings import SettingsError, TlsSettings
-from notify_kit.worker import PermanentError, TransientError
 from scripts.mailcatcher import MailCatcher
 from tests import worker_support
 from tests.worker_support import (
@@ -105,14 +109,14 @@ async def config(
 ) -> Config:
     return Config(
         **await config_fields("email_worker"),
-        smtp=SmtpConfig(host="127.0.0.1", port=catcher.port, timeout=5.0),
+        smtp=SmtpSettings(host="127.0.0.1", port=catcher.port, timeout=5.0),
     )
 
 
 @pytest.fixture(scope="module")
-def launch(config: Config) -> Callable[..., Awaitable[App]]:
+def launch(config: Config) -> Callable[..., Awaitable[WorkerApp]]:
     """How ``start_worker`` starts this worker: real SMTP unless a ``sender`` is given."""
-    return partial(App.start, config)
+    return partial(email_app.start, config)
 
 
 def email_job(
@@ -146,7 +150,7 @@ async def mail_for(catcher: MailCatcher, nid: str) -> EmailMessage:
 
 
 async def test_delivers_rendered_mail_and_reports_delivered(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     templates: FixedTemplates,
@@ -185,11 +189,11 @@ async def test_delivers_rendered_mail_and_reports_delivered(
 
 
 async def test_transient_failure_is_retried_then_delivered(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
 ) -> None:
-    sender = InMemorySender()
+    sender = InMemoryEmailProvider()
     sender.fail_next(1)
     app = await start_worker(sender)
     job = email_job()
@@ -200,18 +204,65 @@ async def test_transient_failure_is_retried_then_delivered(
     assert statuses(updates) == [SENDING, RETRYING, SENDING, DELIVERED]
     assert [u.attempt for u in updates] == [1, 1, 2, 2]
     assert len(sender.sent) == 1
-    assert sender.sent[0].recipients == ["ana@example.com"]
+    assert sender.sent[0].to_address == "ana@example.com"
     history = await app.store.history(nid)
     assert [(a.attempt, a.status) for a in history] == [(1, "RETRYING"), (2, "DELIVERED")]
 
 
+async def test_smtp_outage_fails_over_to_sendgrid_and_opens_the_breaker(
+    start_worker: Callable[..., Awaitable[WorkerApp]],
+    broker: Broker,
+    users: RecordingUsers,
+) -> None:
+    smtp, sendgrid = InMemoryEmailProvider(name="smtp"), InMemoryEmailProvider(name="sendgrid")
+    smtp.fail_next(1_000)
+    app = await start_worker(smtp, sendgrid)
+    jobs = [email_job() for _ in range(8)]
+    for job in jobs:
+        await publish(broker[0], EMAIL, job.SerializeToString(), job.meta.notification_id)
+    for job in jobs:
+        nid = job.meta.notification_id
+        updates = await users.wait_status(nid, DELIVERED)
+        assert statuses(updates) == [SENDING, DELIVERED]  # no attempt spent on the outage
+        assert updates[-1].detail.startswith("sendgrid: in-memory-")
+        assert [(a.status, a.provider) for a in await app.store.history(nid)] == [
+            ("DELIVERED", "sendgrid")
+        ]
+    chain = app.runner.handler.chain  # type: ignore[attr-defined]
+    assert chain.breakers["smtp"].state is State.OPEN
+    assert 5 <= 1_000 - smtp._failures <= 8  # only the threshold's worth reached SMTP
+
+
+async def test_every_provider_down_holds_the_queue_until_a_probe_succeeds(
+    config: Config,
+    broker: Broker,
+    users: RecordingUsers,
+) -> None:
+    smtp, sendgrid = InMemoryEmailProvider(name="smtp"), InMemoryEmailProvider(name="sendgrid")
+    smtp.fail_next(2)
+    sendgrid.fail_next(2)
+    quick = dataclasses.replace(config, breaker=BreakerSettings(2, 30.0, 0.5, 1))
+    app = await email_app.start(quick, providers=[smtp, sendgrid])
+    try:
+        jobs = [email_job() for _ in range(6)]
+        for job in jobs:
+            await publish(broker[0], EMAIL, job.SerializeToString(), job.meta.notification_id)
+        for job in jobs:
+            updates = await users.wait_status(job.meta.notification_id, DELIVERED)
+            assert FAILED not in statuses(updates)
+            assert max(u.attempt for u in updates) <= 2  # the outage spent one attempt at most
+        assert len(smtp.sent) + len(sendgrid.sent) == 6
+    finally:
+        await app.stop()
+
+
 async def test_retries_run_out_into_the_failed_queue(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     topo: Topology,
 ) -> None:
-    sender = InMemorySender()
+    sender = InMemoryEmailProvider()
     sender.fail_next(topo.max_attempts)
     await start_worker(sender)
     job = email_job()
@@ -228,7 +279,7 @@ async def test_retries_run_out_into_the_failed_queue(
 
 
 async def test_smtp_rejection_fails_permanently(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
 ) -> None:
@@ -247,7 +298,7 @@ async def test_smtp_rejection_fails_permanently(
 
 
 async def test_failed_report_after_dead_lettering_does_not_send_or_dead_letter_again(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
 ) -> None:
@@ -266,7 +317,7 @@ async def test_failed_report_after_dead_lettering_does_not_send_or_dead_letter_a
 
 
 async def test_unknown_template_fails_permanently(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
 ) -> None:
@@ -282,7 +333,7 @@ async def test_unknown_template_fails_permanently(
 
 
 async def test_header_injection_fails_permanently(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     catcher: MailCatcher,
@@ -300,7 +351,7 @@ async def test_header_injection_fails_permanently(
 
 
 async def test_undecodable_message_is_dead_lettered_and_work_goes_on(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
 ) -> None:
@@ -317,7 +368,7 @@ async def test_undecodable_message_is_dead_lettered_and_work_goes_on(
 
 
 async def test_redelivered_job_is_not_sent_twice(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     catcher: MailCatcher,
@@ -338,7 +389,7 @@ async def test_redelivered_job_is_not_sent_twice(
 
 
 async def test_expired_job_is_not_sent(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     catcher: MailCatcher,
@@ -367,38 +418,68 @@ async def smtp_peer() -> AsyncIterator[tuple[MailCatcher, int]]:
     await mail.stop()
 
 
-MESSAGE = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: hi\r\n\r\nbody\r\n"
+def outgoing(to: str = "b@example.com", nid: str | None = None) -> OutgoingEmail:
+    return OutgoingEmail(
+        notification_id=nid or str(uuid.uuid4()),
+        from_name="",
+        from_address="a@example.com",
+        to_name="",
+        to_address=to,
+        subject="hi",
+        text_body="body",
+        html_body="",
+    )
 
 
-async def test_smtp_sender_classifies_replies(smtp_peer: tuple[MailCatcher, int]) -> None:
+def smtp_to(port: int, timeout: float = 5.0, pool_size: int = 4) -> SmtpProvider:
+    return SmtpProvider(
+        SmtpSettings(host="127.0.0.1", port=port, timeout=timeout, pool_size=pool_size)
+    )
+
+
+async def test_smtp_provider_classifies_replies(smtp_peer: tuple[MailCatcher, int]) -> None:
     mail, port = smtp_peer
-    sender = SmtpSender("127.0.0.1", port, timeout=5.0)
+    sender = smtp_to(port, pool_size=1)
     try:
-        reply = await sender.send("a@example.com", ["b@example.com"], MESSAGE)
+        reply = await sender.send(outgoing())
         assert "queued" in reply
         with pytest.raises(PermanentError):
-            await sender.send("a@example.com", ["reject@example.com"], MESSAGE)
+            await sender.send(outgoing("reject@example.com"))
         with pytest.raises(TransientError):
-            await sender.send("a@example.com", ["defer@example.com"], MESSAGE)
-        # The session survives refusals: the next message goes through.
-        await sender.send("a@example.com", ["c@example.com"], MESSAGE)
+            await sender.send(outgoing("defer@example.com"))
+        # The session survives refusals: the next message goes through on it.
+        await sender.send(outgoing("c@example.com"))
         assert [m["Subject"] for m in await mail.wait_for(2, WAIT)] == ["hi", "hi"]
+        assert len(mail._sessions) == 1
     finally:
         await sender.close()
 
 
-async def test_smtp_sender_reconnects_after_the_relay_dropped_it(
+async def test_smtp_provider_reuses_a_small_pool_of_connections(
     smtp_peer: tuple[MailCatcher, int],
 ) -> None:
     mail, port = smtp_peer
-    sender = SmtpSender("127.0.0.1", port, timeout=5.0)
+    sender = smtp_to(port, pool_size=3)
     try:
-        await sender.send("a@example.com", ["b@example.com"], MESSAGE)
+        await asyncio.gather(*(sender.send(outgoing()) for _ in range(12)))
+        assert len(await mail.wait_for(12, WAIT)) == 12
+        assert 1 <= len(mail._sessions) <= 3
+    finally:
+        await sender.close()
+
+
+async def test_smtp_provider_reconnects_after_the_relay_dropped_it(
+    smtp_peer: tuple[MailCatcher, int],
+) -> None:
+    mail, port = smtp_peer
+    sender = smtp_to(port)
+    try:
+        await sender.send(outgoing())
         await mail.stop()  # closes the open session too
         restarted = MailCatcher()
         await restarted.start("127.0.0.1", port)
         try:
-            await sender.send("a@example.com", ["b@example.com"], MESSAGE)
+            await sender.send(outgoing())
             assert len(await restarted.wait_for(1, WAIT)) == 1
         finally:
             await restarted.stop()
@@ -406,15 +487,45 @@ async def test_smtp_sender_reconnects_after_the_relay_dropped_it(
         await sender.close()
 
 
-async def test_smtp_sender_unreachable_relay_is_transient(
+async def test_smtp_provider_unreachable_relay_is_transient(
     smtp_peer: tuple[MailCatcher, int],
 ) -> None:
     mail, port = smtp_peer
     await mail.stop()
-    sender = SmtpSender("127.0.0.1", port, timeout=2.0)
-    with pytest.raises(TransientError):
-        await sender.send("a@example.com", ["b@example.com"], MESSAGE)
+    sender = smtp_to(port, timeout=2.0)
+    with pytest.raises(TransientError) as caught:
+        await sender.send(outgoing())
+    assert not isinstance(caught.value, OutcomeUnknown)
     await sender.close()
+
+
+async def test_smtp_provider_timeout_during_data_is_outcome_unknown() -> None:
+    """A relay that takes the message but never answers the final dot."""
+
+    async def silent_after_data(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith((b"EHLO", b"HELO")):
+                writer.write(b"250 ok\r\n")
+            elif line.upper().startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+            elif line.rstrip() == b".":
+                continue  # never answer: the outcome is unknown
+            elif line.upper().startswith((b"MAIL", b"RCPT")):
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(silent_after_data, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = smtp_to(port, timeout=0.5)
+    try:
+        with pytest.raises(OutcomeUnknown):
+            await sender.send(outgoing())
+    finally:
+        await sender.close()
+        server.close()
+        await server.wait_closed()
 
 
 # --- message assembly and configuration -----------------------------------------------
@@ -494,9 +605,10 @@ def test_config_from_env(certs_dir: Path) -> None:
     config = Config.from_env(env)
     assert config.common.listen == "127.0.0.1:50054"
     assert config.dsn == "postgresql://postgres@127.0.0.1:5432/notify_email"
-    assert config.topology == Topology(prefix="")
-    assert config.smtp == SmtpConfig()
-    assert config.prefetch == 32
+    assert config.worker.topology == Topology(prefix="")
+    assert config.smtp == SmtpSettings()
+    assert config.worker.runner.prefetch == 32
+    assert config.providers == ("smtp",) and config.sendgrid is None
 
     env |= {
         "NOTIFY_AMQP_PREFIX": "dev.",
@@ -506,9 +618,21 @@ def test_config_from_env(certs_dir: Path) -> None:
         "NOTIFY_SMTP_PASSWORD": "p",
     }
     config = Config.from_env(env)
-    assert config.topology.queue(EMAIL) == "dev.email.queue"
+    assert config.worker.topology.queue(EMAIL) == "dev.email.queue"
     assert (config.smtp.port, config.smtp.starttls, config.smtp.username) == (2525, True, "u")
     with pytest.raises(SettingsError):
         Config.from_env({**env, "NOTIFY_SMTP_STARTTLS": "yes"})
     with pytest.raises(SettingsError):
         Config.from_env({**env, "NOTIFY_SMTP_PASSWORD": ""})
+
+    sendgrid = {**env, "NOTIFY_SENDGRID_API_KEY": "SG.k", "NOTIFY_SENDGRID_URL": "http://x:1"}
+    config = Config.from_env(sendgrid)
+    assert config.providers == ("smtp", "sendgrid")
+    assert config.sendgrid is not None and config.sendgrid.url == "http://x:1"
+    config = Config.from_env({**sendgrid, "NOTIFY_EMAIL_PROVIDERS": "sendgrid,smtp"})
+    assert config.providers == ("sendgrid", "smtp")
+    assert Config.from_env({**env, "NOTIFY_EMAIL_PROVIDERS": "sendgrid,smtp"}).providers == (
+        "smtp",
+    )
+    with pytest.raises(SettingsError):
+        Config.from_env({**env, "NOTIFY_EMAIL_PROVIDERS": "smtp,carrier-pigeon"})

@@ -249,7 +249,8 @@ class _HangingQueue:
 
 
 async def test_worker_stop_is_bounded_when_the_broker_is_gone() -> None:
-    from notify_kit.worker import JobRunner, RunnerSettings  # noqa: PLC0415
+    from notify_kit.jobs.runner import JobRunner  # noqa: PLC0415
+    from notify_kit.jobs.settings import RunnerSettings  # noqa: PLC0415
 
     unused: Any = None  # stop() touches none of the collaborators
     runner: JobRunner[Any] = JobRunner(

@@ -7,6 +7,7 @@ import base64
 import json
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -214,14 +215,16 @@ async def test_fcm_send_validates_and_answers_like_fcm(
     for malformed in (
         {"notification": {"title": "t"}},  # no target
         {"token": "a", "fid": "b"},  # two targets
-        {"fid": "a", "data": {"n": 1}},  # data values must be strings
+        {"token": "a", "data": {"n": 1}},  # data values must be strings
+        {"fid": "tok-1"},  # a registration token in the installation-ID field
+        {"token": "cAbCdEfGhIjKlMnOpQrStU"},  # an installation ID in the token field
         "not an object",
     ):
         status, body = await send(malformed)
         assert status == 400, malformed
         assert body["error"]["status"] == "INVALID_ARGUMENT"
 
-    status, body = await send({"fid": "unregistered-1"})
+    status, body = await send({"token": "unregistered-1"})
     assert status == 404
     assert body["error"]["status"] == "NOT_FOUND"
     assert body["error"]["details"] == [{"@type": FCM_ERROR, "errorCode": "UNREGISTERED"}]
@@ -230,7 +233,7 @@ async def test_fcm_send_validates_and_answers_like_fcm(
     assert (status, body["error"]["status"]) == (503, "UNAVAILABLE")
 
     fake.fail_next(1, 429)
-    status, body = await send({"fid": "device-1"})
+    status, body = await send({"token": "device-1"})
     assert (status, body["error"]["status"]) == (429, "RESOURCE_EXHAUSTED")
 
     status, body = await send({"token": "device-1", "data": {"k": "v"}})
@@ -254,18 +257,21 @@ async def test_real_firebase_admin_sends_through_the_fake(
     try:
         # The synchronous client blocks, and the fake runs on this loop: use a thread.
         message = messaging.Message(
-            fid="device-42",
+            fid="dDevice42abcdefghijklm",
             notification=messaging.Notification(title="Hello", body="World"),
             data={"notification_id": "n-1"},
         )
         name = await asyncio.to_thread(messaging.send, message, app=app)
         assert name == "projects/proj-fb/messages/1"
+        with warnings.catch_warnings():  # ``token`` is right for a registration token
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dead = messaging.Message(token="unregistered-x")
         with pytest.raises(messaging.UnregisteredError):
-            await asyncio.to_thread(
-                messaging.send, messaging.Message(fid="unregistered-x"), app=app
-            )
+            await asyncio.to_thread(messaging.send, dead, app=app)
+        with pytest.raises(messaging.exceptions.InvalidArgumentError):  # not an installation ID
+            await asyncio.to_thread(messaging.send, messaging.Message(fid="tok-1"), app=app)
         received = await fake.wait_for(1, WAIT)
-        assert received[0]["fid"] == "device-42"
+        assert received[0]["fid"] == "dDevice42abcdefghijklm"
         assert received[0]["notification"] == {"title": "Hello", "body": "World"}
         assert received[0]["data"] == {"notification_id": "n-1"}
     finally:
@@ -281,4 +287,4 @@ async def test_fcm_fake_lists_what_it_received(
     async with http.get(f"http://127.0.0.1:{fake.port}/messages") as resp:
         assert resp.status == 200
         listed = await resp.json()
-    assert len(listed) == before + 1 and listed[-1]["fid"] == "device-42"
+    assert len(listed) == before + 1 and listed[-1]["fid"] == "dDevice42abcdefghijklm"

@@ -28,12 +28,14 @@ from notify.v1 import (
 
 from notify_kit.amqp import PUSH, Topology
 from notify_kit.errors import NotFound
+from notify_kit.jobs.app import WorkerApp
+from notify_kit.jobs.errors import PermanentError, TransientError
 from notify_kit.settings import SettingsError, TlsSettings
-from notify_kit.worker import PermanentError, TransientError
+from push_worker import app as push_app
 from push_worker import consumer, sender
-from push_worker.app import App
 from push_worker.config import DEFAULT_FCM_URL, Config, FcmConfig
-from push_worker.sender import FcmSender, InMemoryPushSender, Outcome, PushResult, TargetResult
+from push_worker.outgoing import Outcome, OutgoingPush, PushResult, Target, TargetKind, TargetResult
+from push_worker.sender import FcmProvider, InMemoryPushProvider
 from scripts.fcm_fake import FcmFake
 from tests import worker_support
 from tests.worker_support import (
@@ -113,17 +115,27 @@ async def config(
 
 
 @pytest.fixture(scope="module")
-def launch(config: Config) -> Callable[..., Awaitable[App]]:
+def launch(config: Config) -> Callable[..., Awaitable[WorkerApp]]:
     """How ``start_worker`` starts this worker: real firebase-admin unless a ``sender`` is given."""
-    return partial(App.start, config)
+    return partial(push_app.start, config)
 
 
-def push_job(*tokens: str, template: str = "welcome", user: str = "user-1") -> jobs_pb2.PushJob:
+def push_job(
+    *tokens: str,
+    template: str = "welcome",
+    user: str = "user-1",
+    token_type: user_service_pb2.DeviceTokenType.ValueType = (
+        user_service_pb2.DEVICE_TOKEN_TYPE_UNSPECIFIED
+    ),
+) -> jobs_pb2.PushJob:
     job = jobs_pb2.PushJob(
         meta=job_meta(user),
         targets=[
             jobs_pb2.PushTarget(
-                device_id=f"dev-{i}", token=token, platform=user_service_pb2.DEVICE_PLATFORM_ANDROID
+                device_id=f"dev-{i}",
+                token=token,
+                platform=user_service_pb2.DEVICE_PLATFORM_ANDROID,
+                token_type=token_type,
             )
             for i, token in enumerate(tokens)
         ],
@@ -142,7 +154,7 @@ def pushes_for(fake: FcmFake, nid: str) -> list[dict[str, Any]]:
 
 
 async def test_pushes_to_every_device_through_firebase_admin(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     fcm: tuple[FcmFake, Path],
@@ -156,10 +168,10 @@ async def test_pushes_to_every_device_through_firebase_admin(
     updates = await users.wait_status(nid, DELIVERED)
     assert statuses(updates) == [SENDING, DELIVERED]
     assert {u.channel for u in updates} == {common_pb2.CHANNEL_PUSH}
-    assert updates[-1].detail.startswith("2/2 devices: projects/notify-test/messages/")
+    assert updates[-1].detail.startswith("fcm: 2/2 devices: projects/notify-test/messages/")
 
     pushes = pushes_for(fcm[0], nid)
-    assert sorted(p["fid"] for p in pushes) == ["device-a", "device-b"]
+    assert sorted(p["token"] for p in pushes) == ["device-a", "device-b"]
     assert pushes[0]["notification"] == {"title": "Hi Zoë", "body": "You have a new message"}
     assert [(a.attempt, a.status) for a in await app.store.history(nid)] == [(1, "DELIVERED")]
 
@@ -167,8 +179,29 @@ async def test_pushes_to_every_device_through_firebase_admin(
     assert await health_status(app.port, tls_for("operator")) == serving
 
 
+async def test_installation_ids_are_sent_as_fid(
+    start_worker: Callable[..., Awaitable[WorkerApp]],
+    broker: Broker,
+    users: RecordingUsers,
+    fcm: tuple[FcmFake, Path],
+) -> None:
+    await start_worker()
+    fid = "cAbCdEfGhIjKlMnOpQrStU"
+    job = push_job(fid, token_type=user_service_pb2.DEVICE_TOKEN_TYPE_FCM_INSTALLATION)
+    nid = job.meta.notification_id
+    await publish(broker[0], PUSH, job.SerializeToString(), nid)
+    await users.wait_status(nid, DELIVERED)
+    assert [p.get("fid") for p in pushes_for(fcm[0], nid)] == [fid]
+
+    # The same ID registered as a registration token is refused by FCM: never delivered.
+    wrong = push_job(fid)
+    await publish(broker[0], PUSH, wrong.SerializeToString(), wrong.meta.notification_id)
+    updates = await users.wait_status(wrong.meta.notification_id, FAILED)
+    assert "installation ID belongs in message.fid" in updates[-1].detail
+
+
 async def test_unregistered_token_is_removed_and_the_rest_delivered(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     fcm: tuple[FcmFake, Path],
@@ -179,13 +212,13 @@ async def test_unregistered_token_is_removed_and_the_rest_delivered(
     await publish(broker[0], PUSH, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, DELIVERED)
-    assert updates[-1].detail.startswith("1/2 devices:")
+    assert updates[-1].detail.startswith("fcm: 1/2 devices:")
     assert ("user-2", "unregistered-d") in users.removed
-    assert [p["fid"] for p in pushes_for(fcm[0], nid)] == ["device-c"]
+    assert [p["token"] for p in pushes_for(fcm[0], nid)] == ["device-c"]
 
 
 async def test_only_dead_tokens_fail_permanently(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
 ) -> None:
@@ -203,7 +236,7 @@ async def test_only_dead_tokens_fail_permanently(
 
 
 async def test_throttled_push_is_retried_then_delivered(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     fcm: tuple[FcmFake, Path],
@@ -224,12 +257,12 @@ async def test_throttled_push_is_retried_then_delivered(
 
 
 async def test_retries_run_out_into_the_failed_queue(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     topo: Topology,
 ) -> None:
-    memory = InMemoryPushSender()
+    memory = InMemoryPushProvider()
     memory.fail_next(topo.max_attempts)
     await start_worker(memory)
     job = push_job("device-g")
@@ -245,7 +278,7 @@ async def test_retries_run_out_into_the_failed_queue(
 
 @pytest.mark.parametrize(("tokens", "template"), [((), "welcome"), (("device-h",), "missing")])
 async def test_no_devices_or_unknown_template_fail_permanently(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     tokens: tuple[str, ...],
@@ -262,7 +295,7 @@ async def test_no_devices_or_unknown_template_fail_permanently(
 
 
 async def test_undecodable_message_is_dead_lettered_and_work_goes_on(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
 ) -> None:
@@ -278,7 +311,7 @@ async def test_undecodable_message_is_dead_lettered_and_work_goes_on(
 
 
 async def test_redelivered_job_is_not_pushed_twice(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     fcm: tuple[FcmFake, Path],
@@ -296,7 +329,7 @@ async def test_redelivered_job_is_not_pushed_twice(
 
 
 async def test_expired_job_is_not_pushed(
-    start_worker: Callable[..., Awaitable[App]],
+    start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
     fcm: tuple[FcmFake, Path],
@@ -327,10 +360,10 @@ async def test_fcm_sender_with_credentials_fcm_rejects_is_transient(
     info["token_uri"] = fake.token_url  # a key the fake never issued
     (tmp_path / "other.json").write_text(json.dumps(info))
 
-    fcm_sender = FcmSender(tmp_path / "other.json", url=fake.url, timeout=2.0)
+    fcm_sender = FcmProvider(tmp_path / "other.json", url=fake.url, timeout=2.0)
     try:
         with pytest.raises(TransientError):
-            await fcm_sender.send(["device-x"], "t", "b", {})
+            await fcm_sender.send(push_of("device-x"))
     finally:
         await fcm_sender.close()
 
@@ -364,18 +397,24 @@ def test_outcome_rules() -> None:
         consumer._judge(result(Outcome.UNREGISTERED, Outcome.INVALID))
 
 
+def push_of(*addresses: str, kind: TargetKind = TargetKind.FCM_TOKEN) -> OutgoingPush:
+    return OutgoingPush(
+        str(uuid.uuid4()), "user-1", tuple(Target(a, kind) for a in addresses), "t", "b", {"k": "v"}
+    )
+
+
 async def test_in_memory_sender_records_and_fails_as_told() -> None:
-    memory = InMemoryPushSender(unregistered={"old"})
+    memory = InMemoryPushProvider(unregistered={"old"})
     memory.fail_next(1)
-    failed = await memory.send(["a"], "t", "b", {})
-    assert failed.of(Outcome.TRANSIENT)[0].token == "a"
-    sent = await memory.send(["a", "old", "unregistered-1"], "t", "b", {"k": "v"})
+    failed = await memory.send(push_of("a"))
+    assert failed.of(Outcome.TRANSIENT)[0].address == "a"
+    sent = await memory.send(push_of("a", "old", "unregistered-1"))
     assert [r.outcome for r in sent.results] == [
         Outcome.DELIVERED,
         Outcome.UNREGISTERED,
         Outcome.UNREGISTERED,
     ]
-    assert [(p.token, p.data) for p in memory.sent] == [("a", {"k": "v"})]
+    assert [(t.address, p.data) for t, p in memory.sent] == [("a", {"k": "v"})]
 
 
 def test_config_from_env(certs_dir: Path, tmp_path: Path) -> None:
@@ -391,6 +430,11 @@ def test_config_from_env(certs_dir: Path, tmp_path: Path) -> None:
     assert config.common.listen == "127.0.0.1:50055"
     assert config.dsn == "postgresql://postgres@127.0.0.1:5432/notify_push"
     assert config.fcm == FcmConfig(credentials=credentials, url=DEFAULT_FCM_URL, timeout=10.0)
-    assert config.topology == Topology(prefix="")
+    assert config.worker.topology == Topology(prefix="")
+    assert config.providers == ("fcm",) and config.onesignal is None
+    onesignal = {**env, "NOTIFY_ONESIGNAL_APP_ID": "app", "NOTIFY_ONESIGNAL_API_KEY": "k"}
+    assert Config.from_env(onesignal).providers == ("fcm", "onesignal")
+    with pytest.raises(SettingsError):
+        Config.from_env({**env, "NOTIFY_ONESIGNAL_APP_ID": "app"})  # the key goes with it
     with pytest.raises(SettingsError):
         Config.from_env({**env, "NOTIFY_FCM_URL": "http://127.0.0.1:8089/send"})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import aio_pika
 import grpc
@@ -34,9 +34,9 @@ from notify.v1 import (
 from notify_kit import rpc
 from notify_kit.amqp import JobKind, Publisher, Topology
 from notify_kit.errors import Aborted
+from notify_kit.jobs.settings import RunnerSettings, WorkerSettings
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, TlsSettings
-from notify_kit.worker import WorkerFields
 from scripts.harness import delete_topology
 
 S = common_pb2.NotificationStatus
@@ -125,11 +125,12 @@ class DeadLetters:
 Broker = tuple[Publisher, DeadLetters]
 
 
-class ConfigFields(WorkerFields):
+class ConfigFields(TypedDict):
     """The ``Config`` fields both workers have, pointed at the run's peers and stand-ins."""
 
     common: CommonSettings
     dsn: str
+    worker: WorkerSettings
 
 
 class Worker(Protocol):
@@ -245,11 +246,13 @@ def config_fields(
         return ConfigFields(
             common=common_for(service),
             dsn=await database(service),
-            amqp_url=amqp_url,
-            topology=topo,
-            user_svc_addr=f"127.0.0.1:{upstreams[0]}",
-            template_svc_addr=f"127.0.0.1:{upstreams[1]}",
-            prefetch=8,
+            worker=WorkerSettings(
+                amqp_url=amqp_url,
+                topology=topo,
+                user_svc_addr=f"127.0.0.1:{upstreams[0]}",
+                template_svc_addr=f"127.0.0.1:{upstreams[1]}",
+                runner=RunnerSettings(prefetch=8),
+            ),
         )
 
     return make
@@ -274,14 +277,14 @@ async def broker(amqp_url: str, topo: Topology) -> AsyncIterator[Broker]:
 async def start_worker(
     launch: Callable[..., Awaitable[Worker]], broker: Broker
 ) -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
-    """Start the module's worker (``launch``), optionally with a sender; stopped after the test.
+    """Start the module's worker (``launch``), optionally with providers; stopped after the test.
 
     Asks for ``broker`` so dead letters are collected before any worker can produce one.
     """
     apps: list[Worker] = []
 
-    async def start(sender: object = None) -> Worker:
-        app = await launch(sender=sender)
+    async def start(*providers: object) -> Worker:
+        app = await launch(providers=list(providers) or None)
         apps.append(app)
         return app
 

@@ -40,7 +40,8 @@ FROM users WHERE id = $1
 USER_EXISTS = "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)"
 
 SELECT_DEVICES = """
-SELECT id, platform, token, created_at FROM devices WHERE user_id = $1 ORDER BY created_at, id
+SELECT id, platform, token, token_type, created_at FROM devices WHERE user_id = $1
+ORDER BY created_at, id
 """
 
 UPDATE_PREFERENCES = """
@@ -53,9 +54,11 @@ RETURNING email_opt_out, push_opt_out
 # cached profile lost a device. Reads in the CTE see the table as it was before.
 UPSERT_DEVICE = """
 WITH previous AS (SELECT user_id FROM devices WHERE token = $3)
-INSERT INTO devices (user_id, platform, token) VALUES ($1, $2, $3)
-ON CONFLICT (token) DO UPDATE SET user_id = EXCLUDED.user_id, platform = EXCLUDED.platform
-RETURNING id, platform, token, created_at, (SELECT user_id FROM previous) AS previous_user_id
+INSERT INTO devices (user_id, platform, token, token_type) VALUES ($1, $2, $3, $4)
+ON CONFLICT (token) DO UPDATE
+SET user_id = EXCLUDED.user_id, platform = EXCLUDED.platform, token_type = EXCLUDED.token_type
+RETURNING id, platform, token, token_type, created_at,
+    (SELECT user_id FROM previous) AS previous_user_id
 """
 
 DELETE_DEVICE = "DELETE FROM devices WHERE id = $1 AND user_id = $2 RETURNING id"
@@ -134,6 +137,9 @@ class NewDevice:
 
     platform: user_service_pb2.DevicePlatform.ValueType
     token: str
+    token_type: user_service_pb2.DeviceTokenType.ValueType = (
+        user_service_pb2.DEVICE_TOKEN_TYPE_UNSPECIFIED
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +256,9 @@ class UserStore:
         """Store the device for the user; NotFound(USER_NOT_FOUND) when there is no user."""
         async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
             try:
-                row = await conn.fetchrow(UPSERT_DEVICE, user_id, device.platform, device.token)
+                row = await conn.fetchrow(
+                    UPSERT_DEVICE, user_id, device.platform, device.token, device.token_type
+                )
             except asyncpg.ForeignKeyViolationError as exc:
                 raise _user_not_found(user_id) from exc
         previous: uuid.UUID | None = row["previous_user_id"]
@@ -383,6 +391,7 @@ def _device(row: Any) -> user_service_pb2.Device:
         id=str(row["id"]),
         platform=user_service_pb2.DevicePlatform.ValueType(row["platform"]),
         token=row["token"],
+        token_type=user_service_pb2.DeviceTokenType.ValueType(row["token_type"]),
         create_time=_timestamp(row["created_at"]),
     )
 

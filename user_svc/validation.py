@@ -85,9 +85,11 @@ def new_device(device: user_service_pb2.Device) -> NewDevice:
     ):
         problems.append(("device.platform", "is required"))
     check_token(device.token, "device.token", problems)
+    if device.token_type not in user_service_pb2.DeviceTokenType.values():
+        problems.append(("device.token_type", "is not a known token type"))
     if problems:
         raise InvalidArgument("INVALID_DEVICE", "the device is invalid", field_violations=problems)
-    return NewDevice(platform=platform, token=device.token)
+    return NewDevice(platform=platform, token=device.token, token_type=device.token_type)
 
 
 def check_token(token: str, field: str, problems: _Violations) -> None:

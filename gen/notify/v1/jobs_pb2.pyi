@@ -152,22 +152,26 @@ class PushTarget(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
+    TOKEN_TYPE_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id in UserService."""
     token: _builtins.str
-    """The FCM registration token."""
+    """The device's push token."""
     platform: _user_service_pb2.DevicePlatform.ValueType
     """The device's platform."""
+    token_type: _user_service_pb2.DeviceTokenType.ValueType
+    """What `token` is (an FCM registration token, an installation ID, ...)."""
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         token: _builtins.str = ...,
         platform: _user_service_pb2.DevicePlatform.ValueType = ...,
+        token_type: _user_service_pb2.DeviceTokenType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "platform", b"platform", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "platform", b"platform", "token", b"token", "token_type", b"token_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

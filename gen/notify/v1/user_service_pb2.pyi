@@ -49,6 +49,34 @@ DEVICE_PLATFORM_WEB: DevicePlatform.ValueType  # 3
 """Web push (FCM)."""
 Global___DevicePlatform: _TypeAlias = DevicePlatform  # noqa: Y015
 
+class _DeviceTokenType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeviceTokenTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceTokenType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEVICE_TOKEN_TYPE_UNSPECIFIED: _DeviceTokenType.ValueType  # 0
+    """Not set: treated as an FCM registration token (what every device was before)."""
+    DEVICE_TOKEN_TYPE_FCM_REGISTRATION: _DeviceTokenType.ValueType  # 1
+    """An FCM registration token, sent in FCM's `token` field."""
+    DEVICE_TOKEN_TYPE_FCM_INSTALLATION: _DeviceTokenType.ValueType  # 2
+    """A Firebase installation ID, sent in FCM's `fid` field."""
+    DEVICE_TOKEN_TYPE_ONESIGNAL_SUBSCRIPTION: _DeviceTokenType.ValueType  # 3
+    """A OneSignal subscription id, sent in OneSignal's `include_subscription_ids`."""
+
+class DeviceTokenType(_DeviceTokenType, metaclass=_DeviceTokenTypeEnumTypeWrapper):
+    """DeviceTokenType says what a device's token is, which decides how providers address it."""
+
+DEVICE_TOKEN_TYPE_UNSPECIFIED: DeviceTokenType.ValueType  # 0
+"""Not set: treated as an FCM registration token (what every device was before)."""
+DEVICE_TOKEN_TYPE_FCM_REGISTRATION: DeviceTokenType.ValueType  # 1
+"""An FCM registration token, sent in FCM's `token` field."""
+DEVICE_TOKEN_TYPE_FCM_INSTALLATION: DeviceTokenType.ValueType  # 2
+"""A Firebase installation ID, sent in FCM's `fid` field."""
+DEVICE_TOKEN_TYPE_ONESIGNAL_SUBSCRIPTION: DeviceTokenType.ValueType  # 3
+"""A OneSignal subscription id, sent in OneSignal's `include_subscription_ids`."""
+Global___DeviceTokenType: _TypeAlias = DeviceTokenType  # noqa: Y015
+
 @_typing.final
 class User(_message.Message):
     """User is a person who receives notifications."""
@@ -141,12 +169,15 @@ class Device(_message.Message):
     PLATFORM_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    TOKEN_TYPE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (UUID). Output only."""
     platform: Global___DevicePlatform.ValueType
     """Operating system of the device."""
     token: _builtins.str
-    """The FCM registration token; required."""
+    """The device's push token (see token_type); required."""
+    token_type: Global___DeviceTokenType.ValueType
+    """What `token` is; an FCM registration token when not set."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
@@ -158,10 +189,11 @@ class Device(_message.Message):
         platform: Global___DevicePlatform.ValueType = ...,
         token: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        token_type: Global___DeviceTokenType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "platform", b"platform", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "platform", b"platform", "token", b"token", "token_type", b"token_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,7 +1,7 @@
-"""A worker's delivery log in PostgreSQL: the ``DeliveryLedger`` both workers use.
+"""A worker's delivery log in PostgreSQL: the ``DeliveryLedger`` every worker uses.
 
-Each worker keeps it in its own database (its ``migrations/001_init.sql`` creates
-``delivery_logs``); the queries are the same, so they live here once.
+Each worker keeps it in its own database (``MIGRATIONS`` beside this module create
+``delivery_logs``); the schema and the queries are the same, so they live here once.
 
 Every attempt appends a row; ``delivered`` looks for the one DELIVERED row a
 notification can have (a partial unique index guarantees there is at most one, even
@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
+from typing import Protocol
 
 import asyncpg
 from notify.v1 import common_pb2
 
-from notify_kit.worker import Status
+from notify_kit.jobs.upstream import Status
+
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 _STATUS_PREFIX = "NOTIFICATION_STATUS_"
 
@@ -29,13 +33,13 @@ LIMIT 1
 """
 
 INSERT_ATTEMPT = """
-INSERT INTO delivery_logs (notification_id, attempt, status, detail)
-VALUES ($1, $2, $3, $4)
+INSERT INTO delivery_logs (notification_id, attempt, status, detail, provider)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (notification_id) WHERE status = 'DELIVERED' DO NOTHING
 """
 
 SELECT_HISTORY = """
-SELECT attempt, status, detail, created_at FROM delivery_logs
+SELECT attempt, status, detail, provider, created_at FROM delivery_logs
 WHERE notification_id = $1
 ORDER BY created_at, id
 """
@@ -48,7 +52,25 @@ class Attempt:
     attempt: int
     status: str
     detail: str
+    provider: str  # who delivered; empty for outcomes no provider produced
     created_at: datetime
+
+
+class DeliveryLedger(Protocol):
+    """The worker's delivery log: the record that makes redeliveries harmless."""
+
+    async def outcome(self, notification_id: str, attempt: int) -> tuple[Status, str] | None:
+        """An outcome already recorded: DELIVERED by any attempt, or that of ``attempt``.
+
+        With it, a redelivered job (the worker died, or a report failed after the
+        outcome was recorded) is re-reported instead of being sent, retried or
+        dead-lettered a second time.
+        """
+
+    async def record(
+        self, notification_id: str, attempt: int, status: Status, detail: str, provider: str = ""
+    ) -> None:
+        """Append one attempt's outcome (DELIVERED, RETRYING, FAILED, EXPIRED)."""
 
 
 def status_name(status: Status) -> str:
@@ -77,7 +99,9 @@ class DeliveryLog:
         status: Status = common_pb2.NotificationStatus.Value(_STATUS_PREFIX + row["status"])
         return status, row["detail"]
 
-    async def record(self, notification_id: str, attempt: int, status: Status, detail: str) -> None:
+    async def record(
+        self, notification_id: str, attempt: int, status: Status, detail: str, provider: str = ""
+    ) -> None:
         """Append an attempt; a second DELIVERED row for the same notification is ignored."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.execute(
@@ -86,6 +110,7 @@ class DeliveryLog:
                 attempt,
                 status_name(status),
                 detail,
+                provider,
                 timeout=self._timeout,
             )
 
@@ -93,4 +118,7 @@ class DeliveryLog:
         """Every attempt of a notification, oldest first (for operators and tests)."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(SELECT_HISTORY, notification_id, timeout=self._timeout)
-        return [Attempt(r["attempt"], r["status"], r["detail"], r["created_at"]) for r in rows]
+        return [
+            Attempt(r["attempt"], r["status"], r["detail"], r["provider"], r["created_at"])
+            for r in rows
+        ]

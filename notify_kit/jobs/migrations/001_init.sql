@@ -1,6 +1,6 @@
--- One row per delivery attempt of a notification's push (to all of its devices). The
--- partial unique index is what makes redeliveries harmless: a notification is DELIVERED
--- at most once.
+-- One row per delivery attempt of a notification on this worker's channel (each worker keeps
+-- it in its own database). The partial unique index is what makes redeliveries harmless:
+-- a notification is DELIVERED at most once.
 CREATE TABLE delivery_logs (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     notification_id text        NOT NULL,

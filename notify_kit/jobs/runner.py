@@ -1,0 +1,315 @@
+"""The job runner every worker shares: decode, dedupe, send, record, report, then ack.
+
+A worker supplies a ``JobHandler`` (decode its protobuf job, send it through its
+providers) and the runner owns the delivery guarantees, written once:
+
+* manual ack with bounded prefetch; a message is acked only after its outcome is
+  recorded in the ledger and, for retries and dead letters, after the broker confirmed
+  the republished copy;
+* an undecodable message goes to ``failed.queue`` untouched (never crash, never loop);
+* an expired job ends as EXPIRED without being sent;
+* a job whose outcome the ledger already has (DELIVERED by any attempt, or this
+  attempt's outcome) is not sent again (redeliveries after a crash); the outcome is
+  reported again;
+* attempts count provider answers about this notification only: ``TransientError``
+  republishes to the delay queue of its attempt with ``attempt+1`` (status RETRYING),
+  and after ``Topology.max_attempts`` the job goes to ``failed.queue`` (FAILED);
+  ``PermanentError`` and ``OutcomeUnknown`` go there at once;
+* our own outage (``Blocked``, or an infrastructure error while recording or
+  reporting: ``notify_kit.outage.INFRA_ERRORS``) never spends an attempt and never
+  requeues: the job is held, unacked, consumption pauses (``Pause``), and the same
+  step is tried again when the outage ends;
+* anything else (a bug): the message is requeued by ``message.process`` after a pause
+  that grows while such failures last, so nothing is lost and nothing spins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, ParamSpec, Protocol, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
+from notify.v1 import common_pb2, jobs_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from notify_kit.amqp import FAILED_KEY, JobKind, Publisher, Topology
+from notify_kit.context import new_correlation_id, set_correlation_id
+from notify_kit.jobs.errors import Blocked, OutcomeUnknown, PermanentError, TransientError
+from notify_kit.jobs.ledger import DeliveryLedger
+from notify_kit.jobs.pause import Pause
+from notify_kit.jobs.providers import Sent
+from notify_kit.jobs.settings import RunnerSettings
+from notify_kit.jobs.upstream import Status, StatusReport
+from notify_kit.outage import INFRA_ERRORS
+from notify_kit.telemetry import extract_trace_context
+
+log = logging.getLogger(__name__)
+
+DELIVERED = common_pb2.NOTIFICATION_STATUS_DELIVERED
+FAILED = common_pb2.NOTIFICATION_STATUS_FAILED
+RETRYING = common_pb2.NOTIFICATION_STATUS_RETRYING
+SENDING = common_pb2.NOTIFICATION_STATUS_SENDING
+EXPIRED = common_pb2.NOTIFICATION_STATUS_EXPIRED
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Job(Protocol):
+    """What the runner needs of a job message: its metadata and its bytes."""
+
+    @property
+    def meta(self) -> jobs_pb2.JobMeta:
+        """Notification id, attempt, correlation id, trace context, expiry."""
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes:  # noqa: N802 (protobuf)
+        """The wire form, republished for retries and dead letters."""
+
+
+J = TypeVar("J", bound=Job)
+
+
+class JobHandler(Protocol[J]):
+    """What a worker plugs into the runner."""
+
+    @property
+    def kind(self) -> JobKind:
+        """The queue it consumes."""
+
+    @property
+    def channel(self) -> common_pb2.Channel.ValueType:
+        """The channel its status reports are for."""
+
+    def decode(self, body: bytes) -> J:
+        """Parse the queue message body (raise ``DecodeError`` when it is not a job)."""
+
+    async def send(self, job: J) -> Sent[str]:
+        """Deliver the job; return the provider and its detail, or raise a job error."""
+
+
+class JobRunner(Generic[J]):
+    """Consumes one job kind with the guarantees described in the module docstring."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        topology: Topology,
+        publisher: Publisher,
+        handler: JobHandler[J],
+        ledger: DeliveryLedger,
+        report: StatusReport,
+        settings: RunnerSettings | None = None,
+    ) -> None:
+        self._connection = connection
+        self._topology = topology
+        self._publisher = publisher
+        self._handler: JobHandler[J] = handler
+        self._ledger = ledger
+        self._report_status = report
+        self._settings = settings = settings or RunnerSettings()
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._tracer = trace.get_tracer(__name__)
+        self._failures = 0
+        self.pause = Pause(self._cancel_consumer, self._consume, max_delay=settings.max_backoff)
+
+    @property
+    def handler(self) -> JobHandler[J]:
+        """The worker's handler (its provider chain is what operators inspect)."""
+        return self._handler
+
+    async def start(self) -> None:
+        """Open a channel with bounded prefetch and start consuming."""
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self._settings.prefetch)
+        await self._topology.declare(channel)
+        self._queue = await channel.get_queue(self._topology.queue(self._handler.kind))
+        await self._consume()
+
+    async def _consume(self) -> None:
+        if self._queue is not None and self._tag is None:
+            self._tag = await self._queue.consume(self._on_message)
+
+    async def _cancel_consumer(self) -> None:
+        """Stop taking jobs (those in hand stay ours, unacked); bounded by ``stop_timeout``.
+
+        With the broker unreachable the cancel would wait for a reconnect; the jobs in
+        hand are then redelivered to another worker if this one goes away.
+        """
+        queue, tag, self._tag = self._queue, self._tag, None
+        if queue is None or tag is None:
+            return
+        try:
+            await asyncio.wait_for(queue.cancel(tag), self._settings.stop_timeout)
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError):
+            log.warning("could not cancel the consumer cleanly")
+
+    async def stop(self) -> None:
+        """Stop taking jobs, let those in hand finish (their acks still go out)."""
+        await self._cancel_consumer()
+        self._queue = None  # a resume from a held job must not start consuming again
+        if self._inflight:
+            _, pending = await asyncio.wait(self._inflight, timeout=self._settings.stop_timeout)
+            for task in pending:
+                task.cancel()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            # A failure was logged and paused for in _process; the message is requeued.
+            with contextlib.suppress(Exception):
+                await self._process(message)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        async with message.process(requeue=True, ignore_processed=True):
+            try:
+                await self._handle(message)
+                self._failures = 0
+            except Exception:
+                # A bug: requeue, but only after a pause that grows while failures
+                # continue, so a crashing job does not spin the queue.
+                self._failures += 1
+                pause = min(
+                    self._settings.max_backoff,
+                    self._settings.unexpected_error_backoff * 2 ** min(self._failures, 16),
+                )
+                log.exception("job failed unexpectedly; requeued in %.1fs", pause)
+                await asyncio.sleep(pause)
+                raise
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            job = self._handler.decode(message.body)
+        except DecodeError:
+            set_correlation_id(message.correlation_id or new_correlation_id())
+            log.error("undecodable job moved to the failed queue")
+            await self._ours(
+                self._dead_letter, message.body, message.message_id or "", 0, "undecodable"
+            )
+            return
+        meta = job.meta
+        set_correlation_id(meta.correlation_id or new_correlation_id())
+        token = otel_context.attach(extract_trace_context(meta.trace_context))
+        try:
+            with self._tracer.start_as_current_span(f"{self._handler.kind.key} job"):
+                await self._run(job, meta)
+        finally:
+            otel_context.detach(token)
+
+    async def _ours(self, step: Callable[P, Awaitable[T]], *args: P.args, **kw: P.kwargs) -> T:
+        """Run a step against our own infrastructure, holding the job through outages.
+
+        Only a step that was held and then succeeded ends the pause: other steps that
+        happen to work meanwhile (a status report while TemplateService is down) say
+        nothing about the outage that paused consumption.
+        """
+        held = False
+        while True:
+            await self.pause.wait()
+            try:
+                result = await step(*args, **kw)
+            except Blocked as exc:
+                held = True
+                await self.pause.hold(str(exc), exc.retry_after)
+            except INFRA_ERRORS as exc:
+                held = True
+                await self.pause.hold(f"{getattr(step, '__name__', 'step')}: {exc!r}")
+            else:
+                if held:
+                    await self.pause.ok()
+                return result
+
+    async def _run(self, job: J, meta: jobs_pb2.JobMeta) -> None:
+        nid, attempt = meta.notification_id, meta.attempt or 1
+        earlier = await self._ours(self._ledger.outcome, nid, attempt)
+        if earlier is not None:
+            log.info("outcome already recorded; re-reported", extra={"notification_id": nid})
+            await self._ours(self._report, nid, earlier[0], earlier[1], attempt)
+            return
+        if meta.HasField("expire_time") and _past(meta.expire_time):
+            await self._ours(self._ledger.record, nid, attempt, EXPIRED, "expired before sending")
+            await self._ours(self._report, nid, EXPIRED, "expired before sending", attempt)
+            return
+        await self._ours(self._report, nid, SENDING, "", attempt)
+        try:
+            sent = await self._ours(self._handler.send, job)
+        except OutcomeUnknown as exc:
+            await self._fail(job, nid, attempt, f"outcome unknown, not resent: {exc}")
+            return
+        except PermanentError as exc:
+            await self._fail(job, nid, attempt, f"permanent: {exc}")
+            return
+        except TransientError as exc:
+            if attempt >= self._topology.max_attempts:
+                await self._fail(job, nid, attempt, f"gave up after {attempt} attempts: {exc}")
+            else:
+                await self._retry(job, nid, attempt, str(exc))
+            return
+        detail = f"{sent.provider}: {sent.result}"
+        await self._ours(self._ledger.record, nid, attempt, DELIVERED, detail, sent.provider)
+        await self._ours(self._report, nid, DELIVERED, detail, attempt)
+        log.info("delivered", extra={"notification_id": nid, "attempt": attempt})
+
+    async def _retry(self, job: J, nid: str, attempt: int, reason: str) -> None:
+        job.meta.attempt = attempt + 1
+        await self._ours(
+            self._publisher.publish,
+            self._topology.retry_queue(self._handler.kind, attempt),
+            job.SerializeToString(),
+            message_type=self._handler.kind.message_type,
+            message_id=nid,
+            correlation_id=job.meta.correlation_id,
+            direct_to_queue=True,
+        )
+        await self._ours(self._ledger.record, nid, attempt, RETRYING, reason)
+        await self._ours(self._report, nid, RETRYING, reason, attempt)
+        log.warning("retry scheduled", extra={"notification_id": nid, "attempt": attempt})
+
+    async def _fail(self, job: J, nid: str, attempt: int, reason: str) -> None:
+        await self._ours(self._dead_letter, job.SerializeToString(), nid, attempt, reason)
+        await self._ours(self._ledger.record, nid, attempt, FAILED, reason)
+        await self._ours(self._report, nid, FAILED, reason, attempt)
+        log.error("delivery failed", extra={"notification_id": nid, "reason": reason})
+
+    async def _dead_letter(self, body: bytes, nid: str, attempt: int, reason: str) -> None:
+        await self._publisher.publish(
+            FAILED_KEY,
+            body,
+            message_type=self._handler.kind.message_type,
+            message_id=nid,
+            correlation_id=self._correlation(body),
+            headers={
+                "x-notify-kind": self._handler.kind.key,
+                "x-notify-error": reason[:1000],
+                "x-notify-attempts": str(attempt),
+            },
+        )
+
+    def _correlation(self, body: bytes) -> str:
+        """The correlation id inside ``body``, or a fresh one if it does not decode."""
+        try:
+            return self._handler.decode(body).meta.correlation_id or new_correlation_id()
+        except DecodeError:
+            return new_correlation_id()
+
+    async def _report(self, nid: str, status: Status, detail: str, attempt: int) -> None:
+        await self._report_status(nid, status, detail[:1000], attempt)
+
+
+def _past(ts: timestamp_pb2.Timestamp) -> bool:
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    return (ts.seconds, ts.nanos) < (now.seconds, now.nanos)
