@@ -41,8 +41,9 @@ MATRIX: Mapping[str, Mapping[str, tuple[str, ...]]] = {
         "email_worker": _WORKER_CALLS,
         "push_worker": _WORKER_CALLS,
     },
-    "email_worker": {},
-    "push_worker": {},
+    # Workers serve only their admin service, to operators.
+    "email_worker": {"operator": ("/notify.v1.WorkerAdminService/",)},
+    "push_worker": {"operator": ("/notify.v1.WorkerAdminService/",)},
 }
 
 

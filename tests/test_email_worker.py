@@ -20,15 +20,23 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2
-from notify.v1 import common_pb2, jobs_pb2, template_service_pb2, template_service_pb2_grpc
+from notify.v1 import (
+    common_pb2,
+    jobs_pb2,
+    template_service_pb2,
+    template_service_pb2_grpc,
+    worker_admin_pb2,
+    worker_admin_pb2_grpc,
+)
 
 from email_worker import app as email_app
 from email_worker import mime
 from email_worker.config import Config
 from email_worker.outgoing import OutgoingEmail
 from email_worker.sender import InMemoryEmailProvider, SmtpProvider, SmtpSettings
+from notify_kit import rpc
 from notify_kit.amqp import EMAIL, Topology
-from notify_kit.breaker import BreakerSettings, State
+from notify_kit.breaker import BreakerSettings
 from notify_kit.errors import NotFound
 from notify_kit.jobs.app import WorkerApp
 from notify_kit.jobs.errors import OutcomeUnknown, PermanentError, TransientError
@@ -213,6 +221,7 @@ async def test_smtp_outage_fails_over_to_sendgrid_and_opens_the_breaker(
     start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
     users: RecordingUsers,
+    tls_for: Callable[[str], TlsSettings],
 ) -> None:
     smtp, sendgrid = InMemoryEmailProvider(name="smtp"), InMemoryEmailProvider(name="sendgrid")
     smtp.fail_next(1_000)
@@ -228,9 +237,26 @@ async def test_smtp_outage_fails_over_to_sendgrid_and_opens_the_breaker(
         assert [(a.status, a.provider) for a in await app.store.history(nid)] == [
             ("DELIVERED", "sendgrid")
         ]
-    chain = app.runner.handler.chain  # type: ignore[attr-defined]
-    assert chain.breakers["smtp"].state is State.OPEN
     assert 5 <= 1_000 - smtp._failures <= 8  # only the threshold's worth reached SMTP
+
+    # Operators see it with the operator certificate; nobody else may ask.
+    channel = rpc.secure_channel(f"127.0.0.1:{app.port}", tls_for("operator"))
+    async with channel:
+        admin = worker_admin_pb2_grpc.WorkerAdminServiceStub(channel)
+        status = await admin.GetProviderStatus(worker_admin_pb2.GetProviderStatusRequest())
+    assert status.channel == "email" and status.consuming
+    assert [(p.name, p.state) for p in status.providers] == [
+        ("smtp", worker_admin_pb2.BREAKER_STATE_OPEN),
+        ("sendgrid", worker_admin_pb2.BREAKER_STATE_CLOSED),
+    ]
+    assert "in-memory provider told to fail" in status.providers[0].last_failure
+    assert status.providers[0].retry_in.ToMilliseconds() > 0
+    channel = rpc.secure_channel(f"127.0.0.1:{app.port}", tls_for("gateway"))
+    async with channel:
+        admin = worker_admin_pb2_grpc.WorkerAdminServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await admin.GetProviderStatus(worker_admin_pb2.GetProviderStatusRequest())
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_every_provider_down_holds_the_queue_until_a_probe_succeeds(

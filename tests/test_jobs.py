@@ -17,7 +17,7 @@ from notify.v1 import common_pb2, jobs_pb2, template_service_pb2_grpc
 from notify_kit.amqp import EMAIL, Topology
 from notify_kit.jobs.app import Upstreams, WorkerApp
 from notify_kit.jobs.errors import Blocked
-from notify_kit.jobs.providers import Sent
+from notify_kit.jobs.providers import ProviderChain, Sent
 from scripts.system import poll
 from tests import worker_support
 from tests.worker_support import (
@@ -52,6 +52,18 @@ class Outage:
         self.up.set()
 
 
+class FixedProvider:
+    """The chain the admin service reports on; the fake handler sends by itself."""
+
+    name = "fake"
+
+    async def send(self, message: str) -> str:
+        return "ok"
+
+    async def close(self) -> None:
+        pass
+
+
 class FakeHandler:
     """Delivers every e-mail job, except while ``outage`` lasts."""
 
@@ -61,6 +73,7 @@ class FakeHandler:
     def __init__(self, outage: Outage) -> None:
         self.outage = outage
         self.sent: list[str] = []
+        self.chain: ProviderChain[str, str] = ProviderChain("email", [FixedProvider()])
 
     def decode(self, body: bytes) -> jobs_pb2.EmailJob:
         return jobs_pb2.EmailJob.FromString(body)

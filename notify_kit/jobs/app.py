@@ -14,10 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from notify.v1 import template_service_pb2_grpc, user_service_pb2_grpc
+from notify.v1 import template_service_pb2_grpc, user_service_pb2_grpc, worker_admin_pb2_grpc
 
 from notify_kit import db, rpc
 from notify_kit.amqp import Publisher, connect
+from notify_kit.jobs.admin import WorkerAdmin
 from notify_kit.jobs.ledger import MIGRATIONS, DeliveryLog
 from notify_kit.jobs.runner import JobHandler, JobRunner
 from notify_kit.jobs.settings import WorkerSettings
@@ -26,6 +27,8 @@ from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings
 
 log = logging.getLogger(__name__)
+
+ADMIN_SERVICE = "notify.v1.WorkerAdminService"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +95,21 @@ class WorkerApp:
             await publisher.start()
             stack.push_async_callback(publisher.close)
 
-            server = GrpcServer(common, registrars=(), service_names=())
-            port = await server.start()
-            stack.push_async_callback(server.stop)
             runner = JobRunner(
                 consuming, settings.topology, publisher, handler, store, report, settings.runner
             )
+            admin = WorkerAdmin(handler.chain, runner.pause)
+            server = GrpcServer(
+                common,
+                registrars=[
+                    lambda s: worker_admin_pb2_grpc.add_WorkerAdminServiceServicer_to_server(
+                        admin, s
+                    )
+                ],
+                service_names=[ADMIN_SERVICE],
+            )
+            port = await server.start()
+            stack.push_async_callback(server.stop)
             await runner.start()
             stack.push_async_callback(runner.stop)
             log.info("%s consuming %s", common.service, settings.topology.queue(handler.kind))

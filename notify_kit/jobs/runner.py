@@ -19,8 +19,9 @@ providers) and the runner owns the delivery guarantees, written once:
   reporting: ``notify_kit.outage.INFRA_ERRORS``) never spends an attempt and never
   requeues: the job is held, unacked, consumption pauses (``Pause``), and the same
   step is tried again when the outage ends;
-* anything else (a bug): the message is requeued by ``message.process`` after a pause
-  that grows while such failures last, so nothing is lost and nothing spins.
+* anything else (a bug): the message is requeued at once by ``message.process`` and
+  consumption pauses for a backoff that grows while such failures last, so nothing is
+  lost, nothing spins, and the broker's delivery limit parks a poison message.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Generic, ParamSpec, Protocol, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -44,7 +45,7 @@ from notify_kit.context import new_correlation_id, set_correlation_id
 from notify_kit.jobs.errors import Blocked, OutcomeUnknown, PermanentError, TransientError
 from notify_kit.jobs.ledger import DeliveryLedger
 from notify_kit.jobs.pause import Pause
-from notify_kit.jobs.providers import Sent
+from notify_kit.jobs.providers import ProviderChain, Sent
 from notify_kit.jobs.settings import RunnerSettings
 from notify_kit.jobs.upstream import Status, StatusReport
 from notify_kit.outage import INFRA_ERRORS
@@ -87,6 +88,10 @@ class JobHandler(Protocol[J]):
     def channel(self) -> common_pb2.Channel.ValueType:
         """The channel its status reports are for."""
 
+    @property
+    def chain(self) -> ProviderChain[Any, Any]:
+        """The providers it sends through (their breakers are what operators inspect)."""
+
     def decode(self, body: bytes) -> J:
         """Parse the queue message body (raise ``DecodeError`` when it is not a job)."""
 
@@ -118,8 +123,12 @@ class JobRunner(Generic[J]):
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._tracer = trace.get_tracer(__name__)
-        self._failures = 0
-        self.pause = Pause(self._cancel_consumer, self._consume, max_delay=settings.max_backoff)
+        self.pause = Pause(
+            self._cancel_consumer,
+            self._consume,
+            base_delay=settings.unexpected_error_backoff,
+            max_delay=settings.max_backoff,
+        )
 
     @property
     def handler(self) -> JobHandler[J]:
@@ -177,17 +186,12 @@ class JobRunner(Generic[J]):
         async with message.process(requeue=True, ignore_processed=True):
             try:
                 await self._handle(message)
-                self._failures = 0
             except Exception:
-                # A bug: requeue, but only after a pause that grows while failures
-                # continue, so a crashing job does not spin the queue.
-                self._failures += 1
-                pause = min(
-                    self._settings.max_backoff,
-                    self._settings.unexpected_error_backoff * 2 ** min(self._failures, 16),
-                )
-                log.exception("job failed unexpectedly; requeued in %.1fs", pause)
-                await asyncio.sleep(pause)
+                # A bug: the message is requeued at once (by message.process) and
+                # consumption pauses for a backoff that grows while bugs repeat, so a
+                # crashing job does not spin the queue; its delivery limit parks it.
+                log.exception("job failed unexpectedly; requeued")
+                await self.pause.trip("a job failed unexpectedly")
                 raise
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:

@@ -14,8 +14,8 @@ from notify_kit.settings import SettingsError, env_float, env_int, env_optional,
 class RunnerSettings:
     """How many jobs one process holds at once, and how long it may take to stop.
 
-    ``unexpected_error_backoff`` doubles up to ``max_backoff`` while unexpected errors
-    (bugs) repeat, so a crashing job cannot spin the queue.
+    ``unexpected_error_backoff`` is the first pause of consumption after an outage or a
+    bug; it doubles up to ``max_backoff`` while they repeat.
     """
 
     prefetch: int = 32
