@@ -17,6 +17,7 @@ raises instead of being silently dropped.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -79,6 +80,26 @@ class Topology:
     def retry_queue(self, kind: JobKind, attempt: int) -> str:
         """The delay queue a job waits in after failing ``attempt`` (1-based)."""
         return f"{self.prefix}{kind.key}.retry.{attempt}"
+
+    def retry_plan(
+        self, kind: JobKind, attempt: int, retry_after: float | None, rng: random.Random
+    ) -> tuple[str, float]:
+        """Where a job that failed ``attempt`` waits, and for how many seconds.
+
+        Equal jitter within the attempt's delay (half of it fixed, half random) keeps
+        jobs that failed together from coming back together; a provider's
+        ``Retry-After`` raises the wait, and picks the first delay queue long enough
+        to hold it (a message's own TTL can shorten its queue's, never lengthen it).
+        The wait is capped by the longest delay queue.
+        """
+        tiers = self.retry_delays_ms
+        base = tiers[min(attempt, len(tiers)) - 1]
+        wait_ms = base / 2 + rng.uniform(0, base / 2)
+        if retry_after is not None:
+            wait_ms = max(wait_ms, retry_after * 1000)
+        tier = next((i for i, ttl in enumerate(tiers, 1) if ttl >= wait_ms), len(tiers))
+        tier = max(tier, min(attempt, len(tiers)))
+        return self.retry_queue(kind, tier), min(wait_ms, tiers[tier - 1]) / 1000
 
     def all_queues(self) -> list[str]:
         """Every queue name, for purging and deleting in tests and tooling."""
@@ -176,11 +197,13 @@ class Publisher:
         correlation_id: str,
         headers: Mapping[str, str] | None = None,
         direct_to_queue: bool = False,
+        expiration: float | None = None,
     ) -> None:
         """Publish and wait for the confirm; raise ``Unavailable`` on any failure.
 
         ``direct_to_queue`` publishes through the default exchange straight to the
-        queue named ``routing_key`` (used for the retry delay queues).
+        queue named ``routing_key`` (used for the retry delay queues); ``expiration``
+        (seconds) is the message's own TTL there, at most the queue's.
         """
         assert self._channel is not None and self._exchange is not None, "start() first"
         message = aio_pika.Message(
@@ -191,6 +214,7 @@ class Publisher:
             message_id=message_id,
             correlation_id=correlation_id,
             headers=dict(headers or {}),
+            expiration=expiration,
         )
         target = self._channel.default_exchange if direct_to_queue else self._exchange
         try:

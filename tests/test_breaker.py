@@ -148,3 +148,21 @@ async def test_providers_that_cannot_reach_the_recipient_are_skipped() -> None:
     only: ProviderChain[str, str] = ProviderChain("push", [FakeProvider("fcm", Skip)], SETTINGS)
     with pytest.raises(PermanentError):
         await only.send("m")
+
+
+def test_retry_plan_jitters_and_honours_retry_after() -> None:
+    import random  # noqa: PLC0415
+
+    from notify_kit.amqp import EMAIL, Topology  # noqa: PLC0415
+
+    topo = Topology(prefix="x.", retry_delays_ms=(2_000, 10_000, 30_000, 120_000))
+    rng = random.Random(7)
+    waits = [topo.retry_plan(EMAIL, 1, None, rng) for _ in range(50)]
+    assert {q for q, _ in waits} == {"x.email.retry.1"}
+    assert all(1.0 <= w <= 2.0 for _, w in waits) and len({w for _, w in waits}) > 40
+    # Retry-After: 25 s after the first attempt waits in the 30 s queue, 25 s at least.
+    queue, wait = topo.retry_plan(EMAIL, 1, 25.0, rng)
+    assert queue == "x.email.retry.3" and 25.0 <= wait <= 30.0
+    # Never shorter than the attempt's own tier, and capped by the longest queue.
+    assert topo.retry_plan(EMAIL, 3, 0.5, rng)[0] == "x.email.retry.3"
+    assert topo.retry_plan(EMAIL, 2, 10_000, rng) == ("x.email.retry.4", 120.0)

@@ -12,7 +12,8 @@ providers) and the runner owns the delivery guarantees, written once:
   attempt's outcome) is not sent again (redeliveries after a crash); the outcome is
   reported again;
 * attempts count provider answers about this notification only: ``TransientError``
-  republishes to the delay queue of its attempt with ``attempt+1`` (status RETRYING),
+  republishes to a delay queue with ``attempt+1`` after a jittered backoff that honours
+  the provider's ``Retry-After`` (``Topology.retry_plan``; status RETRYING),
   and after ``Topology.max_attempts`` the job goes to ``failed.queue`` (FAILED);
   ``PermanentError`` and ``OutcomeUnknown`` go there at once;
 * our own outage (``Blocked``, or an infrastructure error while recording or
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
@@ -123,6 +125,7 @@ class JobRunner(Generic[J]):
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._tracer = trace.get_tracer(__name__)
+        self._rng = random.Random()  # noqa: S311 (jitter, not security)
         self.pause = Pause(
             self._cancel_consumer,
             self._consume,
@@ -260,23 +263,27 @@ class JobRunner(Generic[J]):
             if attempt >= self._topology.max_attempts:
                 await self._fail(job, nid, attempt, f"gave up after {attempt} attempts: {exc}")
             else:
-                await self._retry(job, nid, attempt, str(exc))
+                await self._retry(job, nid, attempt, str(exc), exc.retry_after)
             return
         detail = f"{sent.provider}: {sent.result}"
         await self._ours(self._ledger.record, nid, attempt, DELIVERED, detail, sent.provider)
         await self._ours(self._report, nid, DELIVERED, detail, attempt)
         log.info("delivered", extra={"notification_id": nid, "attempt": attempt})
 
-    async def _retry(self, job: J, nid: str, attempt: int, reason: str) -> None:
+    async def _retry(
+        self, job: J, nid: str, attempt: int, reason: str, retry_after: float | None
+    ) -> None:
         job.meta.attempt = attempt + 1
+        queue, wait = self._topology.retry_plan(self._handler.kind, attempt, retry_after, self._rng)
         await self._ours(
             self._publisher.publish,
-            self._topology.retry_queue(self._handler.kind, attempt),
+            queue,
             job.SerializeToString(),
             message_type=self._handler.kind.message_type,
             message_id=nid,
             correlation_id=job.meta.correlation_id,
             direct_to_queue=True,
+            expiration=wait,
         )
         await self._ours(self._ledger.record, nid, attempt, RETRYING, reason)
         await self._ours(self._report, nid, RETRYING, reason, attempt)
