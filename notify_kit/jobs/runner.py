@@ -125,7 +125,7 @@ class JobRunner(Generic[J]):
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._tracer = trace.get_tracer(__name__)
-        self._rng = random.Random()  # noqa: S311 (jitter, not security)
+        self._rng = random.Random()
         self.pause = Pause(
             self._cancel_consumer,
             self._consume,
