@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import email.policy
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -302,6 +303,12 @@ async def test_retries_run_out_into_the_failed_queue(
     assert dead.headers["x-notify-attempts"] == str(topo.max_attempts)
     assert jobs_pb2.EmailJob.FromString(dead.body).meta.notification_id == nid
     assert sender.sent == []
+    history = json.loads(str(dead.headers["x-notify-history"]))
+    assert [(h["attempt"], h["status"]) for h in history] == [
+        *((a, "RETRYING") for a in range(1, topo.max_attempts)),
+        (topo.max_attempts, "FAILED"),
+    ]
+    assert "in-memory provider told to fail transiently" in history[0]["detail"]
 
 
 async def test_smtp_rejection_fails_permanently(

@@ -100,16 +100,23 @@ WHERE notification_id = ANY($1::uuid[])
 ORDER BY notification_id, channel
 """
 
-# One statement, so no report can slip between a read of the status and the write: the
-# UPDATE skips terminal rows (and a QUEUED report once a worker has moved on: $7/$8),
-# and the second branch returns the row as stored when the
-# UPDATE skipped it (it reads the snapshot from before the UPDATE, hence NOT EXISTS).
+# One statement, so no report can slip between a read of the status and the write. Within
+# one replay generation the UPDATE skips terminal rows (and a QUEUED report once a worker
+# has moved on: $7/$8); a report of a newer generation ($9, an operator's replay of a
+# dead letter) reopens anything but DELIVERED and restarts the attempt count; a report of
+# an older generation changes nothing. The second branch returns the row as stored when
+# the UPDATE skipped it (it reads the snapshot from before the UPDATE, hence NOT EXISTS).
 UPDATE_DELIVERY = """
 WITH updated AS (
     UPDATE deliveries
-    SET status = $3, detail = $4, attempts = greatest(attempts, $5), updated_at = now()
-    WHERE notification_id = $1 AND channel = $2 AND NOT (status = ANY($6::smallint[]))
-      AND ($3::smallint <> $7::smallint OR status = $8::smallint)
+    SET status = $3, detail = $4, updated_at = now(), replay = $9,
+        attempts = CASE WHEN $9 > replay THEN $5 ELSE greatest(attempts, $5) END
+    WHERE notification_id = $1 AND channel = $2
+      AND (
+        ($9 > replay AND status <> $10::smallint)
+        OR ($9 = replay AND NOT (status = ANY($6::smallint[]))
+            AND ($3::smallint <> $7::smallint OR status = $8::smallint))
+      )
     RETURNING channel, status, detail, attempts, updated_at
 )
 SELECT channel, status, detail, attempts, updated_at FROM updated
@@ -172,6 +179,7 @@ class StatusReport:
     status: Status
     detail: str
     attempt: int
+    replay: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +354,8 @@ class UserStore:
                 sorted(TERMINAL),
                 QUEUED,
                 ACCEPTED,
+                report.replay,
+                common_pb2.NOTIFICATION_STATUS_DELIVERED,
             )
         return None if row is None else _delivery(row)
 

@@ -188,6 +188,8 @@ def status_report(request: user_service_pb2.UpdateDeliveryStatusRequest) -> Stat
         problems.append(("status", "is required"))
     if request.attempt < 0:
         problems.append(("attempt", "must not be negative"))
+    if request.replay < 0:
+        problems.append(("replay", "must not be negative"))
     if problems:
         raise InvalidArgument(
             "INVALID_DELIVERY_STATUS", "the status report is invalid", field_violations=problems
@@ -198,6 +200,7 @@ def status_report(request: user_service_pb2.UpdateDeliveryStatusRequest) -> Stat
         status=request.status,
         detail=request.detail[:MAX_DETAIL],
         attempt=request.attempt,
+        replay=request.replay,
     )
 
 

@@ -27,19 +27,20 @@ _STATUS_PREFIX = "NOTIFICATION_STATUS_"
 SELECT_OUTCOME = """
 SELECT status, detail FROM delivery_logs
 WHERE notification_id = $1
-  AND (status = 'DELIVERED' OR (attempt = $2 AND status IN ('RETRYING', 'FAILED', 'EXPIRED')))
+  AND (status = 'DELIVERED'
+       OR (replay = $3 AND attempt = $2 AND status IN ('RETRYING', 'FAILED', 'EXPIRED')))
 ORDER BY (status = 'DELIVERED') DESC, id DESC
 LIMIT 1
 """
 
 INSERT_ATTEMPT = """
-INSERT INTO delivery_logs (notification_id, attempt, status, detail, provider)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO delivery_logs (notification_id, attempt, status, detail, provider, replay)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (notification_id) WHERE status = 'DELIVERED' DO NOTHING
 """
 
 SELECT_HISTORY = """
-SELECT attempt, status, detail, provider, created_at FROM delivery_logs
+SELECT replay, attempt, status, detail, provider, created_at FROM delivery_logs
 WHERE notification_id = $1
 ORDER BY created_at, id
 """
@@ -49,6 +50,7 @@ ORDER BY created_at, id
 class Attempt:
     """One row of a notification's delivery history."""
 
+    replay: int
     attempt: int
     status: str
     detail: str
@@ -59,8 +61,11 @@ class Attempt:
 class DeliveryLedger(Protocol):
     """The worker's delivery log: the record that makes redeliveries harmless."""
 
-    async def outcome(self, notification_id: str, attempt: int) -> tuple[Status, str] | None:
-        """An outcome already recorded: DELIVERED by any attempt, or that of ``attempt``.
+    async def outcome(
+        self, notification_id: str, attempt: int, replay: int = 0
+    ) -> tuple[Status, str] | None:
+        """An outcome already recorded: DELIVERED by any attempt, or that of ``attempt``
+        in replay generation ``replay``.
 
         With it, a redelivered job (the worker died, or a report failed after the
         outcome was recorded) is re-reported instead of being sent, retried or
@@ -68,9 +73,18 @@ class DeliveryLedger(Protocol):
         """
 
     async def record(
-        self, notification_id: str, attempt: int, status: Status, detail: str, provider: str = ""
+        self,
+        notification_id: str,
+        attempt: int,
+        status: Status,
+        detail: str,
+        provider: str = "",
+        replay: int = 0,
     ) -> None:
         """Append one attempt's outcome (DELIVERED, RETRYING, FAILED, EXPIRED)."""
+
+    async def history(self, notification_id: str) -> list[Attempt]:
+        """Every attempt of a notification, oldest first."""
 
 
 def status_name(status: Status) -> str:
@@ -88,11 +102,13 @@ class DeliveryLog:
         self._pool = pool
         self._timeout = timeout
 
-    async def outcome(self, notification_id: str, attempt: int) -> tuple[Status, str] | None:
+    async def outcome(
+        self, notification_id: str, attempt: int, replay: int = 0
+    ) -> tuple[Status, str] | None:
         """DELIVERED by any attempt, else the recorded outcome of ``attempt``, if any."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             row = await conn.fetchrow(
-                SELECT_OUTCOME, notification_id, attempt, timeout=self._timeout
+                SELECT_OUTCOME, notification_id, attempt, replay, timeout=self._timeout
             )
         if row is None:
             return None
@@ -100,7 +116,13 @@ class DeliveryLog:
         return status, row["detail"]
 
     async def record(
-        self, notification_id: str, attempt: int, status: Status, detail: str, provider: str = ""
+        self,
+        notification_id: str,
+        attempt: int,
+        status: Status,
+        detail: str,
+        provider: str = "",
+        replay: int = 0,
     ) -> None:
         """Append an attempt; a second DELIVERED row for the same notification is ignored."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
@@ -111,6 +133,7 @@ class DeliveryLog:
                 status_name(status),
                 detail,
                 provider,
+                replay,
                 timeout=self._timeout,
             )
 
@@ -119,6 +142,8 @@ class DeliveryLog:
         async with self._pool.acquire(timeout=self._timeout) as conn:
             rows = await conn.fetch(SELECT_HISTORY, notification_id, timeout=self._timeout)
         return [
-            Attempt(r["attempt"], r["status"], r["detail"], r["provider"], r["created_at"])
+            Attempt(
+                r["replay"], r["attempt"], r["status"], r["detail"], r["provider"], r["created_at"]
+            )
             for r in rows
         ]

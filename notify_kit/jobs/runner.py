@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import aio_pika
@@ -45,7 +48,7 @@ from opentelemetry import trace
 from notify_kit.amqp import FAILED_KEY, JobKind, Publisher, Topology
 from notify_kit.context import new_correlation_id, set_correlation_id
 from notify_kit.jobs.errors import Blocked, OutcomeUnknown, PermanentError, TransientError
-from notify_kit.jobs.ledger import DeliveryLedger
+from notify_kit.jobs.ledger import Attempt, DeliveryLedger
 from notify_kit.jobs.pause import Pause
 from notify_kit.jobs.providers import ProviderChain, Sent
 from notify_kit.jobs.settings import RunnerSettings
@@ -63,6 +66,31 @@ EXPIRED = common_pb2.NOTIFICATION_STATUS_EXPIRED
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """Which try of which notification a message is: what every record and report names."""
+
+    nid: str
+    attempt: int
+    replay: int
+
+
+def history_json(history: Sequence[Attempt], limit: int = 50) -> str:
+    """The last ``limit`` attempts as JSON, for the dead letter's ``x-notify-history``."""
+    rows = [
+        {
+            "replay": a.replay,
+            "attempt": a.attempt,
+            "status": a.status,
+            "provider": a.provider,
+            "detail": a.detail[:500],
+            "time": a.created_at.isoformat(),
+        }
+        for a in history[-limit:]
+    ]
+    return json.dumps(rows)
 
 
 class Job(Protocol):
@@ -240,62 +268,89 @@ class JobRunner(Generic[J]):
                 return result
 
     async def _run(self, job: J, meta: jobs_pb2.JobMeta) -> None:
-        nid, attempt = meta.notification_id, meta.attempt or 1
-        earlier = await self._ours(self._ledger.outcome, nid, attempt)
+        turn = Turn(meta.notification_id, meta.attempt or 1, meta.replay)
+        nid, attempt = turn.nid, turn.attempt
+        earlier = await self._ours(self._ledger.outcome, nid, attempt, turn.replay)
         if earlier is not None:
             log.info("outcome already recorded; re-reported", extra={"notification_id": nid})
-            await self._ours(self._report, nid, earlier[0], earlier[1], attempt)
+            await self._ours(self._report, turn, earlier[0], earlier[1])
             return
         if meta.HasField("expire_time") and _past(meta.expire_time):
-            await self._ours(self._ledger.record, nid, attempt, EXPIRED, "expired before sending")
-            await self._ours(self._report, nid, EXPIRED, "expired before sending", attempt)
+            await self._record(turn, EXPIRED, "expired before sending")
+            await self._ours(self._report, turn, EXPIRED, "expired before sending")
             return
-        await self._ours(self._report, nid, SENDING, "", attempt)
+        await self._ours(self._report, turn, SENDING, "")
         try:
             sent = await self._ours(self._handler.send, job)
         except OutcomeUnknown as exc:
-            await self._fail(job, nid, attempt, f"outcome unknown, not resent: {exc}")
+            await self._fail(job, turn, f"outcome unknown, not resent: {exc}")
             return
         except PermanentError as exc:
-            await self._fail(job, nid, attempt, f"permanent: {exc}")
+            await self._fail(job, turn, f"permanent: {exc}")
             return
         except TransientError as exc:
             if attempt >= self._topology.max_attempts:
-                await self._fail(job, nid, attempt, f"gave up after {attempt} attempts: {exc}")
+                await self._fail(job, turn, f"gave up after {attempt} attempts: {exc}")
             else:
-                await self._retry(job, nid, attempt, str(exc), exc.retry_after)
+                await self._retry(job, turn, str(exc), exc.retry_after)
             return
         detail = f"{sent.provider}: {sent.result}"
-        await self._ours(self._ledger.record, nid, attempt, DELIVERED, detail, sent.provider)
-        await self._ours(self._report, nid, DELIVERED, detail, attempt)
+        await self._record(turn, DELIVERED, detail, sent.provider)
+        await self._ours(self._report, turn, DELIVERED, detail)
         log.info("delivered", extra={"notification_id": nid, "attempt": attempt})
 
-    async def _retry(
-        self, job: J, nid: str, attempt: int, reason: str, retry_after: float | None
-    ) -> None:
-        job.meta.attempt = attempt + 1
-        queue, wait = self._topology.retry_plan(self._handler.kind, attempt, retry_after, self._rng)
+    async def _retry(self, job: J, turn: Turn, reason: str, retry_after: float | None) -> None:
+        job.meta.attempt = turn.attempt + 1
+        queue, wait = self._topology.retry_plan(
+            self._handler.kind, turn.attempt, retry_after, self._rng
+        )
         await self._ours(
             self._publisher.publish,
             queue,
             job.SerializeToString(),
             message_type=self._handler.kind.message_type,
-            message_id=nid,
+            message_id=turn.nid,
             correlation_id=job.meta.correlation_id,
             direct_to_queue=True,
             expiration=wait,
         )
-        await self._ours(self._ledger.record, nid, attempt, RETRYING, reason)
-        await self._ours(self._report, nid, RETRYING, reason, attempt)
-        log.warning("retry scheduled", extra={"notification_id": nid, "attempt": attempt})
+        await self._record(turn, RETRYING, reason)
+        await self._ours(self._report, turn, RETRYING, reason)
+        log.warning("retry scheduled", extra={"notification_id": turn.nid, "attempt": turn.attempt})
 
-    async def _fail(self, job: J, nid: str, attempt: int, reason: str) -> None:
-        await self._ours(self._dead_letter, job.SerializeToString(), nid, attempt, reason)
-        await self._ours(self._ledger.record, nid, attempt, FAILED, reason)
-        await self._ours(self._report, nid, FAILED, reason, attempt)
-        log.error("delivery failed", extra={"notification_id": nid, "reason": reason})
+    async def _fail(self, job: J, turn: Turn, reason: str) -> None:
+        """Dead-letter with the delivery history, then record and report FAILED.
 
-    async def _dead_letter(self, body: bytes, nid: str, attempt: int, reason: str) -> None:
+        The dead letter goes first: a crash after it leaves a redelivery that re-sends
+        it (the dead-letter store dedupes), never a FAILED job missing from the store.
+        """
+        history = await self._ours(self._ledger.history, turn.nid)
+        final = Attempt(turn.replay, turn.attempt, "FAILED", reason, "", datetime.now(UTC))
+        await self._ours(
+            self._dead_letter,
+            job.SerializeToString(),
+            turn.nid,
+            turn.attempt,
+            reason,
+            [*history, final],
+        )
+        await self._record(turn, FAILED, reason)
+        await self._ours(self._report, turn, FAILED, reason)
+        log.error("delivery failed", extra={"notification_id": turn.nid, "reason": reason})
+
+    async def _record(self, turn: Turn, status: Status, detail: str, provider: str = "") -> None:
+        await self._ours(
+            self._ledger.record, turn.nid, turn.attempt, status, detail, provider, turn.replay
+        )
+
+    async def _dead_letter(
+        self,
+        body: bytes,
+        nid: str,
+        attempt: int,
+        reason: str,
+        history: Sequence[Attempt] = (),
+    ) -> None:
         await self._publisher.publish(
             FAILED_KEY,
             body,
@@ -306,6 +361,7 @@ class JobRunner(Generic[J]):
                 "x-notify-kind": self._handler.kind.key,
                 "x-notify-error": reason[:1000],
                 "x-notify-attempts": str(attempt),
+                "x-notify-history": history_json(history),
             },
         )
 
@@ -316,8 +372,8 @@ class JobRunner(Generic[J]):
         except DecodeError:
             return new_correlation_id()
 
-    async def _report(self, nid: str, status: Status, detail: str, attempt: int) -> None:
-        await self._report_status(nid, status, detail[:1000], attempt)
+    async def _report(self, turn: Turn, status: Status, detail: str) -> None:
+        await self._report_status(turn.nid, status, detail[:1000], turn.attempt, turn.replay)
 
 
 def _past(ts: timestamp_pb2.Timestamp) -> bool:

@@ -27,7 +27,8 @@ from notify_kit.jobs.errors import Blocked, PermanentError
 log = logging.getLogger(__name__)
 
 Status: TypeAlias = common_pb2.NotificationStatus.ValueType
-StatusReport = Callable[[str, Status, str, int], Awaitable[None]]
+# (notification id, status, detail, attempt, replay generation)
+StatusReport = Callable[[str, Status, str, int, int], Awaitable[None]]
 
 # Upstream answers that will not change on a retry; everything else (UNAVAILABLE,
 # DEADLINE_EXCEEDED, INTERNAL, ...) might.
@@ -74,13 +75,16 @@ def status_reporter(
     outage (``Blocked``): the runner holds the job and reports again later.
     """
 
-    async def report(notification_id: str, status: Status, detail: str, attempt: int) -> None:
+    async def report(
+        notification_id: str, status: Status, detail: str, attempt: int, replay: int
+    ) -> None:
         request = user_service_pb2.UpdateDeliveryStatusRequest(
             notification_id=notification_id,
             channel=channel,
             status=status,
             detail=detail,
             attempt=attempt,
+            replay=replay,
         )
         try:
             await rpc.unary(users.UpdateDeliveryStatus, request, timeout=timeout)

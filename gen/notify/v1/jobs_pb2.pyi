@@ -55,6 +55,7 @@ class JobMeta(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     ENQUEUE_TIME_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
     """The notification this job delivers; workers dedupe on it."""
     attempt: _builtins.int
@@ -65,6 +66,10 @@ class JobMeta(_message.Message):
     """The client's idempotency key, if any."""
     user_id: _builtins.str
     """The recipient."""
+    replay: _builtins.int
+    """How often an operator replayed this job from the dead letters; attempts count
+    afresh in each generation, and the worker's ledger keeps them apart.
+    """
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """W3C trace context (traceparent, tracestate) of the originating request."""
@@ -88,10 +93,11 @@ class JobMeta(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         enqueue_time: _timestamp_pb2.Timestamp | None = ...,
         user_id: _builtins.str = ...,
+        replay: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enqueue_time", b"enqueue_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "correlation_id", b"correlation_id", "enqueue_time", b"enqueue_time", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "notification_id", b"notification_id", "trace_context", b"trace_context", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "correlation_id", b"correlation_id", "enqueue_time", b"enqueue_time", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "notification_id", b"notification_id", "replay", b"replay", "trace_context", b"trace_context", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -701,6 +701,7 @@ class UpdateDeliveryStatusRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
     """The notification's id."""
     channel: _common_pb2.Channel.ValueType
@@ -711,6 +712,11 @@ class UpdateDeliveryStatusRequest(_message.Message):
     """Why: provider message id or error text."""
     attempt: _builtins.int
     """The worker's attempt number (1-based)."""
+    replay: _builtins.int
+    """The job's replay generation (0 until an operator replays a dead letter). A report
+    of a newer generation may reopen a FAILED or EXPIRED delivery; a report of an
+    older one changes nothing.
+    """
     def __init__(
         self,
         *,
@@ -719,10 +725,11 @@ class UpdateDeliveryStatusRequest(_message.Message):
         status: _common_pb2.NotificationStatus.ValueType = ...,
         detail: _builtins.str = ...,
         attempt: _builtins.int = ...,
+        replay: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "channel", b"channel", "detail", b"detail", "notification_id", b"notification_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "channel", b"channel", "detail", b"detail", "notification_id", b"notification_id", "replay", b"replay", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
