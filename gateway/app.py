@@ -8,6 +8,8 @@ from pathlib import Path
 
 import grpc
 from notify.v1 import (
+    dead_letter_service_pb2,
+    dead_letter_service_pb2_grpc,
     notification_service_pb2,
     notification_service_pb2_grpc,
     template_service_pb2,
@@ -19,6 +21,8 @@ from notify.v1 import (
 from gateway.auth import ALL_SCOPES, ApiKeyInterceptor, Authenticator
 from gateway.cache import IdempotencyCache
 from gateway.config import Config
+from gateway.dead_letter_server import DeadLetterConsumer, DeadLetterServicer
+from gateway.dead_letters import DeadLetterStore
 from gateway.proxy import ForwardingHandler
 from gateway.server import NotificationServicer
 from gateway.store import KeyStore
@@ -34,6 +38,7 @@ SERVICE_NAMES = (
     notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
     user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
     template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
+    dead_letter_service_pb2.DESCRIPTOR.services_by_name["DeadLetterService"].full_name,
 )
 
 
@@ -80,6 +85,13 @@ class App:
                 upstream_timeout=config.upstream_timeout,
                 template_cache_ttl=config.template_cache_ttl,
             )
+            dead_letters = DeadLetterStore(pool)
+            dead_letter_admin = DeadLetterServicer(
+                dead_letters,
+                publisher,
+                user_service_pb2_grpc.UserServiceStub(user_channel),
+                upstream_timeout=config.upstream_timeout,
+            )
             forwarding = ForwardingHandler(
                 {"user_svc": user_channel, "template_svc": template_channel},
                 timeout=config.upstream_timeout,
@@ -88,6 +100,9 @@ class App:
             def register(server: grpc.aio.Server) -> None:
                 notification_service_pb2_grpc.add_NotificationServiceServicer_to_server(
                     servicer, server
+                )
+                dead_letter_service_pb2_grpc.add_DeadLetterServiceServicer_to_server(
+                    dead_letter_admin, server
                 )
                 server.add_generic_rpc_handlers((forwarding,))
 
@@ -101,6 +116,11 @@ class App:
             )
             await server.start()
             stack.push_async_callback(server.stop)
+            # Dead letters are filed by one consumer per gateway (competing consumers
+            # when there are several); it stops before the server drains.
+            consumer = DeadLetterConsumer(connection, config.topology, dead_letters)
+            await consumer.start()
+            stack.push_async_callback(consumer.stop)
             return cls(stack.pop_all(), server)
         raise AssertionError("unreachable")
 

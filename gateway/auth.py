@@ -35,6 +35,10 @@ METHOD_SCOPES: dict[str, str] = {
     "/notify.v1.TemplateService/CreateTemplate": ADMIN,
     "/notify.v1.TemplateService/GetTemplate": READ,
     "/notify.v1.TemplateService/CreateTemplateVersion": ADMIN,
+    "/notify.v1.DeadLetterService/ListDeadLetters": ADMIN,
+    "/notify.v1.DeadLetterService/GetDeadLetter": ADMIN,
+    "/notify.v1.DeadLetterService/ReplayDeadLetters": ADMIN,
+    "/notify.v1.DeadLetterService/PurgeDeadLetters": ADMIN,
 }
 
 _CALLER: ContextVar[ApiKey] = ContextVar("api_key")

@@ -7,7 +7,11 @@ wait_for(n)`` without threads or sleeps.
 
 Recipients whose local part starts with ``reject`` are refused with ``550`` and those
 starting with ``defer`` with ``451``, so the permanent and transient failure paths of
-the real SMTP client can be exercised end to end.
+the real SMTP client can be exercised end to end. In-process, tests can also script it:
+``refuse(address, reply)`` answers RCPT for one address with ``reply`` until
+``accept(address)``; ``down = "451 ..."`` answers every MAIL FROM with it (a relay in
+trouble) until set back to ``None``; ``transactions`` counts MAIL FROM commands, which
+is how tests count what reached the relay.
 
 CLI: ``python -m scripts.mailcatcher --host 127.0.0.1 --port 1025 --dir var/mail``.
 """
@@ -50,6 +54,17 @@ class MailCatcher:
         self._received = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._sessions: set[SMTP] = set()
+        self.refused: dict[str, str] = {}
+        self.down: str | None = None
+        self.transactions = 0
+
+    def refuse(self, address: str, reply: str = "550 5.1.1 Recipient address rejected") -> None:
+        """Answer RCPT for ``address`` with ``reply`` until ``accept(address)``."""
+        self.refused[address.lower()] = reply
+
+    def accept(self, address: str) -> None:
+        """Take mail for ``address`` again."""
+        self.refused.pop(address.lower(), None)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on ``host:port`` (0 picks a free port); return the bound port."""
@@ -96,6 +111,22 @@ class MailCatcher:
 
     # aiosmtpd handler hooks (called by the SMTP protocol by name).
 
+    async def handle_MAIL(  # noqa: N802 (aiosmtpd's hook name)
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        """Count the transaction; refuse it while the catcher plays a relay in trouble."""
+        self.transactions += 1
+        if self.down is not None:
+            return self.down
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(  # noqa: N802 (aiosmtpd's hook name)
         self,
         server: SMTP,
@@ -104,7 +135,9 @@ class MailCatcher:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        """Accept the recipient unless its local part asks for a failure."""
+        """Accept the recipient unless told to refuse it or its local part asks for that."""
+        if address.lower() in self.refused:
+            return self.refused[address.lower()]
         local = address.partition("@")[0].lower()
         if local.startswith(REJECT_PREFIX):
             return f"550 5.1.1 <{address}>: Recipient address rejected"

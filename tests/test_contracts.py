@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 from google.api import annotations_pb2
-from notify.v1 import notification_service_pb2, template_service_pb2, user_service_pb2
+from notify.v1 import (
+    dead_letter_service_pb2,
+    notification_service_pb2,
+    template_service_pb2,
+    user_service_pb2,
+)
 
 from gateway.auth import METHOD_SCOPES
 from scripts.system import ROOT
@@ -41,7 +46,12 @@ def test_buf_lint_passes() -> None:
 
 def test_every_http_bound_rpc_is_exposed_with_a_scope_and_nothing_else() -> None:
     bound = set()
-    for module in (notification_service_pb2, user_service_pb2, template_service_pb2):
+    for module in (
+        notification_service_pb2,
+        user_service_pb2,
+        template_service_pb2,
+        dead_letter_service_pb2,
+    ):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 if method.GetOptions().HasExtension(annotations_pb2.http):

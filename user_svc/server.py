@@ -15,9 +15,9 @@ from notify.v1 import user_service_pb2, user_service_pb2_grpc
 
 from notify_kit.context import get_correlation_id
 from notify_kit.errors import NotFound
+from notify_kit.paging import decode_page_token, encode_page_token
 from user_svc import validation
 from user_svc.cache import ProfileCache
-from user_svc.paging import decode_page_token, encode_page_token
 from user_svc.store import UserStore
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from google.protobuf import timestamp_pb2
 from notify.v1 import common_pb2, user_service_pb2
 
 from notify_kit.errors import AlreadyExists, NotFound
+from notify_kit.paging import Cursor
 from notify_kit.status import ACCEPTED, QUEUED, TERMINAL, Status, aggregate_status
-from user_svc.paging import Cursor
 
 _ACQUIRE_TIMEOUT = 5.0
 

@@ -1,4 +1,4 @@
-"""Opaque page tokens for ListNotificationRecords: a (created_at, id) keyset position.
+"""Opaque page tokens for keyset paging: a (created_at, id) position, for every list RPC.
 
 A keyset instead of an offset keeps pages stable while new notifications arrive and
 costs one index seek per page however deep the caller goes. The token is URL-safe

@@ -1,0 +1,221 @@
+"""The dead-letter store: jobs from failed.queue, queryable, replayable (PostgreSQL).
+
+Rows are keyed by the job (kind + notification id), so a copy redelivered by the broker
+and a replayed job that fails again update one row instead of piling up; a copy of an
+older generation never overwrites a newer one. Filters are bound parameters only.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+from notify.v1 import common_pb2, dead_letter_service_pb2
+
+from notify_kit.paging import Cursor
+
+PARKED = dead_letter_service_pb2.DEAD_LETTER_STATE_PARKED
+REPLAYED = dead_letter_service_pb2.DEAD_LETTER_STATE_REPLAYED
+CHANNEL_OF_KIND = {"email": common_pb2.CHANNEL_EMAIL, "push": common_pb2.CHANNEL_PUSH}
+KIND_OF_CHANNEL = {v: k for k, v in CHANNEL_OF_KIND.items()}
+
+_UPSERT = """
+INSERT INTO dead_letters
+    (job_key, kind, notification_id, generation, reason, attempts, correlation_id, body, history)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
+ON CONFLICT (job_key) DO UPDATE
+SET generation = EXCLUDED.generation, reason = EXCLUDED.reason, attempts = EXCLUDED.attempts,
+    body = EXCLUDED.body, history = EXCLUDED.history, state = 1, created_at = now()
+WHERE dead_letters.generation < EXCLUDED.generation
+"""
+
+_COLUMNS = """id, kind, notification_id, generation, reason, attempts, correlation_id, state,
+replay_count, replayed_at, created_at"""
+
+# $1 channel kind or '', $2 reason text or '', $3 since, $4 until, $5 state or 0.
+_WHERE = """
+($1 = '' OR kind = $1)
+AND ($2 = '' OR strpos(lower(reason), lower($2)) > 0)
+AND ($3::timestamptz IS NULL OR created_at >= $3)
+AND ($4::timestamptz IS NULL OR created_at < $4)
+AND ($5 = 0 OR state = $5)
+"""
+
+# Composed of the constants above only (no caller text): hence the S608 waivers.
+_LIST = f"""
+SELECT {_COLUMNS} FROM dead_letters
+WHERE {_WHERE} AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7))
+ORDER BY created_at DESC, id DESC
+LIMIT $8
+"""  # noqa: S608
+
+_GET = f"SELECT {_COLUMNS}, body, history FROM dead_letters WHERE id = $1"  # noqa: S608
+_SELECT_FOR_REPLAY = f"SELECT id, kind, generation, body FROM dead_letters WHERE {_WHERE}"  # noqa: S608
+_MARK_REPLAYED = """
+UPDATE dead_letters SET state = 2, replay_count = replay_count + 1, replayed_at = now()
+WHERE id = $1 AND generation = $2
+"""
+_PURGE = f"DELETE FROM dead_letters WHERE {_WHERE} RETURNING id"  # noqa: S608
+_PURGE_ONE = "DELETE FROM dead_letters WHERE id = $1 RETURNING id"
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """A validated ``DeadLetterFilter`` (empty values match everything)."""
+
+    kind: str = ""
+    reason: str = ""
+    since: datetime | None = None
+    until: datetime | None = None
+    state: int = 0
+
+    def args(self) -> tuple[Any, ...]:
+        """The five ``_WHERE`` parameters."""
+        return (self.kind, self.reason, self.since, self.until, self.state)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One message from failed.queue, as the consumer read it."""
+
+    job_key: str
+    kind: str
+    notification_id: str
+    generation: int
+    reason: str
+    attempts: int
+    correlation_id: str
+    body: bytes
+    history: str  # JSON list
+
+
+@dataclass(frozen=True, slots=True)
+class Replayable:
+    """What replaying one dead letter needs."""
+
+    id: uuid.UUID
+    kind: str
+    generation: int
+    body: bytes
+
+
+def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+_STATUS_PREFIX = "NOTIFICATION_STATUS_"
+
+
+def _attempt(row: dict[str, Any]) -> dead_letter_service_pb2.DeliveryAttempt:
+    status = common_pb2.NotificationStatus.Value(_STATUS_PREFIX + str(row.get("status", "")))
+    return dead_letter_service_pb2.DeliveryAttempt(
+        replay=int(row.get("replay", 0)),
+        attempt=int(row.get("attempt", 0)),
+        status=status,
+        provider=str(row.get("provider", "")),
+        detail=str(row.get("detail", "")),
+        time=_ts(datetime.fromisoformat(str(row["time"]))) if row.get("time") else None,
+    )
+
+
+def to_message(row: Any, *, with_history: bool = False) -> dead_letter_service_pb2.DeadLetter:
+    """A stored row as the contract's ``DeadLetter``."""
+    message = dead_letter_service_pb2.DeadLetter(
+        id=str(row["id"]),
+        notification_id=row["notification_id"],
+        channel=CHANNEL_OF_KIND.get(row["kind"], common_pb2.CHANNEL_UNSPECIFIED),
+        reason=row["reason"],
+        attempts=row["attempts"],
+        correlation_id=row["correlation_id"],
+        create_time=_ts(row["created_at"]),
+        state=row["state"],
+        replay_count=row["replay_count"],
+        replay_time=_ts(row["replayed_at"]),
+    )
+    if with_history:
+        history = row["history"]
+        rows = json.loads(history) if isinstance(history, str) else history
+        message.history.extend(_attempt(r) for r in rows if isinstance(r, dict))
+    return message
+
+
+class DeadLetterStore:
+    """asyncpg over ``dead_letters``; every call bounds the pool wait and the statement."""
+
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float = 5.0) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def put(self, letter: Incoming) -> None:
+        """Store a dead letter (idempotent for copies of the same generation)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(
+                _UPSERT,
+                letter.job_key,
+                letter.kind,
+                letter.notification_id,
+                letter.generation,
+                letter.reason,
+                letter.attempts,
+                letter.correlation_id,
+                letter.body,
+                letter.history,
+                timeout=self._timeout,
+            )
+
+    async def page(self, where: Filter, after: Cursor | None, limit: int) -> list[Any]:
+        """A page, newest first, strictly after ``after``."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return list(
+                await conn.fetch(
+                    _LIST,
+                    *where.args(),
+                    after.created_at if after else None,
+                    after.id if after else None,
+                    limit,
+                    timeout=self._timeout,
+                )
+            )
+
+    async def get(self, ident: uuid.UUID) -> Any | None:
+        """One row with its body and history."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            return await conn.fetchrow(_GET, ident, timeout=self._timeout)
+
+    async def replayable(self, where: Filter) -> list[Replayable]:
+        """The dead letters a replay of ``where`` covers."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            rows = await conn.fetch(_SELECT_FOR_REPLAY, *where.args(), timeout=self._timeout)
+        return [Replayable(r["id"], r["kind"], r["generation"], r["body"]) for r in rows]
+
+    async def replayable_one(self, ident: uuid.UUID) -> Replayable | None:
+        """One dead letter to replay, whatever its state."""
+        row = await self.get(ident)
+        if row is None:
+            return None
+        return Replayable(row["id"], row["kind"], row["generation"], row["body"])
+
+    async def mark_replayed(self, ident: uuid.UUID, generation: int) -> None:
+        """Record a replay (unless the row was overwritten by a newer failure meanwhile)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(_MARK_REPLAYED, ident, generation, timeout=self._timeout)
+
+    async def purge(self, where: Filter | None, ident: uuid.UUID | None = None) -> int:
+        """Delete one row or those matching ``where``; return how many went."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            if ident is not None:
+                rows: Sequence[Any] = await conn.fetch(_PURGE_ONE, ident, timeout=self._timeout)
+            else:
+                assert where is not None
+                rows = await conn.fetch(_PURGE, *where.args(), timeout=self._timeout)
+        return len(rows)
