@@ -1,8 +1,9 @@
 """The whole system with its two third-party peers in the calling process.
 
-Tests and the benchmark need to see what arrived at the SMTP server and at FCM, so the
-peers (a real aiosmtpd server and the FCM v1 stand-in) run in-process while the five
-services and Envoy run as the same processes ``make run`` starts.
+Tests and the benchmark need to see what arrived at the providers, so the peers (a real
+aiosmtpd server, and the FCM v1, SendGrid v3 and OneSignal stand-ins, each channel's
+second provider) run in-process while the five services and Envoy run as the same
+processes ``make run`` starts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from notify_kit import db
 from notify_kit.amqp import Topology
 from scripts.fcm_fake import FcmFake
 from scripts.mailcatcher import MailCatcher
-from scripts.system import DATABASES, LocalSystem, Ports, SystemConfig
+from scripts.onesignal_fake import OneSignalFake
+from scripts.sendgrid_fake import SendGridFake
+from scripts.system import (
+    DATABASES,
+    LOCAL_ONESIGNAL_APP,
+    LOCAL_ONESIGNAL_KEY,
+    LOCAL_SENDGRID_KEY,
+    LocalSystem,
+    Ports,
+    SystemConfig,
+)
 
 
 @dataclass
@@ -29,6 +40,8 @@ class Running:
     cfg: SystemConfig
     mail: MailCatcher
     fcm: FcmFake
+    sendgrid: SendGridFake
+    onesignal: OneSignalFake
 
     @property
     def base(self) -> str:
@@ -55,8 +68,12 @@ async def running_system(
     """
     ports = Ports.free()
     mail, fcm = MailCatcher(var / "mail"), FcmFake()
+    sendgrid = SendGridFake(LOCAL_SENDGRID_KEY)
+    onesignal = OneSignalFake(LOCAL_ONESIGNAL_APP, LOCAL_ONESIGNAL_KEY, accept_all=True)
     await mail.start("127.0.0.1", ports.smtp)
     await fcm.start("127.0.0.1", ports.fcm)
+    await sendgrid.start("127.0.0.1", ports.sendgrid)
+    await onesignal.start("127.0.0.1", ports.onesignal)
     credentials = fcm.write_service_account(var / "service-account.json", f"notify-{tag}")
     cfg = SystemConfig(
         var=var,
@@ -75,11 +92,11 @@ async def running_system(
     try:
         await system.start_services()
         await system.start_envoy()
-        yield Running(system, cfg, mail, fcm)
+        yield Running(system, cfg, mail, fcm, sendgrid, onesignal)
     finally:
         await system.stop()
-        await mail.stop()
-        await fcm.stop()
+        for peer in (mail, fcm, sendgrid, onesignal):
+            await peer.stop()
         await delete_data(cfg)
 
 

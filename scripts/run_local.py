@@ -11,7 +11,10 @@ would if they were started by hand. The local stand-ins are the default and a re
 provider is one variable away: ``NOTIFY_SMTP_HOST`` (with ``NOTIFY_SMTP_PORT`` and the
 STARTTLS/AUTH settings) sends through that relay and starts no mail catcher;
 ``NOTIFY_FCM_CREDENTIALS`` sends through Firebase (``NOTIFY_FCM_URL`` defaults to
-Google's) and starts no FCM stand-in.
+Google's) and starts no FCM stand-in. With the local stand-ins, SendGrid and OneSignal
+stand-ins run too, as each channel's second provider (failover); with a real primary,
+a second provider is real or absent (``NOTIFY_SENDGRID_API_KEY``,
+``NOTIFY_ONESIGNAL_APP_ID``/``_API_KEY``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,18 @@ from pathlib import Path
 from scripts import gen_certs
 from scripts.api import DEMO_TEMPLATE, call
 from scripts.backing import ensure_backing, ensure_role
-from scripts.system import DATABASES, ROOT, LocalSystem, Ports, SystemConfig, poll, user_settings
+from scripts.system import (
+    DATABASES,
+    LOCAL_ONESIGNAL_APP,
+    LOCAL_ONESIGNAL_KEY,
+    LOCAL_SENDGRID_KEY,
+    ROOT,
+    LocalSystem,
+    Ports,
+    SystemConfig,
+    poll,
+    user_settings,
+)
 
 VAR = ROOT / "var"
 DB_PREFIX = "notify_"
@@ -102,6 +116,10 @@ def banner(cfg: SystemConfig) -> None:
         if cfg.local_fcm
         else "pushes go to Firebase Cloud Messaging"
     )
+    if cfg.local_sendgrid:
+        mail += f"\n  failover e-mail (SendGrid stand-in):  http://127.0.0.1:{p.sendgrid}/messages"
+    if cfg.local_onesignal:
+        push += f"\n  failover push (OneSignal stand-in):  http://127.0.0.1:{p.onesignal}/messages"
     print(f"""
 notify is running. Try:
   curl -s -H 'x-api-key: {cfg.api_key}' http://localhost:{p.http}/v1/templates/welcome
@@ -145,6 +163,17 @@ async def start(system: LocalSystem) -> None:
         fcm = ("--port", str(cfg.ports.fcm), "--credentials-out", str(cfg.fcm_credentials))
         await system.spawn("fcm_fake", py, "-m", "scripts.fcm_fake", *fcm)
         await system.wait_port("fcm_fake", cfg.ports.fcm)
+    if cfg.local_sendgrid:
+        sendgrid = ("--port", str(cfg.ports.sendgrid), "--api-key", LOCAL_SENDGRID_KEY)
+        await system.spawn("sendgrid_fake", py, "-m", "scripts.sendgrid_fake", *sendgrid)
+        await system.wait_port("sendgrid_fake", cfg.ports.sendgrid)
+    if cfg.local_onesignal:
+        onesignal = (
+            *("--port", str(cfg.ports.onesignal), "--app-id", LOCAL_ONESIGNAL_APP),
+            *("--api-key", LOCAL_ONESIGNAL_KEY, "--accept-all"),
+        )
+        await system.spawn("onesignal_fake", py, "-m", "scripts.onesignal_fake", *onesignal)
+        await system.wait_port("onesignal_fake", cfg.ports.onesignal)
     print("starting services ...")
     await system.start_services()
     await system.start_envoy()

@@ -35,6 +35,10 @@ from scripts.backing import reachable
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("user_svc", "template_svc", "gateway", "email_worker", "push_worker")
+# Credentials the local SendGrid and OneSignal stand-ins accept (they are no secret).
+LOCAL_SENDGRID_KEY = "SG.local-stand-in"
+LOCAL_ONESIGNAL_APP = "00000000-0000-4000-8000-00000000a991"
+LOCAL_ONESIGNAL_KEY = "os_v2_local_stand_in"
 # Each service's database is ``<db_prefix><name>``.
 DATABASES = ("gateway", "user", "template", "email", "push")
 
@@ -86,11 +90,13 @@ class Ports:
     envoy_admin: int = 9901
     smtp: int = 1025
     fcm: int = 8089
+    sendgrid: int = 8090
+    onesignal: int = 8091
 
     @classmethod
     def free(cls) -> Ports:
         """All ports freshly chosen by the OS (tests, benchmarks)."""
-        return cls(*(free_port() for _ in range(9)))
+        return cls(*(free_port() for _ in dataclasses.fields(cls)))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Ports:
@@ -133,6 +139,17 @@ class SystemConfig:
         """Pushes go to the FCM stand-in unless the user gave FCM credentials."""
         return "NOTIFY_FCM_CREDENTIALS" not in self.extra_env
 
+    @property
+    def local_sendgrid(self) -> bool:
+        """A SendGrid stand-in backs up the local mail catcher (never a real relay: mail
+        failed over from a real provider must not vanish into a stand-in)."""
+        return self.local_smtp and "NOTIFY_SENDGRID_API_KEY" not in self.extra_env
+
+    @property
+    def local_onesignal(self) -> bool:
+        """A OneSignal stand-in backs up the FCM stand-in, on the same terms."""
+        return self.local_fcm and "NOTIFY_ONESIGNAL_APP_ID" not in self.extra_env
+
 
 def user_settings(environ: Mapping[str, str]) -> dict[str, str]:
     """The ``NOTIFY_*`` variables of ``environ``: what a user set for the system."""
@@ -170,6 +187,13 @@ def service_env(cfg: SystemConfig, service: str) -> dict[str, str]:
         peers["NOTIFY_FCM_URL"] = f"http://127.0.0.1:{p.fcm}/v1/projects/{{0}}/messages:send"
         if cfg.fcm_credentials is not None:
             peers["NOTIFY_FCM_CREDENTIALS"] = str(cfg.fcm_credentials)
+    if cfg.local_sendgrid:
+        peers["NOTIFY_SENDGRID_URL"] = f"http://127.0.0.1:{p.sendgrid}"
+        peers["NOTIFY_SENDGRID_API_KEY"] = LOCAL_SENDGRID_KEY
+    if cfg.local_onesignal:
+        peers["NOTIFY_ONESIGNAL_URL"] = f"http://127.0.0.1:{p.onesignal}"
+        peers["NOTIFY_ONESIGNAL_APP_ID"] = LOCAL_ONESIGNAL_APP
+        peers["NOTIFY_ONESIGNAL_API_KEY"] = LOCAL_ONESIGNAL_KEY
     env = {
         **inherited,
         "NOTIFY_TLS_DIR": str(cfg.certs),

@@ -81,7 +81,14 @@ async def e2e_system(var: Path, certs: Path, tag: str) -> AsyncIterator[E2E]:
         redis_url=REDIS_URL,
         pg_base=PG_BASE,
     ) as running:
-        handle = E2E(running.system, running.cfg, running.mail, running.fcm)
+        handle = E2E(
+            running.system,
+            running.cfg,
+            running.mail,
+            running.fcm,
+            running.sendgrid,
+            running.onesignal,
+        )
         status, body = await handle.api("POST", "/v1/templates", DEMO_TEMPLATE)
         assert status == 200, body
         yield handle

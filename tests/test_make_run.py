@@ -36,6 +36,7 @@ def test_user_settings_win_over_the_local_defaults(tmp_path: Path) -> None:
     }
     cfg = run_local.system_config(environ, tmp_path, "postgresql://notify:pw@127.0.0.1:5432")
     assert not cfg.local_smtp and not cfg.local_fcm
+    assert not cfg.local_sendgrid and not cfg.local_onesignal
     assert cfg.ports.gateway == 6001 and cfg.api_key == "mine"
     env = service_env(cfg, "email_worker")
     assert env["NOTIFY_SMTP_HOST"] == "relay.example.com"
@@ -47,8 +48,12 @@ def test_user_settings_win_over_the_local_defaults(tmp_path: Path) -> None:
 
 def test_local_stand_ins_are_the_default(tmp_path: Path) -> None:
     cfg = run_local.system_config({}, tmp_path, "postgresql://notify:pw@127.0.0.1:5432")
-    assert cfg.local_smtp and cfg.local_fcm
+    assert cfg.local_smtp and cfg.local_fcm and cfg.local_sendgrid and cfg.local_onesignal
     env = service_env(cfg, "push_worker")
+    assert env["NOTIFY_ONESIGNAL_URL"] == f"http://127.0.0.1:{cfg.ports.onesignal}"
+    assert service_env(cfg, "email_worker")["NOTIFY_SENDGRID_URL"].endswith(
+        f":{cfg.ports.sendgrid}"
+    )
     assert env["NOTIFY_SMTP_PORT"] == str(cfg.ports.smtp)
     assert env["NOTIFY_FCM_URL"].startswith(f"http://127.0.0.1:{cfg.ports.fcm}/")
 
@@ -84,6 +89,8 @@ async def test_make_run_sends_through_the_smtp_relay_it_is_given(
     try:
         await run_local.start(system)
         assert "mailcatcher" not in system.procs and "fcm_fake" in system.procs
+        # No stand-in behind a real relay: failed-over mail must not vanish into one.
+        assert "sendgrid_fake" not in system.procs and "onesignal_fake" in system.procs
         await run_local.demo(cfg)
         await relay.wait_for(1, timeout=10)
     finally:

@@ -26,7 +26,7 @@ def test_certificates_name_their_service(tmp_path: Path) -> None:
 
 
 def test_envoy_config_rewrite_changes_only_addresses_and_paths(tmp_path: Path) -> None:
-    ports = Ports(1, 2, 3, 4, 5, 6, 7, 8, 9)
+    ports = Ports(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
     cfg = SystemConfig(var=tmp_path, certs=tmp_path / "c", ports=ports)
     out = yaml.safe_load(render_envoy_config(cfg, tmp_path / "e.yaml").read_text())
     listener = out["static_resources"]["listeners"][0]
