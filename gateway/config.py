@@ -44,7 +44,7 @@ class Config:
             dsn=env_str("NOTIFY_GATEWAY_DSN", postgres_dsn("notify_gateway", env), env),
             redis_url=env_str("NOTIFY_REDIS_URL", "redis://127.0.0.1:6379/0", env),
             amqp_url=env_str("NOTIFY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", env),
-            topology=Topology(prefix=env_optional("NOTIFY_AMQP_PREFIX", env)),
+            topology=Topology.from_env(env),
             user_svc_addr=env_str("NOTIFY_USER_SVC_ADDR", "127.0.0.1:50052", env),
             template_svc_addr=env_str("NOTIFY_TEMPLATE_SVC_ADDR", "127.0.0.1:50053", env),
             bootstrap_api_key=env_optional("NOTIFY_BOOTSTRAP_API_KEY", env),

@@ -27,6 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from pamqp.common import FieldTable
 
 from notify_kit.errors import Unavailable
+from notify_kit.settings import SettingsError, env_optional
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,28 @@ class Topology:
 
     prefix: str = ""
     retry_delays_ms: tuple[int, ...] = RETRY_DELAYS_MS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Topology:
+        """``NOTIFY_AMQP_PREFIX`` and ``NOTIFY_RETRY_DELAYS_MS`` (comma-separated, one
+        delay per retry; a job gets one attempt more than there are delays).
+
+        Every process declaring the topology must read the same values: a queue
+        declared again with another TTL is refused by the broker. Changing the delays
+        of a running system means new queue names (a new prefix) or deleting the
+        retry queues first.
+        """
+        prefix = env_optional("NOTIFY_AMQP_PREFIX", env)
+        raw = env_optional("NOTIFY_RETRY_DELAYS_MS", env)
+        if not raw:
+            return cls(prefix=prefix)
+        try:
+            delays = tuple(int(part) for part in raw.split(","))
+        except ValueError as exc:
+            raise SettingsError(f"NOTIFY_RETRY_DELAYS_MS must be integers, got {raw!r}") from exc
+        if not delays or any(d <= 0 for d in delays):
+            raise SettingsError("NOTIFY_RETRY_DELAYS_MS needs at least one positive delay")
+        return cls(prefix=prefix, retry_delays_ms=delays)
 
     @property
     def exchange(self) -> str:

@@ -9,7 +9,7 @@ processes ``make run`` starts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +60,13 @@ async def running_system(
     redis_url: str = "redis://127.0.0.1:6379/0",
     pg_base: str = "postgresql://postgres@127.0.0.1:5432",
     log_level: str = "INFO",
+    extra_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Running]:
     """Start peers, services and Envoy on free ports; tear it all down with its databases.
 
     ``tag`` names this instance's databases (``notify_<tag>_*``) and RabbitMQ prefix, so
-    several instances (and ``make run``) can share the backing servers.
+    several instances (and ``make run``) can share the backing servers. ``extra_env``
+    is set for every service (breaker, retry and provider settings of a test).
     """
     ports = Ports.free()
     mail, fcm = MailCatcher(var / "mail"), FcmFake()
@@ -87,6 +89,7 @@ async def running_system(
         api_key=api_key,
         fcm_credentials=credentials,
         log_level=log_level,
+        extra_env=dict(extra_env or {}),
     )
     system = LocalSystem(cfg)
     try:
@@ -104,7 +107,8 @@ async def delete_data(cfg: SystemConfig) -> None:
     """Drop a throwaway system's databases and delete its RabbitMQ topology."""
     for name in DATABASES:
         await db.drop_database(f"{cfg.pg_base}/{cfg.db_prefix}{name}")
-    await delete_topology(cfg.amqp_url, Topology(prefix=cfg.amqp_prefix))
+    topology = Topology.from_env({**cfg.extra_env, "NOTIFY_AMQP_PREFIX": cfg.amqp_prefix})
+    await delete_topology(cfg.amqp_url, topology)
 
 
 async def delete_topology(amqp_url: str, topology: Topology) -> None:

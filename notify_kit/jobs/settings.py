@@ -41,7 +41,7 @@ class WorkerSettings:
         ``NOTIFY_RPC_TIMEOUT``."""
         return cls(
             amqp_url=env_str("NOTIFY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/", env),
-            topology=Topology(prefix=env_optional("NOTIFY_AMQP_PREFIX", env)),
+            topology=Topology.from_env(env),
             user_svc_addr=env_str("NOTIFY_USER_SVC_ADDR", "127.0.0.1:50052", env),
             template_svc_addr=env_str("NOTIFY_TEMPLATE_SVC_ADDR", "127.0.0.1:50053", env),
             runner=RunnerSettings(prefetch=env_int("NOTIFY_PREFETCH", 32, env)),
