@@ -14,9 +14,11 @@ import aio_pika
 import pytest
 from notify.v1 import common_pb2, jobs_pb2, template_service_pb2_grpc
 
+from notify_kit import db
 from notify_kit.amqp import EMAIL, Topology
 from notify_kit.jobs.app import Upstreams, WorkerApp
 from notify_kit.jobs.errors import Blocked
+from notify_kit.jobs.ledger import MIGRATIONS, DeliveryLog
 from notify_kit.jobs.providers import ProviderChain, Sent
 from scripts.system import poll
 from tests import worker_support
@@ -73,6 +75,9 @@ class FakeHandler:
     def __init__(self, outage: Outage) -> None:
         self.outage = outage
         self.sent: list[str] = []
+        self.sending = asyncio.Event()  # set when a send began
+        self.release = asyncio.Event()  # sends wait for it
+        self.release.set()
         self.chain: ProviderChain[str, str] = ProviderChain("email", [FixedProvider()])
 
     def decode(self, body: bytes) -> jobs_pb2.EmailJob:
@@ -82,6 +87,8 @@ class FakeHandler:
         if not self.outage.up.is_set():
             self.outage.blocked_calls += 1
             raise Blocked("template service: UNAVAILABLE", retry_after=0.2)
+        self.sending.set()
+        await self.release.wait()
         self.sent.append(job.meta.notification_id)
         return Sent("fake", "ok")
 
@@ -97,13 +104,18 @@ def outage() -> Outage:
 
 
 @pytest.fixture
+def handler(outage: Outage) -> FakeHandler:
+    return FakeHandler(outage)
+
+
+@pytest.fixture
 async def launch(
-    config_fields: Callable[[str], Awaitable[ConfigFields]], outage: Outage
+    config_fields: Callable[[str], Awaitable[ConfigFields]], handler: FakeHandler
 ) -> Callable[..., Awaitable[WorkerApp]]:
     fields = await config_fields("email_worker")
 
     async def build(up: Upstreams, stack: contextlib.AsyncExitStack) -> FakeHandler:
-        return FakeHandler(outage)
+        return handler
 
     async def start(providers: object = None) -> WorkerApp:
         return await WorkerApp.start(fields["common"], fields["dsn"], fields["worker"], build)
@@ -152,3 +164,53 @@ async def test_our_outage_spends_no_attempt_and_pauses_consumption(
     assert not app.runner.pause.paused
     # Held jobs retried on the pause's schedule, not in a tight loop.
     assert calls_while_paused <= 8 * 4
+
+
+async def test_two_copies_of_one_job_consumed_at_once_send_once(
+    start_worker: Callable[..., Awaitable[WorkerApp]],
+    broker: Broker,
+    users: RecordingUsers,
+    outage: Outage,
+    handler: FakeHandler,
+) -> None:
+    outage.end()
+    handler.release.clear()
+    app = await start_worker()
+    job = jobs_pb2.EmailJob(meta=job_meta(), to_address="a@example.com", template_id="t")
+    nid = job.meta.notification_id
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
+    await asyncio.wait_for(handler.sending.wait(), WAIT)  # the first copy is mid-send
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)  # a racing copy
+
+    async def second_copy_waits() -> int:
+        return sum(u.status == SENDING for u in users.of(nid))
+
+    await poll(second_copy_waits, lambda n: n == 2, timeout=WAIT, what="the second copy")
+    handler.release.set()
+    updates = await users.wait_status(nid, DELIVERED, count=2)
+    assert statuses(updates) == [SENDING, SENDING, DELIVERED, DELIVERED]
+    assert handler.sent == [nid]
+    assert [a.status for a in await app.store.history(nid)] == ["DELIVERED"]
+
+
+async def test_a_claim_is_a_lease_that_a_dead_holder_loses(
+    database: Callable[[str], Awaitable[str]],
+) -> None:
+    dsn = await database("claims")
+    pool = await db.create_pool(dsn, application="test")
+    try:
+        await db.migrate(pool, MIGRATIONS)
+        ledger = DeliveryLog(pool)
+        assert await ledger.claim("n-1", 1, 0, "first", lease=0.3)
+        assert await ledger.claim("n-1", 1, 0, "first", lease=0.3)  # the holder extends it
+        assert not await ledger.claim("n-1", 1, 0, "second", lease=0.3)
+        assert await ledger.claim("n-1", 2, 0, "second", lease=0.3)  # another attempt
+
+        async def taken_over() -> bool:
+            return await ledger.claim("n-1", 1, 0, "second", lease=30)
+
+        await poll(taken_over, bool, timeout=WAIT, what="the expired lease")
+        await ledger.record("n-1", 1, DELIVERED, "ok", "fake")
+        assert await ledger.claim("n-1", 1, 0, "third", lease=30)  # recorded: claim released
+    finally:
+        await db.close_pool(pool)

@@ -33,10 +33,26 @@ ORDER BY (status = 'DELIVERED') DESC, id DESC
 LIMIT 1
 """
 
+# One statement: the outcome is appended and the attempt's claim, its work done, dropped
+# (a data-modifying WITH runs whether or not it is referenced).
 INSERT_ATTEMPT = """
+WITH released AS (
+    DELETE FROM delivery_claims WHERE notification_id = $1 AND replay = $6 AND attempt = $2
+)
 INSERT INTO delivery_logs (notification_id, attempt, status, detail, provider, replay)
 VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (notification_id) WHERE status = 'DELIVERED' DO NOTHING
+"""
+
+# Take the attempt's lease, or extend our own; nothing comes back while another owner's
+# lease is still running.
+CLAIM = """
+INSERT INTO delivery_claims (notification_id, replay, attempt, owner, claimed_until)
+VALUES ($1, $2, $3, $4, now() + $5 * interval '1 second')
+ON CONFLICT (notification_id, replay, attempt) DO UPDATE
+SET owner = EXCLUDED.owner, claimed_until = EXCLUDED.claimed_until
+WHERE delivery_claims.claimed_until < now() OR delivery_claims.owner = EXCLUDED.owner
+RETURNING claimed_until
 """
 
 SELECT_HISTORY = """
@@ -86,6 +102,11 @@ class DeliveryLedger(Protocol):
     async def history(self, notification_id: str) -> list[Attempt]:
         """Every attempt of a notification, oldest first."""
 
+    async def claim(
+        self, notification_id: str, attempt: int, replay: int, owner: str, lease: float
+    ) -> bool:
+        """Take (or extend) the lease on sending this attempt; False while another holds it."""
+
 
 def status_name(status: Status) -> str:
     """``NOTIFICATION_STATUS_DELIVERED`` -> ``DELIVERED`` (what the table stores)."""
@@ -124,7 +145,7 @@ class DeliveryLog:
         provider: str = "",
         replay: int = 0,
     ) -> None:
-        """Append an attempt; a second DELIVERED row for the same notification is ignored."""
+        """Append an attempt (and drop its claim); a second DELIVERED row is ignored."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             await conn.execute(
                 INSERT_ATTEMPT,
@@ -136,6 +157,16 @@ class DeliveryLog:
                 replay,
                 timeout=self._timeout,
             )
+
+    async def claim(
+        self, notification_id: str, attempt: int, replay: int, owner: str, lease: float
+    ) -> bool:
+        """Take (or extend) the lease on sending this attempt; False while another holds it."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(
+                CLAIM, notification_id, replay, attempt, owner, lease, timeout=self._timeout
+            )
+        return row is not None
 
     async def history(self, notification_id: str) -> list[Attempt]:
         """Every attempt of a notification, oldest first (for operators and tests)."""

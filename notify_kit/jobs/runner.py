@@ -11,6 +11,9 @@ providers) and the runner owns the delivery guarantees, written once:
 * a job whose outcome the ledger already has (DELIVERED by any attempt, or this
   attempt's outcome) is not sent again (redeliveries after a crash); the outcome is
   reported again;
+* an attempt is claimed in the ledger (a lease) before it is sent, so two copies of one
+  job consumed at once (a redelivery racing the original) send once: the second waits
+  for the first's outcome, or takes over when the first died and its lease ran out;
 * attempts count provider answers about this notification only: ``TransientError``
   republishes to a delay queue with ``attempt+1`` after a jittered backoff that honours
   the provider's ``Retry-After`` (``Topology.retry_plan``; status RETRYING),
@@ -32,6 +35,7 @@ import contextlib
 import json
 import logging
 import random
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -66,6 +70,10 @@ EXPIRED = common_pb2.NOTIFICATION_STATUS_EXPIRED
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+class _ClaimedElsewhere(Exception):
+    """Another copy of this job holds the claim on its attempt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +288,18 @@ class JobRunner(Generic[J]):
             await self._ours(self._report, turn, EXPIRED, "expired before sending")
             return
         await self._ours(self._report, turn, SENDING, "")
+        owner = uuid.uuid4().hex
         try:
-            sent = await self._ours(self._handler.send, job)
+            while True:
+                try:
+                    sent = await self._ours(self._claimed_send, job, turn, owner)
+                    break
+                except _ClaimedElsewhere:
+                    earlier = await self._ours(self._outcome_elsewhere, turn)
+                    if earlier is not None:
+                        log.info("a copy sent it; re-reported", extra={"notification_id": nid})
+                        await self._ours(self._report, turn, earlier[0], earlier[1])
+                        return
         except OutcomeUnknown as exc:
             await self._fail(job, turn, f"outcome unknown, not resent: {exc}")
             return
@@ -298,6 +316,29 @@ class JobRunner(Generic[J]):
         await self._record(turn, DELIVERED, detail, sent.provider)
         await self._ours(self._report, turn, DELIVERED, detail)
         log.info("delivered", extra={"notification_id": nid, "attempt": attempt})
+
+    async def _claimed_send(self, job: J, turn: Turn, owner: str) -> Sent[str]:
+        """Claim the attempt, then send: two copies of one job never send at once.
+
+        Run again after a hold, so a long outage re-extends the lease before sending.
+        """
+        lease = self._settings.claim_lease
+        if not await self._ledger.claim(turn.nid, turn.attempt, turn.replay, owner, lease):
+            raise _ClaimedElsewhere
+        return await self._handler.send(job)
+
+    async def _outcome_elsewhere(self, turn: Turn) -> tuple[Status, str] | None:
+        """Wait (at most a lease) for the copy holding the claim to record its outcome.
+
+        None when the lease ran out first: its holder died, and this copy takes over.
+        """
+        deadline = asyncio.get_running_loop().time() + self._settings.claim_lease
+        while asyncio.get_running_loop().time() < deadline:
+            earlier = await self._ledger.outcome(turn.nid, turn.attempt, turn.replay)
+            if earlier is not None:
+                return earlier
+            await asyncio.sleep(self._settings.claim_poll)  # another process: no event to await
+        return None
 
     async def _retry(self, job: J, turn: Turn, reason: str, retry_after: float | None) -> None:
         job.meta.attempt = turn.attempt + 1
