@@ -318,14 +318,29 @@ class JobRunner(Generic[J]):
         log.info("delivered", extra={"notification_id": nid, "attempt": attempt})
 
     async def _claimed_send(self, job: J, turn: Turn, owner: str) -> Sent[str]:
-        """Claim the attempt, then send: two copies of one job never send at once.
+        """Claim the attempt, then send while keeping the claim alive.
 
-        Run again after a hold, so a long outage re-extends the lease before sending.
+        Two copies of one job never send at once. The lease is short and renewed every
+        third of it while the send runs, so a worker killed mid-send loses its claims
+        within one lease, and a copy redelivered after the kill takes over quickly.
+        Run again after a hold, so a long outage never sends on a stale claim.
         """
         lease = self._settings.claim_lease
-        if not await self._ledger.claim(turn.nid, turn.attempt, turn.replay, owner, lease):
+        claim = self._ledger.claim
+        if not await claim(turn.nid, turn.attempt, turn.replay, owner, lease):
             raise _ClaimedElsewhere
-        return await self._handler.send(job)
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(lease / 3)  # a timer, not a wait for a condition
+                with contextlib.suppress(*INFRA_ERRORS):
+                    await claim(turn.nid, turn.attempt, turn.replay, owner, lease)
+
+        renewal = asyncio.create_task(renew())
+        try:
+            return await self._handler.send(job)
+        finally:
+            renewal.cancel()
 
     async def _outcome_elsewhere(self, turn: Turn) -> tuple[Status, str] | None:
         """Wait (at most a lease) for the copy holding the claim to record its outcome.

@@ -22,9 +22,9 @@ class RunnerSettings:
     unexpected_error_backoff: float = 0.5
     max_backoff: float = 30.0
     stop_timeout: float = 10.0
-    # Longer than the slowest send through every provider of a chain (the SMTP steps and
-    # SendGrid, or FCM's retries and OneSignal, each bounded by their timeouts).
-    claim_lease: float = 120.0
+    # The lease on an attempt being sent, renewed every third of it while the send runs:
+    # a worker killed mid-send loses its claims within one lease.
+    claim_lease: float = 15.0
     claim_poll: float = 0.5
 
 
