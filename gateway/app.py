@@ -24,6 +24,7 @@ from gateway.config import Config
 from gateway.dead_letter_server import DeadLetterConsumer, DeadLetterServicer
 from gateway.dead_letters import DeadLetterStore
 from gateway.proxy import ForwardingHandler
+from gateway.reconciler import Reconciler
 from gateway.server import NotificationServicer
 from gateway.store import KeyStore
 from notify_kit import amqp, db
@@ -121,6 +122,16 @@ class App:
             consumer = DeadLetterConsumer(connection, config.topology, dead_letters)
             await consumer.start()
             stack.push_async_callback(consumer.stop)
+            reconciler = Reconciler(
+                user_service_pb2_grpc.UserServiceStub(user_channel),
+                publisher,
+                dead_letters,
+                after=config.reconcile_after,
+                interval=config.reconcile_interval,
+                timeout=config.upstream_timeout,
+            )
+            reconciler.start()
+            stack.push_async_callback(reconciler.stop)
             return cls(stack.pop_all(), server)
         raise AssertionError("unreachable")
 

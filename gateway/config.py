@@ -31,10 +31,23 @@ class Config:
     # first admin key. Empty: none.
     bootstrap_api_key: str = ""
     idempotency_ttl: int = 24 * 3600
+    # The accept path's budget. SendNotification gives each phase its own timeout (they
+    # add up; none comes out of one shared deadline). Worst case with the defaults: API
+    # key 4 s (KeyStore: acquire 2 + query 2) + idempotency claim 15 s (up to 3 Redis
+    # commands, each up to 5 x the 1 s Redis timeout) + profile || template 5 s
+    # (upstream_timeout) + CreateNotificationRecord 5 s (upstream_timeout) + confirms 5 s
+    # (publish_timeout) + idempotency record 5 s (1 Redis command) = 39 s, 41 s with
+    # Envoy's 2 s connect. Envoy's route timeout (envoy/envoy.yaml, 50 s) must stay above
+    # it, or a client gets a 504 for a notification the gateway went on to accept: raise
+    # it with either value here. tests/test_reconnect.py recomputes the sum and fails first.
     upstream_timeout: float = 5.0
     publish_timeout: float = 5.0
     auth_cache_ttl: float = 30.0
     template_cache_ttl: float = 10.0
+    # The reconciler (gateway/reconciler.py): deliveries in flight and untouched for
+    # ``reconcile_after`` seconds are resolved, checked every ``reconcile_interval``.
+    reconcile_after: float = 900.0
+    reconcile_interval: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -51,4 +64,6 @@ class Config:
             idempotency_ttl=env_int("NOTIFY_IDEMPOTENCY_TTL", 24 * 3600, env),
             upstream_timeout=env_float("NOTIFY_UPSTREAM_TIMEOUT", 5.0, env),
             publish_timeout=env_float("NOTIFY_PUBLISH_TIMEOUT", 5.0, env),
+            reconcile_after=env_float("NOTIFY_RECONCILE_AFTER", 900.0, env),
+            reconcile_interval=env_float("NOTIFY_RECONCILE_INTERVAL", 60.0, env),
         )

@@ -53,6 +53,7 @@ _JOB_TYPES: dict[str, Callable[[bytes], jobs_pb2.EmailJob | jobs_pb2.PushJob]] =
     "push": jobs_pb2.PushJob.FromString,
 }
 _KIND = {k.key: k for k in KINDS}
+_KIND_OF_TYPE = {k.message_type: k.key for k in KINDS}
 
 
 def _header(message: AbstractIncomingMessage, name: str) -> str:
@@ -62,7 +63,9 @@ def _header(message: AbstractIncomingMessage, name: str) -> str:
 
 def incoming(message: AbstractIncomingMessage) -> Incoming:
     """What a failed.queue message says about itself (headers set by the job runner)."""
-    kind = _header(message, "x-notify-kind") or "unknown"
+    # The runner names the kind; a job the broker parked by its delivery limit has only
+    # the message type the gateway published it with.
+    kind = _header(message, "x-notify-kind") or _KIND_OF_TYPE.get(message.type or "", "unknown")
     try:
         job = _JOB_TYPES[kind](message.body)
         nid, generation = job.meta.notification_id, job.meta.replay

@@ -63,6 +63,7 @@ WHERE id = $1 AND generation = $2
 """
 _PURGE = f"DELETE FROM dead_letters WHERE {_WHERE} RETURNING id"  # noqa: S608
 _PURGE_ONE = "DELETE FROM dead_letters WHERE id = $1 RETURNING id"
+_BY_JOB = "SELECT generation, reason FROM dead_letters WHERE job_key = $1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,14 @@ class Incoming:
     correlation_id: str
     body: bytes
     history: str  # JSON list
+
+
+@dataclass(frozen=True, slots=True)
+class Filed:
+    """What the reconciler needs to know of a job's dead letter."""
+
+    generation: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +200,12 @@ class DeadLetterStore:
         """One row with its body and history."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
             return await conn.fetchrow(_GET, ident, timeout=self._timeout)
+
+    async def by_job(self, job_key: str) -> Filed | None:
+        """The dead letter of one job (``kind:notification_id``), if it was filed."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(_BY_JOB, job_key, timeout=self._timeout)
+        return None if row is None else Filed(row["generation"], row["reason"])
 
     async def replayable(self, where: Filter) -> list[Replayable]:
         """The dead letters a replay of ``where`` covers."""

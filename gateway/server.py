@@ -183,26 +183,39 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             deliveries=deliveries,
             correlation_id=get_correlation_id(),
         )
-        # Recorded as QUEUED before publishing, so a worker's first report always finds
-        # the record, and no second round trip is needed after the confirm. If the
-        # confirm never comes the client gets UNAVAILABLE and the record stays QUEUED:
-        # the job may be in the broker (a lost confirm) or not; a retry with the same
-        # idempotency key converges on this record and republishes.
+        # Recorded as QUEUED before publishing, with each job in the record's outbox, so
+        # a worker's first report always finds the record and no second round trip is
+        # needed after the confirm. If the confirm never comes the client gets
+        # UNAVAILABLE and the record stays QUEUED: the job may be in the broker (a lost
+        # confirm) or not; a retry with the same idempotency key converges on this
+        # record and republishes, and if nobody retries, the reconciler republishes the
+        # outbox copy (gateway/reconciler.py).
+        meta = self._meta(request, notification_id, idempotency_key)
+        language = request.language or profile.locale or "en"
+        jobs = {
+            d.channel: _job(d.channel, meta, request, profile, language)
+            for d in deliveries
+            if d.status == S.NOTIFICATION_STATUS_QUEUED
+        }
         created = await unary(
             self._users.CreateNotificationRecord,
-            user_service_pb2.CreateNotificationRecordRequest(notification=record),
+            user_service_pb2.CreateNotificationRecordRequest(
+                notification=record,
+                outbox=[
+                    user_service_pb2.OutboxJob(
+                        channel=c, job=job.SerializeToString(), expire_time=meta.expire_time
+                    )
+                    for c, job in jobs.items()
+                ],
+            ),
             timeout=timeout,
         )
-        meta = self._meta(request, notification_id, idempotency_key)
         to_queue = [
             d.channel
             for d in created.notification.deliveries
-            if d.status == S.NOTIFICATION_STATUS_QUEUED
+            if d.status == S.NOTIFICATION_STATUS_QUEUED and d.channel in jobs
         ]
-        language = request.language or profile.locale or "en"
-        await asyncio.gather(
-            *(self._publish(c, meta, request, profile, language) for c in to_queue)
-        )
+        await asyncio.gather(*(self._publish(c, jobs[c]) for c in to_queue))
         return notification_service_pb2.SendNotificationResponse(notification=created.notification)
 
     def _meta(
@@ -228,44 +241,14 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             user_id=request.user_id,
         )
 
-    async def _publish(
-        self,
-        channel: int,
-        meta: jobs_pb2.JobMeta,
-        request: notification_service_pb2.SendNotificationRequest,
-        profile: user_service_pb2.DeliveryProfile,
-        language: str,
-    ) -> None:
+    async def _publish(self, channel: int, job: jobs_pb2.EmailJob | jobs_pb2.PushJob) -> None:
         kind = CHANNEL_KINDS[channel]
-        job: jobs_pb2.EmailJob | jobs_pb2.PushJob
-        if kind is EMAIL:
-            job = jobs_pb2.EmailJob(
-                meta=meta,
-                to_address=profile.email,
-                to_name=profile.display_name,
-                template_id=request.template_id,
-                language=language,
-                variables=request.variables,
-            )
-        else:
-            job = jobs_pb2.PushJob(
-                meta=meta,
-                targets=[
-                    jobs_pb2.PushTarget(
-                        device_id=d.id, token=d.token, platform=d.platform, token_type=d.token_type
-                    )
-                    for d in profile.devices
-                ],
-                template_id=request.template_id,
-                language=language,
-                variables=request.variables,
-            )
         await self._publisher.publish(
             kind.key,
             job.SerializeToString(),
             message_type=kind.message_type,
-            message_id=meta.notification_id,
-            correlation_id=meta.correlation_id,
+            message_id=job.meta.notification_id,
+            correlation_id=job.meta.correlation_id,
         )
 
     async def _template(self, template_id: str, timeout: float) -> template_service_pb2.Template:
@@ -312,3 +295,34 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         return notification_service_pb2.ListNotificationsResponse(
             notifications=response.notifications, next_page_token=response.next_page_token
         )
+
+
+def _job(
+    channel: int,
+    meta: jobs_pb2.JobMeta,
+    request: notification_service_pb2.SendNotificationRequest,
+    profile: user_service_pb2.DeliveryProfile,
+    language: str,
+) -> jobs_pb2.EmailJob | jobs_pb2.PushJob:
+    """The queue job of one channel."""
+    if CHANNEL_KINDS[channel] is EMAIL:
+        return jobs_pb2.EmailJob(
+            meta=meta,
+            to_address=profile.email,
+            to_name=profile.display_name,
+            template_id=request.template_id,
+            language=language,
+            variables=request.variables,
+        )
+    return jobs_pb2.PushJob(
+        meta=meta,
+        targets=[
+            jobs_pb2.PushTarget(
+                device_id=d.id, token=d.token, platform=d.platform, token_type=d.token_type
+            )
+            for d in profile.devices
+        ],
+        template_id=request.template_id,
+        language=language,
+        variables=request.variables,
+    )

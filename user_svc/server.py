@@ -14,7 +14,7 @@ import grpc
 from notify.v1 import user_service_pb2, user_service_pb2_grpc
 
 from notify_kit.context import get_correlation_id
-from notify_kit.errors import NotFound
+from notify_kit.errors import InvalidArgument, NotFound
 from notify_kit.paging import decode_page_token, encode_page_token
 from user_svc import validation
 from user_svc.cache import ProfileCache
@@ -116,9 +116,26 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.CreateNotificationRecordRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateNotificationRecordResponse:
         """Record the notification once per id and return what is stored."""
-        record = validation.new_notification(request.notification, get_correlation_id())
+        record = validation.new_notification(
+            request.notification, get_correlation_id(), request.outbox
+        )
         stored = await self._store.create_notification(record)
         return pb.CreateNotificationRecordResponse(notification=stored)
+
+    async def ClaimStaleDeliveries(  # noqa: N802
+        self, request: pb.ClaimStaleDeliveriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClaimStaleDeliveriesResponse:
+        """In-flight deliveries untouched for ``older_than``, claimed for the reconciler."""
+        older_than = request.older_than.ToTimedelta().total_seconds()
+        limit = request.limit or 100
+        if older_than < 0 or not 0 < limit <= 500:
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                "older_than must not be negative and limit must be 1..500",
+                field_violations=[("limit", "1..500"), ("older_than", ">= 0")],
+            )
+        stale = await self._store.claim_stale(older_than, limit)
+        return pb.ClaimStaleDeliveriesResponse(deliveries=stale)
 
     async def GetNotificationRecord(  # noqa: N802
         self, request: pb.GetNotificationRecordRequest, context: grpc.aio.ServicerContext

@@ -72,9 +72,33 @@ RETURNING id
 """
 
 INSERT_DELIVERY = """
-INSERT INTO deliveries (notification_id, channel, status, detail, attempts)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO deliveries (notification_id, channel, status, detail, attempts, job, expire_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
+
+# Deliveries in flight (ACCEPTED, QUEUED, SENDING, RETRYING: $3) untouched for $1
+# seconds, oldest first, claimed by moving their update time on; SKIP LOCKED lets
+# several reconcilers share the work without taking the same row.
+CLAIM_STALE = """
+WITH stale AS (
+    SELECT notification_id, channel FROM deliveries
+    WHERE status = ANY($3::smallint[]) AND updated_at < now() - $1 * interval '1 second'
+    ORDER BY updated_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries d SET updated_at = now(), reconciled = d.reconciled + 1
+FROM stale WHERE d.notification_id = stale.notification_id AND d.channel = stale.channel
+RETURNING d.notification_id, d.channel, d.status, d.replay, d.job, d.expire_at,
+    d.reconciled - 1 AS reconciled
+"""
+
+IN_FLIGHT = (
+    common_pb2.NOTIFICATION_STATUS_ACCEPTED,
+    common_pb2.NOTIFICATION_STATUS_QUEUED,
+    common_pb2.NOTIFICATION_STATUS_SENDING,
+    common_pb2.NOTIFICATION_STATUS_RETRYING,
+)
 
 SELECT_NOTIFICATION = """
 SELECT id, user_id, template_id, correlation_id, created_at FROM notifications WHERE id = $1
@@ -157,6 +181,8 @@ class NewDelivery:
     status: Status
     detail: str
     attempts: int
+    job: bytes | None = None  # the outbox copy of its queue job
+    expire_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,13 +331,40 @@ class UserStore:
                 await conn.executemany(
                     INSERT_DELIVERY,
                     [
-                        (record.id, d.channel, d.status, d.detail, d.attempts)
+                        (
+                            record.id,
+                            d.channel,
+                            d.status,
+                            d.detail,
+                            d.attempts,
+                            d.job,
+                            d.expire_at,
+                        )
                         for d in record.deliveries
                     ],
                 )
             row = await conn.fetchrow(SELECT_NOTIFICATION, record.id)
             found = await _notifications(conn, [row])
         return found[0]
+
+    async def claim_stale(
+        self, older_than: float, limit: int
+    ) -> list[user_service_pb2.StaleDelivery]:
+        """Claim up to ``limit`` in-flight deliveries untouched for ``older_than`` seconds."""
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            rows = await conn.fetch(CLAIM_STALE, older_than, limit, list(IN_FLIGHT))
+        return [
+            user_service_pb2.StaleDelivery(
+                notification_id=str(r["notification_id"]),
+                channel=common_pb2.Channel.ValueType(r["channel"]),
+                status=common_pb2.NotificationStatus.ValueType(r["status"]),
+                replay=r["replay"],
+                job=r["job"] or b"",
+                expire_time=_timestamp(r["expire_at"]) if r["expire_at"] else None,
+                reconciled=r["reconciled"],
+            )
+            for r in rows
+        ]
 
     async def get_notification(self, notification_id: uuid.UUID) -> common_pb2.Notification | None:
         """The record with its deliveries, or None."""

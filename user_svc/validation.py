@@ -12,6 +12,8 @@ import functools
 import unicodedata
 import uuid
 import zoneinfo
+from collections.abc import Sequence
+from datetime import UTC
 
 from notify.v1 import common_pb2, user_service_pb2
 
@@ -27,6 +29,8 @@ MAX_TOKEN = 4096
 MAX_TEMPLATE_ID = 200
 MAX_CORRELATION_ID = 64
 MAX_DETAIL = 2000
+# An outbox job is a whole EmailJob/PushJob: variables and device lists included.
+MAX_OUTBOX_JOB = 1 << 20
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 DEFAULT_LOCALE = "en"
@@ -109,13 +113,30 @@ def device_token(value: str, field: str) -> str:
     return value
 
 
+def _outbox_jobs(
+    outbox: Sequence[user_service_pb2.OutboxJob], channels: set[int], problems: _Violations
+) -> dict[int, user_service_pb2.OutboxJob]:
+    """The outbox by channel: each job for one of the record's channels, once, bounded."""
+    jobs: dict[int, user_service_pb2.OutboxJob] = {}
+    for i, job in enumerate(outbox):
+        if job.channel in jobs or job.channel not in channels:
+            problems.append((f"outbox[{i}].channel", "must name one of the record's channels once"))
+        elif len(job.job) > MAX_OUTBOX_JOB:
+            problems.append((f"outbox[{i}].job", f"must be at most {MAX_OUTBOX_JOB} bytes"))
+        jobs[job.channel] = job
+    return jobs
+
+
 def new_notification(
-    notification: common_pb2.Notification, default_correlation_id: str
+    notification: common_pb2.Notification,
+    default_correlation_id: str,
+    outbox: Sequence[user_service_pb2.OutboxJob] = (),
 ) -> NewNotification:
     """Validate CreateNotificationRecord's record: ids, template and one entry per channel.
 
     Deliveries start ACCEPTED unless the gateway says otherwise (SUPPRESSED, DEFERRED);
-    the correlation id defaults to the one of the current request.
+    the correlation id defaults to the one of the current request. Each outbox job
+    belongs to one of the record's channels and is at most ``MAX_OUTBOX_JOB`` bytes.
     """
     notification_id = parse_id(notification.id, "notification.id")
     user_id = parse_id(notification.user_id, "notification.user_id")
@@ -139,6 +160,7 @@ def new_notification(
         )
     if not notification.deliveries:
         problems.append(("notification.deliveries", "needs one entry per routed channel"))
+    jobs = _outbox_jobs(outbox, {d.channel for d in notification.deliveries}, problems)
     deliveries: list[NewDelivery] = []
     seen: set[int] = set()
     for i, delivery in enumerate(notification.deliveries):
@@ -153,12 +175,19 @@ def new_notification(
             problems.append((f"{field}.status", "is not a known status"))
         if delivery.attempts < 0:
             problems.append((f"{field}.attempts", "must not be negative"))
+        queued = jobs.get(delivery.channel)
         deliveries.append(
             NewDelivery(
                 channel=delivery.channel,
                 status=status,
                 detail=delivery.detail[:MAX_DETAIL],
                 attempts=delivery.attempts,
+                job=queued.job if queued is not None else None,
+                expire_at=(
+                    queued.expire_time.ToDatetime(tzinfo=UTC)
+                    if queued is not None and queued.HasField("expire_time")
+                    else None
+                ),
             )
         )
     if problems:

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -543,24 +544,164 @@ class CreateNotificationRecordRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NOTIFICATION_FIELD_NUMBER: _builtins.int
+    OUTBOX_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def notification(self) -> _common_pb2.Notification:
         """The notification, with id, user_id, template_id, correlation_id and one delivery
         per routed channel filled in by the gateway.
         """
 
+    @_builtins.property
+    def outbox(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutboxJob]:
+        """The job of every queued delivery, kept with it so the reconciler can publish it
+        again when it never reached a worker (a transactional outbox).
+        """
+
     def __init__(
         self,
         *,
         notification: _common_pb2.Notification | None = ...,
+        outbox: _abc.Iterable[Global___OutboxJob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification", "outbox", b"outbox"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateNotificationRecordRequest: _TypeAlias = CreateNotificationRecordRequest  # noqa: Y015
+
+@_typing.final
+class OutboxJob(_message.Message):
+    """OutboxJob is the serialized queue job of one delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    channel: _common_pb2.Channel.ValueType
+    """The delivery's channel."""
+    job: _builtins.bytes
+    """The EmailJob or PushJob, serialized."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job stops being worth sending."""
+
+    def __init__(
+        self,
+        *,
+        channel: _common_pb2.Channel.ValueType = ...,
+        job: _builtins.bytes = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "expire_time", b"expire_time", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutboxJob: _TypeAlias = OutboxJob  # noqa: Y015
+
+@_typing.final
+class ClaimStaleDeliveriesRequest(_message.Message):
+    """Request for ClaimStaleDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many (1-500)."""
+    @_builtins.property
+    def older_than(self) -> _duration_pb2.Duration:
+        """Deliveries not updated for at least this long."""
+
+    def __init__(
+        self,
+        *,
+        older_than: _duration_pb2.Duration | None = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "older_than", b"older_than"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimStaleDeliveriesRequest: _TypeAlias = ClaimStaleDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class StaleDelivery(_message.Message):
+    """StaleDelivery is a delivery that stayed non-terminal too long."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTIFICATION_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RECONCILED_FIELD_NUMBER: _builtins.int
+    notification_id: _builtins.str
+    """The notification's id."""
+    channel: _common_pb2.Channel.ValueType
+    """The delivery's channel."""
+    status: _common_pb2.NotificationStatus.ValueType
+    """Its status (QUEUED, SENDING or RETRYING)."""
+    replay: _builtins.int
+    """Its replay generation."""
+    job: _builtins.bytes
+    """The job from the outbox (empty for records made before the outbox existed)."""
+    reconciled: _builtins.int
+    """How often a reconciler has claimed it before."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job stops being worth sending."""
+
+    def __init__(
+        self,
+        *,
+        notification_id: _builtins.str = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        status: _common_pb2.NotificationStatus.ValueType = ...,
+        replay: _builtins.int = ...,
+        job: _builtins.bytes = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        reconciled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "expire_time", b"expire_time", "job", b"job", "notification_id", b"notification_id", "reconciled", b"reconciled", "replay", b"replay", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StaleDelivery: _TypeAlias = StaleDelivery  # noqa: Y015
+
+@_typing.final
+class ClaimStaleDeliveriesResponse(_message.Message):
+    """Response of ClaimStaleDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___StaleDelivery]:
+        """The claimed deliveries, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___StaleDelivery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimStaleDeliveriesResponse: _TypeAlias = ClaimStaleDeliveriesResponse  # noqa: Y015
 
 @_typing.final
 class CreateNotificationRecordResponse(_message.Message):

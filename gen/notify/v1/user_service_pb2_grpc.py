@@ -94,6 +94,11 @@ class UserServiceStub:
                 request_serializer=notify_dot_v1_dot_user__service__pb2.RemoveDeviceTokenRequest.SerializeToString,
                 response_deserializer=notify_dot_v1_dot_user__service__pb2.RemoveDeviceTokenResponse.FromString,
                 _registered_method=True)
+        self.ClaimStaleDeliveries = channel.unary_unary(
+                '/notify.v1.UserService/ClaimStaleDeliveries',
+                request_serializer=notify_dot_v1_dot_user__service__pb2.ClaimStaleDeliveriesRequest.SerializeToString,
+                response_deserializer=notify_dot_v1_dot_user__service__pb2.ClaimStaleDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -183,6 +188,14 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimStaleDeliveries(self, request, context):
+        """Internal: hands the reconciler deliveries that stayed non-terminal longer than a
+        bound, each claimed (its update time moves on) so concurrent reconcilers share them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +253,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.RemoveDeviceToken,
                     request_deserializer=notify_dot_v1_dot_user__service__pb2.RemoveDeviceTokenRequest.FromString,
                     response_serializer=notify_dot_v1_dot_user__service__pb2.RemoveDeviceTokenResponse.SerializeToString,
+            ),
+            'ClaimStaleDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimStaleDeliveries,
+                    request_deserializer=notify_dot_v1_dot_user__service__pb2.ClaimStaleDeliveriesRequest.FromString,
+                    response_serializer=notify_dot_v1_dot_user__service__pb2.ClaimStaleDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -544,6 +562,33 @@ class UserService:
             '/notify.v1.UserService/RemoveDeviceToken',
             notify_dot_v1_dot_user__service__pb2.RemoveDeviceTokenRequest.SerializeToString,
             notify_dot_v1_dot_user__service__pb2.RemoveDeviceTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimStaleDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/notify.v1.UserService/ClaimStaleDeliveries',
+            notify_dot_v1_dot_user__service__pb2.ClaimStaleDeliveriesRequest.SerializeToString,
+            notify_dot_v1_dot_user__service__pb2.ClaimStaleDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

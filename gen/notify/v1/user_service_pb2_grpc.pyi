@@ -64,6 +64,10 @@ class UserServiceStub:
     """
     RemoveDeviceToken: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RemoveDeviceTokenRequest, _user_service_pb2.RemoveDeviceTokenResponse]
     """Internal: removes a push token the provider reported as no longer registered."""
+    ClaimStaleDeliveries: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ClaimStaleDeliveriesRequest, _user_service_pb2.ClaimStaleDeliveriesResponse]
+    """Internal: hands the reconciler deliveries that stayed non-terminal longer than a
+    bound, each claimed (its update time moves on) so concurrent reconcilers share them.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -101,6 +105,10 @@ class UserServiceAsyncStub(UserServiceStub):
     """
     RemoveDeviceToken: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RemoveDeviceTokenRequest, _user_service_pb2.RemoveDeviceTokenResponse]  # type: ignore[assignment]
     """Internal: removes a push token the provider reported as no longer registered."""
+    ClaimStaleDeliveries: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ClaimStaleDeliveriesRequest, _user_service_pb2.ClaimStaleDeliveriesResponse]  # type: ignore[assignment]
+    """Internal: hands the reconciler deliveries that stayed non-terminal longer than a
+    bound, each claimed (its update time moves on) so concurrent reconcilers share them.
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """UserService owns users, their preferences and devices, and the status records of
@@ -201,5 +209,15 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.RemoveDeviceTokenResponse, _abc.Awaitable[_user_service_pb2.RemoveDeviceTokenResponse]]:
         """Internal: removes a push token the provider reported as no longer registered."""
+
+    @_abc_1.abstractmethod
+    def ClaimStaleDeliveries(
+        self,
+        request: _user_service_pb2.ClaimStaleDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ClaimStaleDeliveriesResponse, _abc.Awaitable[_user_service_pb2.ClaimStaleDeliveriesResponse]]:
+        """Internal: hands the reconciler deliveries that stayed non-terminal longer than a
+        bound, each claimed (its update time moves on) so concurrent reconcilers share them.
+        """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
