@@ -28,6 +28,7 @@ async def test_readme_examples_work_every_time_they_are_pasted(e2e: E2E, certs_d
         _examples()
         .replace("localhost:8080", f"localhost:{e2e.cfg.ports.http}")
         .replace("localhost:50052", f"localhost:{e2e.cfg.ports.user_svc}")
+        .replace("localhost:50054", f"localhost:{e2e.cfg.ports.email_worker}")
         .replace("notify-dev-key", API_KEY)
         .replace("var/certs/", f"{certs_dir}/")
     )
@@ -46,3 +47,4 @@ async def test_readme_examples_work_every_time_they_are_pasted(e2e: E2E, certs_d
         assert out.returncode == 0, out.stdout + out.stderr
         assert "notify.v1.NotificationService" in out.stdout
         assert '"status": "SERVING"' in out.stdout
+        assert '"channel": "email"' in out.stdout  # the worker's provider status
