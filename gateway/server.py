@@ -32,7 +32,7 @@ from notify_kit import formats
 from notify_kit.amqp import EMAIL, PUSH, JobKind, Publisher
 from notify_kit.cache import LruCache
 from notify_kit.context import get_correlation_id
-from notify_kit.errors import FailedPrecondition, InvalidArgument
+from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from notify_kit.interceptors import metadata_value
 from notify_kit.rpc import clamp_timeout, unary
 from notify_kit.telemetry import inject_trace_context
@@ -252,14 +252,26 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         )
 
     async def _template(self, template_id: str, timeout: float) -> template_service_pb2.Template:
+        """The template (cached briefly); while TemplateService is down, the last known one.
+
+        Sends keep being accepted through a TemplateService outage for templates seen
+        before it; the workers hold their jobs until it is back (no attempt is spent).
+        """
         hit = self._template_cache.lookup(template_id)
         if hit is not None:
             return hit[0]
-        response = await unary(
-            self._templates.GetTemplate,
-            template_service_pb2.GetTemplateRequest(id=template_id),
-            timeout=timeout,
-        )
+        try:
+            response = await unary(
+                self._templates.GetTemplate,
+                template_service_pb2.GetTemplateRequest(id=template_id),
+                timeout=timeout,
+            )
+        except (Unavailable, DeadlineExceeded):
+            last = self._template_cache.stale(template_id)
+            if last is None:
+                raise
+            log.warning("template service down; accepting with the last known template")
+            return last[0]
         template: template_service_pb2.Template = response.template
         self._template_cache.put(template_id, template)
         return template

@@ -4,7 +4,8 @@ For small hot lookups that are cheaper to keep than to fetch: API keys and templ
 summaries in the gateway (with a TTL, so changes show up within it), immutable template
 versions and compiled templates in template_svc (no TTL: they never change). Used from
 the event loop only, so no lock. Eviction is one entry at a time, so a flood of new
-keys (say, guessed API keys) cannot flush the entries that are in use.
+keys (say, guessed API keys) cannot flush the entries that are in use. Expired entries
+are misses for ``lookup`` but stay (within the size bound) for ``stale``.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ class LruCache(Generic[K, V]):
     def lookup(self, key: K) -> tuple[V] | None:
         """``(value,)`` if present and fresh (so a cached ``None`` is a hit), else None."""
         hit = self._entries.get(key)
-        if hit is None:
-            return None
-        if hit[0] < time.monotonic():
-            del self._entries[key]
-            return None
+        if hit is None or hit[0] < time.monotonic():
+            return None  # an expired entry stays until evicted, for ``stale``
         self._entries.move_to_end(key)
         return (hit[1],)
+
+    def stale(self, key: K) -> tuple[V] | None:
+        """``(value,)`` even when expired (until evicted): the last known value, for when
+        the source is down and yesterday's answer beats none."""
+        hit = self._entries.get(key)
+        return None if hit is None else (hit[1],)
 
     def get(self, key: K) -> V | None:
         """The value for ``key`` (now the most recently used), or None."""

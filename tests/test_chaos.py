@@ -130,3 +130,20 @@ async def test_soak_with_repeated_worker_kills(chaos: E2E) -> None:
         await chaos.system.start_service("email_worker")
     duplicates = await _assert_all_delivered_once_or_within_window(chaos, ids, kills=5)
     print(f"soak: 3000 delivered through 5 worker kills, {duplicates} duplicates")
+
+
+async def test_template_service_outage_is_accepted_through_and_spends_no_attempt(
+    chaos: E2E,
+) -> None:
+    users = [await chaos.new_user(devices=0) for _ in range(3)]
+    warm, _ = await _send_many(chaos, users, 1)  # the gateway now knows the template
+    await chaos.settle(warm[0])
+    await chaos.system.kill("template_svc", signal.SIGKILL)
+    ids, errors = await _send_many(chaos, users, 40)
+    assert errors == 0 and len(ids) == 40  # accepted on the last known template
+    await chaos.system.start_service("template_svc")
+    for nid in ids:
+        final = await chaos.settle(nid, timeout=90)
+        delivery = final["notification"]["deliveries"][0]
+        assert delivery["status"] == "NOTIFICATION_STATUS_DELIVERED", delivery
+        assert delivery["attempts"] == 1  # the outage was ours: no attempt spent on it

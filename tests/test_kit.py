@@ -297,3 +297,15 @@ def test_trace_context_survives_the_trip_through_a_job() -> None:
     assert "traceparent" in carried
     restored = trace.get_current_span(extract_trace_context(carried)).get_span_context()
     assert restored.trace_id == span.get_span_context().trace_id
+
+
+def test_cache_keeps_the_last_known_value_for_when_the_source_is_down() -> None:
+    from notify_kit.cache import LruCache  # noqa: PLC0415
+
+    cache: LruCache[str, str] = LruCache(2, ttl=0.0)
+    cache.put("welcome", "v3")
+    assert cache.lookup("welcome") is None  # expired: fetch it again
+    assert cache.stale("welcome") == ("v3",)  # but it is there if the fetch fails
+    cache.put("a", "A")
+    cache.put("b", "B")
+    assert cache.stale("welcome") is None  # still bounded by size
