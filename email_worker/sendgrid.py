@@ -41,10 +41,8 @@ timeout or lost connection after it left       ``OutcomeUnknown``
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -53,6 +51,7 @@ import aiohttp
 
 from email_worker.outgoing import OutgoingEmail
 from notify_kit.jobs.errors import OutcomeUnknown, PermanentError, TransientError
+from notify_kit.jobs.providers import retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class SendGridProvider:
             ) as resp:
                 status = resp.status
                 message_id = resp.headers.get("X-Message-Id", "")
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
                 text = "" if status == 202 else await _read_text(resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._lost(email, exc, progress) from exc
@@ -231,18 +230,3 @@ def error_text(text: str) -> str:
                 parts.append(str(error))
         return "; ".join(parts)[:ERROR_TEXT_LIMIT]
     return text.strip()[:ERROR_TEXT_LIMIT] or "no details"
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())

@@ -34,16 +34,15 @@ other 4xx (400: malformed request)        INVALID, with OneSignal's error text
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 
+from notify_kit.jobs.providers import retry_after_seconds
 from push_worker.outgoing import Outcome, OutgoingPush, PushResult, TargetKind, TargetResult
 
 log = logging.getLogger(__name__)
@@ -145,7 +144,7 @@ class OneSignalProvider:
         try:
             async with self._client().post(self._url, params={"c": "push"}, json=body) as resp:
                 status, raw = resp.status, await resp.read()
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         except TimeoutError:
             detail = f"OneSignal timed out after {self._timeout}s (retry is idempotent)"
             log.warning("%s", detail)
@@ -224,21 +223,6 @@ def _idempotency_key(notification_id: str, batch: int) -> str:
     if batch:
         return str(uuid.uuid5(base, str(batch)))
     return notification_id if usable else str(base)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())
 
 
 def _json(text: str) -> Any:

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from notify_kit.server import wait_for_shutdown_signal
+from scripts.http_peer import serve, shut
 
 log = logging.getLogger(__name__)
 
@@ -136,19 +137,14 @@ class FcmFake:
         app.router.add_post("/token", self._token)
         app.router.add_post("/v1/projects/{project}/messages:send", self._send)
         app.router.add_get("/messages", self._list)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.host, self.port = host, self._runner.addresses[0][1]
-        log.info("FCM fake listening on %s:%s", host, self.port)
+        self._runner, self.port = await serve(app, host, port, "FCM fake")
+        self.host = host
         return self.port
 
     async def stop(self) -> None:
         """Stop listening and close open connections."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await shut(self._runner)
+        self._runner = None
 
     def write_service_account(self, path: Path, project_id: str) -> Path:
         """Write a service-account JSON (fresh RSA key, ``token_uri`` = this server).

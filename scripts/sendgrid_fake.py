@@ -49,6 +49,7 @@ from typing import Any, TypeGuard
 from aiohttp import web
 
 from notify_kit.server import wait_for_shutdown_signal
+from scripts.http_peer import serve, shut
 
 log = logging.getLogger(__name__)
 
@@ -231,19 +232,14 @@ class SendGridFake:
         app = web.Application(client_max_size=self.max_bytes)
         app.router.add_post("/v3/mail/send", self._send)
         app.router.add_get("/messages", self._list)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.host, self.port = host, self._runner.addresses[0][1]
-        log.info("SendGrid fake listening on %s:%s", host, self.port)
+        self._runner, self.port = await serve(app, host, port, "SendGrid fake")
+        self.host = host
         return self.port
 
     async def stop(self) -> None:
         """Stop listening and close open connections."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await shut(self._runner)
+        self._runner = None
 
     # --- the script ------------------------------------------------------------------
 

@@ -17,8 +17,9 @@ import aiohttp
 import pytest
 
 from email_worker.outgoing import OutgoingEmail
-from email_worker.sendgrid import SendGridProvider, parse_retry_after
+from email_worker.sendgrid import SendGridProvider
 from notify_kit.jobs.errors import OutcomeUnknown, PermanentError, TransientError
+from notify_kit.jobs.providers import retry_after_seconds
 from scripts.sendgrid_fake import INVALID_KEY, NO_KEY, SendGridFake
 
 API_KEY = "SG.test-key.secret"
@@ -352,10 +353,10 @@ async def test_nothing_listening_is_transient_not_unknown(closed_port: int) -> N
 
 
 def test_retry_after_accepts_seconds_and_dates() -> None:
-    assert parse_retry_after("7") == 7
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after_seconds("7") == 7
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("soon") is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
 
 
 # --- the fake's strictness --------------------------------------------------------------

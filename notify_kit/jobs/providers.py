@@ -11,7 +11,9 @@ provider may have delivered.
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -39,6 +41,24 @@ class Provider(Protocol[M_contra, R_co]):
 
     async def close(self) -> None:
         """Release connections."""
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """An HTTP ``Retry-After`` (delta-seconds or an HTTP date) as seconds, or None.
+
+    What HTTP providers (SendGrid, OneSignal) pass on in ``TransientError.retry_after``.
+    """
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
 
 
 class Skip(Exception):
