@@ -24,9 +24,12 @@ from notify_kit.context import (
     sanitize_correlation_id,
     set_correlation_id,
 )
-from notify_kit.errors import Internal, ServiceError, to_status
+from notify_kit.errors import Internal, ServiceError, Unavailable, to_status
+from notify_kit.outage import INFRA_ERRORS
 
 log = logging.getLogger(__name__)
+
+DEPENDENCY_DOWN = "DEPENDENCY_UNAVAILABLE"
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -98,6 +101,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 outcome = "ABORTED_BY_HANDLER"
                 raise
+            except INFRA_ERRORS as exc:
+                # A database, Redis or socket of ours failed: the caller may retry, and
+                # learns nothing of our internals (the detail goes to the log).
+                outcome, reason = "UNAVAILABLE", DEPENDENCY_DOWN
+                log.warning("dependency unavailable: %r", exc, extra={"method": method})
+                await context.abort_with_status(
+                    to_status(Unavailable(DEPENDENCY_DOWN, "a dependency is down; retry later"))
+                )
             except Exception:
                 outcome = "INTERNAL"
                 log.exception("unhandled error", extra={"method": method})

@@ -2,6 +2,8 @@
 
 The stand-in upstreams, the broker and ``start_worker`` are shared with the push worker's
 tests (``tests/worker_support.py``); what is here is the e-mail worker's own.
+The runner's guarantees (retries, dead letters, redeliveries, expiry, bugs) are tested
+once, against a fake handler, in ``tests/test_jobs.py``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.policy
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import EmailMessage
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2
 from notify.v1 import (
     common_pb2,
@@ -46,9 +46,7 @@ from scripts.mailcatcher import MailCatcher
 from tests import worker_support
 from tests.worker_support import (
     DELIVERED,
-    EXPIRED,
     FAILED,
-    RETRYING,
     SENDING,
     WAIT,
     Broker,
@@ -197,27 +195,6 @@ async def test_delivers_rendered_mail_and_reports_delivered(
     assert await health_status(app.port, tls_for("operator")) == serving
 
 
-async def test_transient_failure_is_retried_then_delivered(
-    start_worker: Callable[..., Awaitable[WorkerApp]],
-    broker: Broker,
-    users: RecordingUsers,
-) -> None:
-    sender = InMemoryEmailProvider()
-    sender.fail_next(1)
-    app = await start_worker(sender)
-    job = email_job()
-    nid = job.meta.notification_id
-    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
-
-    updates = await users.wait_status(nid, DELIVERED)
-    assert statuses(updates) == [SENDING, RETRYING, SENDING, DELIVERED]
-    assert [u.attempt for u in updates] == [1, 1, 2, 2]
-    assert len(sender.sent) == 1
-    assert sender.sent[0].to_address == "ana@example.com"
-    history = await app.store.history(nid)
-    assert [(a.attempt, a.status) for a in history] == [(1, "RETRYING"), (2, "DELIVERED")]
-
-
 async def test_smtp_outage_fails_over_to_sendgrid_and_opens_the_breaker(
     start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
@@ -283,34 +260,6 @@ async def test_every_provider_down_holds_the_queue_until_a_probe_succeeds(
         await app.stop()
 
 
-async def test_retries_run_out_into_the_failed_queue(
-    start_worker: Callable[..., Awaitable[WorkerApp]],
-    broker: Broker,
-    users: RecordingUsers,
-    topo: Topology,
-) -> None:
-    sender = InMemoryEmailProvider()
-    sender.fail_next(topo.max_attempts)
-    await start_worker(sender)
-    job = email_job()
-    nid = job.meta.notification_id
-    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
-
-    updates = await users.wait_status(nid, FAILED)
-    retries = topo.max_attempts - 1
-    assert statuses(updates) == [SENDING, RETRYING] * retries + [SENDING, FAILED]
-    dead = await broker[1].wait_for(nid)
-    assert dead.headers["x-notify-attempts"] == str(topo.max_attempts)
-    assert jobs_pb2.EmailJob.FromString(dead.body).meta.notification_id == nid
-    assert sender.sent == []
-    history = json.loads(str(dead.headers["x-notify-history"]))
-    assert [(h["attempt"], h["status"]) for h in history] == [
-        *((a, "RETRYING") for a in range(1, topo.max_attempts)),
-        (topo.max_attempts, "FAILED"),
-    ]
-    assert "in-memory provider told to fail transiently" in history[0]["detail"]
-
-
 async def test_smtp_rejection_fails_permanently(
     start_worker: Callable[..., Awaitable[WorkerApp]],
     broker: Broker,
@@ -328,25 +277,6 @@ async def test_smtp_rejection_fails_permanently(
     assert jobs_pb2.EmailJob.FromString(dead.body) == job
     history = await app.store.history(nid)
     assert [a.status for a in history] == ["FAILED"]
-
-
-async def test_failed_report_after_dead_lettering_does_not_send_or_dead_letter_again(
-    start_worker: Callable[..., Awaitable[WorkerApp]],
-    broker: Broker,
-    users: RecordingUsers,
-) -> None:
-    app = await start_worker()
-    job = email_job(to="reject-twice@example.com")
-    nid = job.meta.notification_id
-    users.refuse[FAILED] = 2  # UserService fails the FAILED report twice: redelivered twice
-    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
-
-    updates = await users.wait_status(nid, FAILED)
-    assert statuses(updates) == [SENDING, FAILED]
-    await broker[1].wait_for(nid)
-    assert broker[1].counts[nid] == 1
-    assert [a.status for a in await app.store.history(nid)] == ["FAILED"]
-    assert users.refuse[FAILED] == 0  # both refusals happened
 
 
 async def test_unknown_template_fails_permanently(
@@ -380,63 +310,6 @@ async def test_header_injection_fails_permanently(
     updates = await users.wait_status(nid, FAILED)
     assert statuses(updates) == [SENDING, FAILED]
     await broker[1].wait_for(nid)
-    assert len(catcher.messages) == before
-
-
-async def test_undecodable_message_is_dead_lettered_and_work_goes_on(
-    start_worker: Callable[..., Awaitable[WorkerApp]],
-    broker: Broker,
-    users: RecordingUsers,
-) -> None:
-    await start_worker()
-    garbage_id = f"garbage-{uuid.uuid4()}"
-    await publish(broker[0], EMAIL, b"\xff\xff not a job", garbage_id)
-    dead = await broker[1].wait_for(garbage_id)
-    assert dead.body == b"\xff\xff not a job"
-    assert dead.headers["x-notify-error"] == "undecodable"
-
-    job = email_job()
-    await publish(broker[0], EMAIL, job.SerializeToString(), job.meta.notification_id)
-    await users.wait_status(job.meta.notification_id, DELIVERED)
-
-
-async def test_redelivered_job_is_not_sent_twice(
-    start_worker: Callable[..., Awaitable[WorkerApp]],
-    broker: Broker,
-    users: RecordingUsers,
-    catcher: MailCatcher,
-) -> None:
-    app = await start_worker()
-    job = email_job()
-    nid = job.meta.notification_id
-    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
-    await users.wait_status(nid, DELIVERED)
-    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
-
-    updates = await users.wait_status(nid, DELIVERED, count=2)
-    assert statuses(updates) == [SENDING, DELIVERED, DELIVERED]
-    assert updates[1].detail == updates[2].detail
-    copies = [m for m in catcher.messages if m["Message-ID"] == f"<{nid}@notify>"]
-    assert len(copies) == 1
-    assert [a.status for a in await app.store.history(nid)] == ["DELIVERED"]
-
-
-async def test_expired_job_is_not_sent(
-    start_worker: Callable[..., Awaitable[WorkerApp]],
-    broker: Broker,
-    users: RecordingUsers,
-    catcher: MailCatcher,
-) -> None:
-    app = await start_worker()
-    job = email_job()
-    job.meta.expire_time.CopyFrom(timestamp_pb2.Timestamp(seconds=1_600_000_000))
-    nid = job.meta.notification_id
-    before = len(catcher.messages)
-    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
-
-    updates = await users.wait_status(nid, EXPIRED)
-    assert statuses(updates) == [EXPIRED]
-    assert [a.status for a in await app.store.history(nid)] == ["EXPIRED"]
     assert len(catcher.messages) == before
 
 

@@ -1,29 +1,40 @@
-"""The job runner's outage guarantees, against a fake handler on real RabbitMQ and PostgreSQL.
+"""The job runner's guarantees, against a fake handler on real RabbitMQ and PostgreSQL.
 
-The handler stands for any worker: it can be told that "our side" is down (it raises
-``Blocked``, as a chain whose breakers are all open or a TemplateService outage does).
+Each guarantee of ``notify_kit.jobs.runner`` is tested here once; the worker modules test
+only what their handlers add (rendering, the providers' wire, failover). The handler
+stands for any worker: it can be told that "our side" is down (it raises ``Blocked``, as
+a chain whose breakers are all open or a TemplateService outage does), that one job's
+sends fail (transiently, permanently, with an unknown outcome, or with a bug), and it
+records what it was asked to send and what it sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
+import uuid
 from collections.abc import Awaitable, Callable
 
 import aio_pika
 import pytest
+from google.protobuf import timestamp_pb2
 from notify.v1 import common_pb2, jobs_pb2, template_service_pb2_grpc
 
 from notify_kit import db
 from notify_kit.amqp import EMAIL, Topology
 from notify_kit.jobs.app import Upstreams, WorkerApp
-from notify_kit.jobs.errors import Blocked
+from notify_kit.jobs.errors import Blocked, OutcomeUnknown, PermanentError, TransientError
 from notify_kit.jobs.ledger import MIGRATIONS, DeliveryLog
 from notify_kit.jobs.providers import ProviderChain, Sent
+from notify_kit.jobs.settings import RunnerSettings
 from scripts.system import poll
 from tests import worker_support
 from tests.worker_support import (
     DELIVERED,
+    EXPIRED,
+    FAILED,
     RETRYING,
     SENDING,
     WAIT,
@@ -67,18 +78,31 @@ class FixedProvider:
 
 
 class FakeHandler:
-    """Delivers every e-mail job, except while ``outage`` lasts."""
+    """Delivers every e-mail job, except while ``outage`` lasts or as told for one job.
+
+    ``fail(nid, *errors)`` makes the next sends of ``nid`` raise ``errors``, one per send
+    (a ``TransientError``, ``PermanentError``, ``OutcomeUnknown``); ``bug`` is raised by
+    every send while it is set (an unexpected error). ``calls`` records each send that
+    reached the handler as (notification id, attempt); ``sent`` what it delivered.
+    """
 
     kind = EMAIL
     channel = common_pb2.CHANNEL_EMAIL
 
     def __init__(self, outage: Outage) -> None:
         self.outage = outage
+        self.calls: list[tuple[str, int]] = []
         self.sent: list[str] = []
+        self.errors: dict[str, list[Exception]] = {}
+        self.bug: Exception | None = None
         self.sending = asyncio.Event()  # set when a send began
         self.release = asyncio.Event()  # sends wait for it
         self.release.set()
         self.chain: ProviderChain[str, str] = ProviderChain("email", [FixedProvider()])
+
+    def fail(self, nid: str, *errors: Exception) -> None:
+        """The next ``len(errors)`` sends of ``nid`` raise these, in order."""
+        self.errors.setdefault(nid, []).extend(errors)
 
     def decode(self, body: bytes) -> jobs_pb2.EmailJob:
         return jobs_pb2.EmailJob.FromString(body)
@@ -87,10 +111,20 @@ class FakeHandler:
         if not self.outage.up.is_set():
             self.outage.blocked_calls += 1
             raise Blocked("template service: UNAVAILABLE", retry_after=0.2)
+        nid = job.meta.notification_id
+        self.calls.append((nid, job.meta.attempt))
+        if self.bug is not None:
+            raise self.bug
+        if self.errors.get(nid):
+            raise self.errors[nid].pop(0)
         self.sending.set()
         await self.release.wait()
-        self.sent.append(job.meta.notification_id)
-        return Sent("fake", "ok")
+        self.sent.append(nid)
+        return Sent("fake", f"ok-{len(self.sent)}")
+
+    def attempts_of(self, nid: str) -> list[int]:
+        """The attempt of every send of ``nid`` that reached the handler."""
+        return [attempt for sent, attempt in self.calls if sent == nid]
 
 
 @pytest.fixture(scope="module")
@@ -109,18 +143,52 @@ def handler(outage: Outage) -> FakeHandler:
 
 
 @pytest.fixture
+def runner_settings() -> RunnerSettings | None:
+    """The runner's settings where a test needs its own (None: the module's defaults)."""
+    return None
+
+
+@pytest.fixture
 async def launch(
-    config_fields: Callable[[str], Awaitable[ConfigFields]], handler: FakeHandler
+    config_fields: Callable[[str], Awaitable[ConfigFields]],
+    handler: FakeHandler,
+    runner_settings: RunnerSettings | None,
 ) -> Callable[..., Awaitable[WorkerApp]]:
     fields = await config_fields("email_worker")
+    worker = fields["worker"]
+    if runner_settings is not None:
+        worker = dataclasses.replace(worker, runner=runner_settings)
 
     async def build(up: Upstreams, stack: contextlib.AsyncExitStack) -> FakeHandler:
         return handler
 
     async def start(providers: object = None) -> WorkerApp:
-        return await WorkerApp.start(fields["common"], fields["dsn"], fields["worker"], build)
+        return await WorkerApp.start(fields["common"], fields["dsn"], worker, build)
 
     return start
+
+
+@pytest.fixture
+async def app(start_worker: Callable[..., Awaitable[WorkerApp]], outage: Outage) -> WorkerApp:
+    """A worker running the fake handler with every dependency of ours up."""
+    outage.end()
+    return await start_worker()
+
+
+def new_job() -> jobs_pb2.EmailJob:
+    return jobs_pb2.EmailJob(meta=job_meta(), to_address="a@example.com", template_id="t")
+
+
+async def submit(broker: Broker, job: jobs_pb2.EmailJob) -> str:
+    """Publish ``job`` to the e-mail queue; its notification id."""
+    nid = job.meta.notification_id
+    await publish(broker[0], EMAIL, job.SerializeToString(), nid)
+    return nid
+
+
+async def logged(app: WorkerApp, nid: str) -> list[tuple[int, str]]:
+    """The (attempt, status) rows the worker's ledger holds for ``nid``."""
+    return [(a.attempt, a.status) for a in await app.store.history(nid)]
 
 
 async def depth(amqp_url: str, queue: str) -> int:
@@ -130,6 +198,191 @@ async def depth(amqp_url: str, queue: str) -> int:
         declared = await channel.declare_queue(queue, passive=True)
         count = declared.declaration_result.message_count
         return int(count or 0)
+
+
+# --- delivery, retries, dead letters ---------------------------------------------------
+
+
+async def test_delivers_and_reports_delivered(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    nid = await submit(broker, new_job())
+
+    updates = await users.wait_status(nid, DELIVERED)
+    assert statuses(updates) == [SENDING, DELIVERED]
+    assert {u.channel for u in updates} == {common_pb2.CHANNEL_EMAIL}
+    assert [u.attempt for u in updates] == [1, 1]
+    assert updates[-1].detail == "fake: ok-1"
+    assert handler.sent == [nid]
+    assert await logged(app, nid) == [(1, "DELIVERED")]
+    assert [a.provider for a in await app.store.history(nid)] == ["fake"]
+
+
+async def test_transient_failure_is_retried_then_delivered(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    job = new_job()
+    handler.fail(job.meta.notification_id, TransientError("provider busy"))
+    nid = await submit(broker, job)
+
+    updates = await users.wait_status(nid, DELIVERED)
+    assert statuses(updates) == [SENDING, RETRYING, SENDING, DELIVERED]
+    assert [u.attempt for u in updates] == [1, 1, 2, 2]
+    assert updates[1].detail == "provider busy"
+    assert handler.attempts_of(nid) == [1, 2]
+    assert handler.sent == [nid]
+    assert await logged(app, nid) == [(1, "RETRYING"), (2, "DELIVERED")]
+    assert nid not in broker[1].counts
+
+
+async def test_retries_run_out_into_the_failed_queue(
+    app: WorkerApp,
+    broker: Broker,
+    users: RecordingUsers,
+    handler: FakeHandler,
+    topo: Topology,
+) -> None:
+    job = new_job()
+    last = topo.max_attempts
+    handler.fail(
+        job.meta.notification_id, *(TransientError(f"busy #{a}") for a in range(1, last + 1))
+    )
+    nid = await submit(broker, job)
+
+    updates = await users.wait_status(nid, FAILED)
+    assert statuses(updates) == [SENDING, RETRYING] * (last - 1) + [SENDING, FAILED]
+    assert [u.attempt for u in updates] == [a for a in range(1, last + 1) for _ in (0, 1)]
+    assert updates[-1].detail == f"gave up after {last} attempts: busy #{last}"
+    assert handler.attempts_of(nid) == list(range(1, last + 1))
+    assert handler.sent == []
+
+    dead = await broker[1].wait_for(nid)
+    assert dead.headers["x-notify-kind"] == "email"
+    assert dead.headers["x-notify-attempts"] == str(last)
+    assert dead.headers["x-notify-error"] == updates[-1].detail
+    body = jobs_pb2.EmailJob.FromString(dead.body)
+    assert body.meta.notification_id == nid and body.meta.attempt == last
+    history = json.loads(str(dead.headers["x-notify-history"]))
+    assert [(h["attempt"], h["status"]) for h in history] == [
+        *((a, "RETRYING") for a in range(1, last)),
+        (last, "FAILED"),
+    ]
+    assert [h["detail"] for h in history[:-1]] == [f"busy #{a}" for a in range(1, last)]
+    assert await logged(app, nid) == [
+        *((a, "RETRYING") for a in range(1, last)),
+        (last, "FAILED"),
+    ]
+    assert broker[1].counts[nid] == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (PermanentError("mailbox does not exist"), "permanent: mailbox does not exist"),
+        (
+            OutcomeUnknown("no answer after DATA"),
+            "outcome unknown, not resent: no answer after DATA",
+        ),
+    ],
+    ids=["permanent", "outcome-unknown"],
+)
+async def test_permanent_or_unknown_outcome_fails_at_once(
+    app: WorkerApp,
+    broker: Broker,
+    users: RecordingUsers,
+    handler: FakeHandler,
+    error: Exception,
+    reason: str,
+) -> None:
+    job = new_job()
+    handler.fail(job.meta.notification_id, error)
+    nid = await submit(broker, job)
+
+    updates = await users.wait_status(nid, FAILED)
+    assert statuses(updates) == [SENDING, FAILED]
+    assert [u.attempt for u in updates] == [1, 1]
+    assert updates[-1].detail == reason
+    dead = await broker[1].wait_for(nid)
+    assert jobs_pb2.EmailJob.FromString(dead.body) == job
+    assert dead.headers["x-notify-attempts"] == "1"
+    assert dead.headers["x-notify-error"] == reason
+    history = json.loads(str(dead.headers["x-notify-history"]))
+    assert [(h["attempt"], h["status"], h["detail"]) for h in history] == [(1, "FAILED", reason)]
+    assert handler.attempts_of(nid) == [1]  # one send, never retried nor resent
+    assert handler.sent == []
+    assert await logged(app, nid) == [(1, "FAILED")]
+
+
+async def test_undecodable_message_is_dead_lettered_and_work_goes_on(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    garbage_id = f"garbage-{uuid.uuid4()}"
+    await publish(broker[0], EMAIL, b"\xff\xff not a job", garbage_id)
+    dead = await broker[1].wait_for(garbage_id)
+    assert dead.body == b"\xff\xff not a job"
+    assert dead.headers["x-notify-error"] == "undecodable"
+    assert dead.headers["x-notify-kind"] == "email"
+    assert dead.headers["x-notify-attempts"] == "0"
+
+    nid = await submit(broker, new_job())
+    assert statuses(await users.wait_status(nid, DELIVERED)) == [SENDING, DELIVERED]
+    assert handler.sent == [nid]
+    assert users.of(garbage_id) == []
+    assert broker[1].counts[garbage_id] == 1
+
+
+async def test_redelivered_job_is_not_sent_twice(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    job = new_job()
+    nid = await submit(broker, job)
+    await users.wait_status(nid, DELIVERED)
+    await submit(broker, job)  # the same job again, as after a crash before the ack
+
+    updates = await users.wait_status(nid, DELIVERED, count=2)
+    assert statuses(updates) == [SENDING, DELIVERED, DELIVERED]
+    assert updates[1].detail == updates[2].detail == "fake: ok-1"
+    assert handler.attempts_of(nid) == [1]
+    assert handler.sent == [nid]
+    assert await logged(app, nid) == [(1, "DELIVERED")]
+
+
+async def test_expired_job_is_not_sent(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    job = new_job()
+    job.meta.expire_time.CopyFrom(timestamp_pb2.Timestamp(seconds=1_600_000_000))
+    nid = await submit(broker, job)
+
+    updates = await users.wait_status(nid, EXPIRED)
+    assert statuses(updates) == [EXPIRED]
+    assert updates[0].detail == "expired before sending"
+    assert handler.calls == []
+    assert await logged(app, nid) == [(1, "EXPIRED")]
+    assert nid not in broker[1].counts
+
+
+async def test_failed_report_after_dead_lettering_does_not_send_or_dead_letter_again(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    job = new_job()
+    nid = job.meta.notification_id
+    handler.fail(nid, PermanentError("rejected"))
+    users.refuse[FAILED] = 2  # UserService refuses the FAILED report twice
+    try:
+        await submit(broker, job)
+        updates = await users.wait_status(nid, FAILED)
+    finally:
+        refusals_left = users.refuse.pop(FAILED)
+    assert refusals_left == 0  # both refusals happened
+    assert statuses(updates) == [SENDING, FAILED]
+    await broker[1].wait_for(nid)
+    assert broker[1].counts[nid] == 1
+    assert handler.attempts_of(nid) == [1]
+    assert await logged(app, nid) == [(1, "FAILED")]
+
+
+# --- our outages and bugs --------------------------------------------------------------
 
 
 async def test_our_outage_spends_no_attempt_and_pauses_consumption(
@@ -191,6 +444,34 @@ async def test_two_copies_of_one_job_consumed_at_once_send_once(
     assert statuses(updates) == [SENDING, SENDING, DELIVERED, DELIVERED]
     assert handler.sent == [nid]
     assert [a.status for a in await app.store.history(nid)] == ["DELIVERED"]
+
+
+# With the default 15 s lease: the send that raised gives its claim back, so the requeued
+# copy need not wait the lease out (which would outlast WAIT).
+async def test_a_bug_requeues_the_job_and_pauses_consumption_until_it_is_fixed(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    handler.bug = RuntimeError("a bug in the handler")
+    nid = await submit(broker, new_job())
+
+    async def consumption() -> tuple[bool, bool, int]:
+        runner = app.runner
+        return runner.pause.paused, runner._tag is None, len(handler.attempts_of(nid))
+
+    _, cancelled, sends = await poll(
+        consumption, lambda c: c[0], timeout=WAIT, what="the pause after the bug"
+    )
+    assert cancelled and sends >= 1  # the consumer is cancelled while the pause lasts
+    handler.bug = None  # the bug is fixed: the requeued job goes through
+
+    updates = await users.wait_status(nid, DELIVERED)
+    # Each delivery of the message reports SENDING: it came back after the bug.
+    assert statuses(updates)[-1] == DELIVERED
+    assert set(statuses(updates)[:-1]) == {SENDING} and len(updates) >= 3
+    assert {u.attempt for u in updates} == {1}  # a bug spends no attempt
+    assert handler.sent == [nid]
+    assert await logged(app, nid) == [(1, "DELIVERED")]
+    assert nid not in broker[1].counts  # requeued, never dead-lettered
 
 
 async def test_a_claim_is_a_lease_that_a_dead_holder_loses(

@@ -309,3 +309,36 @@ def test_cache_keeps_the_last_known_value_for_when_the_source_is_down() -> None:
     cache.put("a", "A")
     cache.put("b", "B")
     assert cache.stale("welcome") is None  # still bounded by size
+
+
+async def test_an_outage_of_ours_answers_unavailable_not_internal(
+    common_for: Callable[[str], CommonSettings], tls_for: Callable[[str], TlsSettings]
+) -> None:
+    import asyncpg  # noqa: PLC0415
+
+    from notify_kit.errors import error_info  # noqa: PLC0415
+
+    class DatabaseDown(user_service_pb2_grpc.UserServiceServicer):
+        async def GetUser(
+            self, request: user_service_pb2.GetUserRequest, context: grpc.aio.ServicerContext
+        ) -> user_service_pb2.GetUserResponse:
+            raise asyncpg.TooManyConnectionsError("sorry, too many clients already")
+
+    servicer = DatabaseDown()  # type: ignore[abstract]
+    server = GrpcServer(
+        common_for("user_svc"),
+        [lambda s: user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, s)],
+        ["notify.v1.UserService"],
+    )
+    port = await server.start()
+    try:
+        channel = secure_channel(f"127.0.0.1:{port}", tls_for("gateway"))
+        async with channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetUser(user_service_pb2.GetUserRequest(id="x"), timeout=5)
+    finally:
+        await server.stop()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value.trailing_metadata()).reason == "DEPENDENCY_UNAVAILABLE"
+    assert "clients" not in (caught.value.details() or "")  # no internals reach the caller

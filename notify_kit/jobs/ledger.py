@@ -55,6 +55,12 @@ WHERE delivery_claims.claimed_until < now() OR delivery_claims.owner = EXCLUDED.
 RETURNING claimed_until
 """
 
+# A holder giving its claim back without an outcome (its send raised a bug).
+RELEASE_CLAIM = """
+DELETE FROM delivery_claims
+WHERE notification_id = $1 AND replay = $2 AND attempt = $3 AND owner = $4
+"""
+
 SELECT_HISTORY = """
 SELECT replay, attempt, status, detail, provider, created_at FROM delivery_logs
 WHERE notification_id = $1
@@ -106,6 +112,9 @@ class DeliveryLedger(Protocol):
         self, notification_id: str, attempt: int, replay: int, owner: str, lease: float
     ) -> bool:
         """Take (or extend) the lease on sending this attempt; False while another holds it."""
+
+    async def release(self, notification_id: str, attempt: int, replay: int, owner: str) -> None:
+        """Give back ``owner``'s claim without an outcome (the copy requeued takes it)."""
 
 
 def status_name(status: Status) -> str:
@@ -167,6 +176,13 @@ class DeliveryLog:
                 CLAIM, notification_id, replay, attempt, owner, lease, timeout=self._timeout
             )
         return row is not None
+
+    async def release(self, notification_id: str, attempt: int, replay: int, owner: str) -> None:
+        """Give back ``owner``'s claim without an outcome (the copy requeued takes it)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            await conn.execute(
+                RELEASE_CLAIM, notification_id, replay, attempt, owner, timeout=self._timeout
+            )
 
     async def history(self, notification_id: str) -> list[Attempt]:
         """Every attempt of a notification, oldest first (for operators and tests)."""

@@ -77,6 +77,11 @@ class Pause:
         await self.trip(reason, retry_after)
         await self._open.wait()
 
+    def settled(self) -> None:
+        """A job went through with nothing held: later trouble starts the backoff afresh."""
+        if self._open.is_set():
+            self._streak = 0
+
     async def ok(self) -> None:
         """A held step got through: reset the backoff, open the gate, resume consuming."""
         self._streak = 0

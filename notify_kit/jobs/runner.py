@@ -72,6 +72,15 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+# What a send may raise that is not a bug: job outcomes, holds, our outages.
+_OUTCOMES: tuple[type[BaseException], ...] = (
+    Blocked,
+    TransientError,
+    PermanentError,
+    *INFRA_ERRORS,
+)
+
+
 class _ClaimedElsewhere(Exception):
     """Another copy of this job holds the claim on its attempt."""
 
@@ -225,6 +234,7 @@ class JobRunner(Generic[J]):
         async with message.process(requeue=True, ignore_processed=True):
             try:
                 await self._handle(message)
+                self.pause.settled()
             except Exception:
                 # A bug: the message is requeued at once (by message.process) and
                 # consumption pauses for a backoff that grows while bugs repeat, so a
@@ -339,6 +349,14 @@ class JobRunner(Generic[J]):
         renewal = asyncio.create_task(renew())
         try:
             return await self._handler.send(job)
+        except _OUTCOMES:
+            raise  # the claim is extended on the retry, or released with the outcome
+        except Exception:
+            # A bug: the message is requeued, and its next copy must not wait out the
+            # lease of a claim nobody holds any more.
+            with contextlib.suppress(*INFRA_ERRORS):
+                await self._ledger.release(turn.nid, turn.attempt, turn.replay, owner)
+            raise
         finally:
             renewal.cancel()
 
