@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,9 @@ class E2E(Running):
 
 
 @contextlib.asynccontextmanager
-async def e2e_system(var: Path, certs: Path, tag: str) -> AsyncIterator[E2E]:
+async def e2e_system(
+    var: Path, certs: Path, tag: str, extra_env: Mapping[str, str] | None = None
+) -> AsyncIterator[E2E]:
     """A system on this machine's backing servers, with the demo template created."""
     async with running_system(
         var,
@@ -80,6 +82,7 @@ async def e2e_system(var: Path, certs: Path, tag: str) -> AsyncIterator[E2E]:
         amqp_url=AMQP_URL,
         redis_url=REDIS_URL,
         pg_base=PG_BASE,
+        extra_env=extra_env,
     ) as running:
         handle = E2E(
             running.system,

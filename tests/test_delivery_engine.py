@@ -29,11 +29,9 @@ from notify.v1 import worker_admin_pb2, worker_admin_pb2_grpc
 
 from notify_kit import rpc
 from notify_kit.settings import TlsSettings
-from scripts.api import DEMO_TEMPLATE
-from scripts.harness import running_system
 from scripts.system import poll
-from tests.conftest import AMQP_URL, PG_BASE, REDIS_URL, RUN_ID
-from tests.e2e_support import API_KEY, E2E, IN_FLIGHT
+from tests.conftest import RUN_ID
+from tests.e2e_support import E2E, IN_FLIGHT, e2e_system
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -265,27 +263,10 @@ async def engine(
     tls_for: Callable[[str], TlsSettings],
 ) -> AsyncIterator[Engine]:
     """The module's own system with short breaker and retry settings (see ``ENV``)."""
-    async with running_system(
-        tmp_path_factory.mktemp("delivery-engine"),
-        certs_dir,
-        tag=f"t{RUN_ID}de",
-        api_key=API_KEY,
-        amqp_url=AMQP_URL,
-        redis_url=REDIS_URL,
-        pg_base=PG_BASE,
-        extra_env=ENV,
-    ) as running:
-        sys = E2E(
-            running.system,
-            running.cfg,
-            running.mail,
-            running.fcm,
-            running.sendgrid,
-            running.onesignal,
-        )
-        status, body = await sys.api("POST", "/v1/templates", DEMO_TEMPLATE)
-        assert status == 200, body
-        ports = running.cfg.ports
+    async with e2e_system(
+        tmp_path_factory.mktemp("delivery-engine"), certs_dir, f"t{RUN_ID}de", ENV
+    ) as sys:
+        ports = sys.cfg.ports
         email = rpc.secure_channel(f"127.0.0.1:{ports.email_worker}", tls_for("operator"))
         push = rpc.secure_channel(f"127.0.0.1:{ports.push_worker}", tls_for("operator"))
         async with email, push:

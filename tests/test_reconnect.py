@@ -282,13 +282,13 @@ def _app_call_keywords(callee: str) -> list[dict[str, str]]:
     return calls
 
 
-def _gateway_accept_worst_case() -> float:
+def _gateway_accept_worst_case(certs: Path) -> float:
     """SendNotification's longest possible run, from the timeouts the gateway really uses.
 
     See the comment on ``gateway.config.Config.upstream_timeout``. The wiring is checked
     too: if app.py passes its own timeout to one of these, the sum below is stale.
     """
-    config = Config.from_env({})
+    config = Config.from_env({"NOTIFY_TLS_DIR": str(certs)})  # defaults otherwise
     for call in _app_call_keywords("KeyStore") + _app_call_keywords("redis_client"):
         assert "timeout" not in call, "gateway/app.py overrides a default: redo the budget"
     assert {c.get("timeout") for c in _app_call_keywords("Publisher")} == {"config.publish_timeout"}
@@ -309,11 +309,11 @@ def _gateway_accept_worst_case() -> float:
     return api_key + claim + lookups + record + confirms + completion
 
 
-def test_envoy_route_timeout_outlasts_the_gateway_accept_path() -> None:
+def test_envoy_route_timeout_outlasts_the_gateway_accept_path(certs_dir: Path) -> None:
     """A 504 from Envoy must mean the gateway gave up too, never "accepted after all"."""
     doc = yaml.safe_load(ENVOY.read_text())
     (cluster,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "gateway"]
-    budget = _seconds(cluster["connect_timeout"]) + _gateway_accept_worst_case()
+    budget = _seconds(cluster["connect_timeout"]) + _gateway_accept_worst_case(certs_dir)
     assert budget == pytest.approx(41.0)  # the arithmetic documented in envoy.yaml
 
     managers = [
