@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -246,6 +247,7 @@ class LocalSystem:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # runs in the child before exec
         )
 
     async def start_services(self, timeout: float = 60.0) -> None:
@@ -345,6 +347,19 @@ class LocalSystem:
         self.procs.clear()
         for log in self._logs:
             log.close()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the launching process dies (Linux).
+
+    A test run or ``make run`` killed outright (a CI timeout, SIGKILL) must not leave
+    five services and Envoy running, holding ports, CPU and database connections.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _get(url: str) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 
 import yaml
 from cryptography import x509
 
 from scripts import backing, gen_certs
-from scripts.system import Ports, SystemConfig, render_envoy_config, service_env
+from scripts.system import ROOT, Ports, SystemConfig, poll, render_envoy_config, service_env
 
 
 def test_running_backing_servers_need_nothing() -> None:
@@ -44,3 +46,39 @@ def test_every_service_gets_its_own_database_and_the_shared_peers(tmp_path: Path
     dsns = {v for k, v in env.items() if k.endswith("_DSN")}
     assert len(dsns) == 5 and all("/notify_x_" in d for d in dsns)
     assert env["NOTIFY_USER_SVC_ADDR"].endswith(":50052")
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie left for a reaper."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in state
+
+
+async def test_processes_die_with_the_launcher_that_started_them(tmp_path: Path) -> None:
+    launcher = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from scripts.system import LocalSystem, SystemConfig\n"
+        "async def main():\n"
+        f"    system = LocalSystem(SystemConfig(var=Path({str(tmp_path)!r}), certs=Path('.')))\n"
+        "    await system.spawn('sleeper', sys.executable, '-c', 'import time; time.sleep(120)')\n"
+        "    print(system.procs['sleeper'].pid, flush=True)\n"
+        "    await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", launcher, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    child = int(await asyncio.wait_for(proc.stdout.readline(), 20))
+    assert not _gone(child)
+    proc.kill()  # SIGKILL: the launcher cleans nothing up itself
+    await proc.wait()
+
+    async def child_gone() -> bool:
+        return _gone(child)
+
+    await poll(child_gone, bool, timeout=10, what="the orphaned child")
