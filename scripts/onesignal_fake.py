@@ -50,7 +50,7 @@ from typing import Any
 from aiohttp import web
 
 from notify_kit.server import wait_for_shutdown_signal
-from scripts.http_peer import serve, shut
+from scripts.http_peer import Received, serve, shut
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class OneSignalFake:
         self.app_id = app_id
         self.api_key = api_key
         self.accept_all = accept_all
-        self.received: list[dict[str, Any]] = []
+        self.log = Received()
         self.attempts = 0
         self.host = "127.0.0.1"
         self.port = 0
@@ -156,7 +156,6 @@ class OneSignalFake:
         self._answers: dict[str, _Answer] = {}
         self._failures: list[_Failure] = []
         self._down: _Failure | None = None
-        self._received = asyncio.Condition()
         self._runner: web.AppRunner | None = None
 
     @property
@@ -168,7 +167,7 @@ class OneSignalFake:
         """Listen on ``host:port`` (0 picks a free port); return the bound port."""
         app = web.Application()
         app.router.add_post("/notifications", self._create)
-        app.router.add_get("/messages", self._list)
+        app.router.add_get("/messages", self.log.listing)
         self._runner, self.port = await serve(app, host, port, "OneSignal fake")
         self.host = host
         return self.port
@@ -212,17 +211,16 @@ class OneSignalFake:
             raise ValueError(f"unsupported outage status {status}")
         self._down = None if status is None else _Failure(status, retry_after)
 
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        """Everything accepted so far, in order."""
+        return self.log.items
+
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Wait until at least ``count`` notifications were made; return them all."""
-        async with asyncio.timeout(timeout), self._received:
-            await self._received.wait_for(lambda: len(self.received) >= count)
-            return list(self.received)
+        return await self.log.wait_for(count, timeout)
 
     # --- HTTP ------------------------------------------------------------------------
-
-    async def _list(self, request: web.Request) -> web.Response:
-        """What was sent so far, newest last: how a developer sees the pushes of ``make run``."""
-        return web.json_response(self.received)
 
     async def _create(self, request: web.Request) -> web.Response:
         self.attempts += 1
@@ -310,9 +308,7 @@ class OneSignalFake:
         return answer, reached
 
     async def _record(self, notification: dict[str, Any]) -> None:
-        async with self._received:
-            self.received.append(notification)
-            self._received.notify_all()
+        await self.log.add(notification)
         log.info("notification %s to %s", notification["id"], ", ".join(notification["recipients"]))
 
 

@@ -49,7 +49,7 @@ from typing import Any, TypeGuard
 from aiohttp import web
 
 from notify_kit.server import wait_for_shutdown_signal
-from scripts.http_peer import serve, shut
+from scripts.http_peer import Received, serve, shut
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +213,12 @@ class SendGridFake:
     def __init__(self, api_key: str, *, max_bytes: int = MAX_BYTES) -> None:
         self.api_key = api_key
         self.max_bytes = max_bytes
-        self.received: list[dict[str, Any]] = []
+        self.log = Received()
         self.attempts = 0
         self.host = "127.0.0.1"
         self.port = 0
         self._failures: list[_Failure] = []
         self._down: _Failure | None = None
-        self._received = asyncio.Condition()
         self._runner: web.AppRunner | None = None
 
     @property
@@ -231,7 +230,7 @@ class SendGridFake:
         """Listen on ``host:port`` (0 picks a free port); return the bound port."""
         app = web.Application(client_max_size=self.max_bytes)
         app.router.add_post("/v3/mail/send", self._send)
-        app.router.add_get("/messages", self._list)
+        app.router.add_get("/messages", self.log.listing)
         self._runner, self.port = await serve(app, host, port, "SendGrid fake")
         self.host = host
         return self.port
@@ -257,17 +256,16 @@ class SendGridFake:
         """Answer every send with ``status`` before reading it (an outage); None ends it."""
         self._down = None if status is None else _Failure(_failure_status(status), retry_after)
 
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        """Everything accepted so far, in order."""
+        return self.log.items
+
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Wait until at least ``count`` sends were accepted; return them all."""
-        async with asyncio.timeout(timeout), self._received:
-            await self._received.wait_for(lambda: len(self.received) >= count)
-            return list(self.received)
+        return await self.log.wait_for(count, timeout)
 
     # --- HTTP ------------------------------------------------------------------------
-
-    async def _list(self, request: web.Request) -> web.Response:
-        """What was accepted so far, newest last: how a developer sees ``make run``'s mail."""
-        return web.json_response(self.received)
 
     async def _send(self, request: web.Request) -> web.Response:
         self.attempts += 1
@@ -306,9 +304,7 @@ class SendGridFake:
             field, address = bounced
             return errors(400, f"The recipient {address} is permanently invalid.", field)
         message_id = secrets.token_urlsafe(16)
-        async with self._received:
-            self.received.append({"message_id": message_id, "request": body})
-            self._received.notify_all()
+        await self.log.add({"message_id": message_id, "request": body})
         log.info("mail %s accepted for %s", message_id, ", ".join(_recipients(body)))
         return web.Response(status=202, headers={"X-Message-Id": message_id})
 
