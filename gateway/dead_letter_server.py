@@ -39,7 +39,7 @@ from gateway.dead_letters import (
     to_message,
 )
 from notify_kit import rpc
-from notify_kit.amqp import EMAIL, KINDS, Publisher, Topology
+from notify_kit.amqp import EMAIL, KIND_BY_KEY, KIND_BY_TYPE, Publisher, Topology
 from notify_kit.errors import InvalidArgument, NotFound
 from notify_kit.formats import UUID
 from notify_kit.outage import INFRA_ERRORS
@@ -52,8 +52,6 @@ _JOB_TYPES: dict[str, Callable[[bytes], jobs_pb2.EmailJob | jobs_pb2.PushJob]] =
     "email": jobs_pb2.EmailJob.FromString,
     "push": jobs_pb2.PushJob.FromString,
 }
-_KIND = {k.key: k for k in KINDS}
-_KIND_OF_TYPE = {k.message_type: k.key for k in KINDS}
 
 
 def _header(message: AbstractIncomingMessage, name: str) -> str:
@@ -65,7 +63,8 @@ def incoming(message: AbstractIncomingMessage) -> Incoming:
     """What a failed.queue message says about itself (headers set by the job runner)."""
     # The runner names the kind; a job the broker parked by its delivery limit has only
     # the message type the gateway published it with.
-    kind = _header(message, "x-notify-kind") or _KIND_OF_TYPE.get(message.type or "", "unknown")
+    typed = KIND_BY_TYPE.get(message.type or "")
+    kind = _header(message, "x-notify-kind") or (typed.key if typed else "unknown")
     try:
         job = _JOB_TYPES[kind](message.body)
         nid, generation = job.meta.notification_id, job.meta.replay
@@ -283,7 +282,7 @@ class DeadLetterServicer(dead_letter_service_pb2_grpc.DeadLetterServiceServicer)
             return False
         meta.replay = target.generation + 1
         meta.attempt = 1
-        kind = _KIND.get(target.kind, EMAIL)
+        kind = KIND_BY_KEY.get(target.kind, EMAIL)
         await self._publisher.publish(
             kind.key,
             job.SerializeToString(),

@@ -18,12 +18,15 @@ import asyncpg
 from google.protobuf import timestamp_pb2
 from notify.v1 import common_pb2, dead_letter_service_pb2
 
+from gateway.server import CHANNEL_KINDS
 from notify_kit.paging import Cursor
 
 PARKED = dead_letter_service_pb2.DEAD_LETTER_STATE_PARKED
 REPLAYED = dead_letter_service_pb2.DEAD_LETTER_STATE_REPLAYED
-CHANNEL_OF_KIND = {"email": common_pb2.CHANNEL_EMAIL, "push": common_pb2.CHANNEL_PUSH}
-KIND_OF_CHANNEL = {v: k for k, v in CHANNEL_OF_KIND.items()}
+CHANNEL_OF_KIND = {
+    kind.key: common_pb2.Channel.ValueType(channel) for channel, kind in CHANNEL_KINDS.items()
+}
+KIND_OF_CHANNEL = {channel: kind.key for channel, kind in CHANNEL_KINDS.items()}
 
 _UPSERT = """
 INSERT INTO dead_letters

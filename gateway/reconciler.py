@@ -22,18 +22,18 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 
 from gateway.dead_letters import KIND_OF_CHANNEL, DeadLetterStore
 from notify_kit import rpc
-from notify_kit.amqp import KINDS, Publisher
+from notify_kit.amqp import KIND_BY_KEY, Publisher
 from notify_kit.errors import ServiceError
 from notify_kit.outage import INFRA_ERRORS
+from notify_kit.status import is_past
 
 log = logging.getLogger(__name__)
 
-_KIND = {k.key: k for k in KINDS}
 # A pass that meets our own outage (or an upstream refusing) is tried again next period.
 _PASS_ERRORS: tuple[type[BaseException], ...] = (ServiceError, *INFRA_ERRORS)
 
@@ -108,7 +108,7 @@ class Reconciler:
 
     async def _resolve(self, stale: user_service_pb2.StaleDelivery, done: Pass) -> None:
         kind = KIND_OF_CHANNEL.get(stale.channel, "")
-        if stale.HasField("expire_time") and _past(stale.expire_time):
+        if stale.HasField("expire_time") and is_past(stale.expire_time):
             await self._report(stale, common_pb2.NOTIFICATION_STATUS_EXPIRED, "expired undelivered")
             done.expired += 1
             return
@@ -120,8 +120,8 @@ class Reconciler:
             )
             done.failed += 1
             return
-        if stale.reconciled == 0 and stale.job and kind in _KIND:
-            job_kind = _KIND[kind]
+        if stale.reconciled == 0 and stale.job and kind in KIND_BY_KEY:
+            job_kind = KIND_BY_KEY[kind]
             await self._publisher.publish(
                 job_kind.key,
                 stale.job,
@@ -158,9 +158,3 @@ class Reconciler:
             common_pb2.NotificationStatus.Name(status),
             extra={"notification_id": stale.notification_id},
         )
-
-
-def _past(ts: timestamp_pb2.Timestamp) -> bool:
-    now = timestamp_pb2.Timestamp()
-    now.GetCurrentTime()
-    return (ts.seconds, ts.nanos) < (now.seconds, now.nanos)

@@ -48,6 +48,8 @@ class JobKind:
 EMAIL = JobKind("email", "notify.v1.EmailJob")
 PUSH = JobKind("push", "notify.v1.PushJob")
 KINDS = (EMAIL, PUSH)
+KIND_BY_KEY = {k.key: k for k in KINDS}
+KIND_BY_TYPE = {k.message_type: k for k in KINDS}  # a message's AMQP ``type`` property
 FAILED_KEY = "failed"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TypeAlias
 
+from google.protobuf import timestamp_pb2
 from notify.v1 import common_pb2
 
 Status: TypeAlias = common_pb2.NotificationStatus.ValueType
@@ -62,3 +63,10 @@ def _rank(status: Status) -> int:
     # Validation keeps other numbers out of the table; were one there, it sorts first
     # rather than hiding behind a more advanced status.
     return _PROGRESS.index(status) if status in _PROGRESS else -1
+
+
+def is_past(ts: timestamp_pb2.Timestamp) -> bool:
+    """True once ``ts`` (a job's ``expire_time``) has passed: the notification is EXPIRED."""
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    return (ts.seconds, ts.nanos) < (now.seconds, now.nanos)

@@ -43,7 +43,6 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
 from notify.v1 import common_pb2, jobs_pb2
 from opentelemetry import context as otel_context
@@ -58,6 +57,7 @@ from notify_kit.jobs.providers import ProviderChain, Sent
 from notify_kit.jobs.settings import RunnerSettings
 from notify_kit.jobs.upstream import Status, StatusReport
 from notify_kit.outage import INFRA_ERRORS
+from notify_kit.status import is_past
 from notify_kit.telemetry import extract_trace_context
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ class JobRunner(Generic[J]):
             log.info("outcome already recorded; re-reported", extra={"notification_id": nid})
             await self._ours(self._report, turn, earlier[0], earlier[1])
             return
-        if meta.HasField("expire_time") and _past(meta.expire_time):
+        if meta.HasField("expire_time") and is_past(meta.expire_time):
             await self._record(turn, EXPIRED, "expired before sending")
             await self._ours(self._report, turn, EXPIRED, "expired before sending")
             return
@@ -448,9 +448,3 @@ class JobRunner(Generic[J]):
 
     async def _report(self, turn: Turn, status: Status, detail: str) -> None:
         await self._report_status(turn.nid, status, detail[:1000], turn.attempt, turn.replay)
-
-
-def _past(ts: timestamp_pb2.Timestamp) -> bool:
-    now = timestamp_pb2.Timestamp()
-    now.GetCurrentTime()
-    return (ts.seconds, ts.nanos) < (now.seconds, now.nanos)
