@@ -23,10 +23,18 @@ SERVICE_NAME = template_service_pb2.DESCRIPTOR.services_by_name["TemplateService
 class App:
     """A running template service; ``stop()`` releases everything ``start()`` opened."""
 
-    def __init__(self, server: GrpcServer, resources: contextlib.AsyncExitStack) -> None:
+    def __init__(
+        self, server: GrpcServer, renderer: Renderer, resources: contextlib.AsyncExitStack
+    ) -> None:
         self._server = server
+        self._renderer = renderer
         self._resources = resources
         self.port: int = server.port
+
+    @property
+    def render_pids(self) -> list[int]:
+        """The render processes' ids (they are replaced when one is killed)."""
+        return self._renderer.pids
 
     @classmethod
     async def start(cls, config: Config) -> App:
@@ -36,15 +44,18 @@ class App:
             pool = await create_pool(config.dsn, application=SERVICE)
             stack.push_async_callback(close_pool, pool)
             await migrate(pool, MIGRATIONS)
-            # Versions never change once written (the database forbids it), so loaded
-            # versions and compiled templates are cached without expiry; the "current
-            # version" pointer is never cached, so every replica sees a new one at once.
             renderer = Renderer(
                 timeout=config.render_timeout,
                 max_bytes=config.render_max_bytes,
-                compiled=LruCache(),
+                processes=config.render_processes,
+                memory_bytes=config.render_memory_mb << 20,
             )
-            stack.callback(renderer.close)
+            await renderer.start()
+            stack.push_async_callback(renderer.close)
+            # Versions never change once written (the database forbids it), so loaded
+            # versions are cached without expiry (the render processes keep the compiled
+            # templates the same way); the "current version" pointer is never cached, so
+            # every replica sees a new one at once.
             servicer = TemplateServicer(
                 TemplateStore(pool),
                 renderer,
@@ -58,9 +69,9 @@ class App:
             server = GrpcServer(config.common, [register], [SERVICE_NAME])
             stack.push_async_callback(server.stop)
             await server.start()
-            app = cls(server, stack.pop_all())
+            app = cls(server, renderer, stack.pop_all())
         return app
 
     async def stop(self) -> None:
-        """Drain the server, then close the renderer and the pool."""
+        """Drain the server, then stop the render processes and close the pool."""
         await self._resources.aclose()

@@ -1,55 +1,62 @@
-"""Compiling and rendering off the event loop, with deadlines, an output cap and a cache.
+"""Compiling and rendering in render processes, with deadlines, an output cap and a
+memory limit.
 
-Jinja runs in a small pool of threads owned by the renderer (not the loop's default
-executor, which also resolves host names) so a slow template cannot starve anything
-else. Each job carries an absolute deadline that the sandbox checks as it goes, and the
-caller stops waiting at the same moment with ``asyncio.wait_for``.
+The service's own process never runs a template: it sends the job to a render process
+(``template_svc.pool``) and maps the answer to a ServiceError. So a template that spins
+in a C call or grabs memory costs one render process until its deadline, never the event
+loop, the health checks or the other requests.
+
+A render that uses up the full time budget is the template's fault: FAILED_PRECONDITION
+``RENDER_TIMEOUT``, which a worker does not retry. One that ran out of the shorter time
+its caller had left may succeed with more: DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 from notify.v1 import common_pb2
 
-from notify_kit.cache import LruCache
 from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
-from template_svc import sandbox
 from template_svc.model import CHANNEL_FIELDS, Content, Version
+from template_svc.pool import Message, ProcessPool, ProcessStopped
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-_THREADS = 4  # rendering is CPU-bound under the GIL; more threads would not add throughput
+_CHILD = "template_svc.render_process"
+# The child stops itself at its deadline; this much earlier than the parent gives up, so
+# that normally the child answers "timeout" and is kept, instead of being killed.
+_CHILD_MARGIN = 0.1
 
 
 class Renderer:
     """Test-renders contents when they are saved and renders them on request."""
 
     def __init__(
-        self,
-        *,
-        timeout: float,
-        max_bytes: int,
-        compiled: LruCache[tuple[str, int, str], sandbox.CompiledContent],
+        self, *, timeout: float, max_bytes: int, processes: int, memory_bytes: int
     ) -> None:
         self._timeout = timeout
         self._max_bytes = max_bytes
-        self._compiled = compiled
-        self._sandbox = sandbox.Sandbox.create()
-        self._executor = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="render")
+        # Rendered text is at most max_bytes; JSON escaping at most sixfold; plus framing.
+        self._pool = ProcessPool(
+            _CHILD, [str(memory_bytes)], size=processes, max_answer=6 * max_bytes + 65536
+        )
 
-    def close(self) -> None:
-        """Drop queued jobs; a running one stops by itself at its deadline."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    @property
+    def pids(self) -> list[int]:
+        """The render processes' ids."""
+        return self._pool.pids
+
+    async def start(self) -> None:
+        """Start the render processes."""
+        await self._pool.start()
+
+    async def close(self) -> None:
+        """Stop the render processes (a running render is abandoned)."""
+        await self._pool.close()
 
     async def prepare(self, contents: Sequence[Content], path: str) -> list[Content]:
         """Compile and test-render every field; return the contents with their variables.
@@ -61,23 +68,11 @@ class Renderer:
         for index, content in enumerate(contents):
             variables: set[str] = set()
             for field, source in content.fields.items():
-                field_path = f"{path}[{index}].{field}"
-                job = functools.partial(
-                    sandbox.analyse,
-                    self._sandbox,
-                    field,
-                    source,
-                    timeout=self._timeout,
-                    max_bytes=self._max_bytes,
-                )
-                try:
-                    variables |= await self._run(job, self._timeout)
-                except sandbox.TemplateProblem as exc:
-                    violations.append((field_path, str(exc)))
-                except TimeoutError:
-                    violations.append(
-                        (field_path, f"rendering takes longer than {self._timeout:g}s")
-                    )
+                problem, found = await self._analyse(field, source)
+                if problem is None:
+                    variables |= found
+                else:
+                    violations.append((f"{path}[{index}].{field}", problem))
             prepared.append(replace(content, variables=frozenset(variables)))
         if violations:
             raise InvalidArgument(
@@ -86,6 +81,26 @@ class Renderer:
                 field_violations=violations,
             )
         return prepared
+
+    async def _analyse(self, field: str, source: str) -> tuple[str | None, set[str]]:
+        """(why the field cannot be saved, or None; the variables it reads)."""
+        request = {
+            "op": "analyse",
+            "field": field,
+            "source": source,
+            "timeout": _child_timeout(self._timeout),
+            "max_bytes": self._max_bytes,
+        }
+        try:
+            answer = await self._pool.call(request, self._timeout)
+        except TimeoutError:
+            return f"rendering takes longer than {self._timeout:g}s", set()
+        except ProcessStopped as exc:
+            log.warning("test render of %s stopped its render process: %s", field, exc)
+            return "rendering stopped the render process (too much memory?)", set()
+        if "problem" in answer:
+            return str(answer["problem"]), set()
+        return None, set(answer["variables"])
 
     async def render(
         self,
@@ -97,61 +112,73 @@ class Renderer:
         timeout: float,
     ) -> dict[str, str]:
         """Render ``channel`` of ``content``; map every failure to a ServiceError."""
-        key = (version.template_id, version.number, content.language)
-        job = functools.partial(
-            sandbox.compile_and_render,
-            self._sandbox,
-            content,
-            self._compiled.get(key),
-            CHANNEL_FIELDS[channel],
-            variables,
-            deadline=time.monotonic() + timeout,
-            max_bytes=self._max_bytes,
-        )
         where = {"template_id": version.template_id, "version": str(version.number)}
+        request = {
+            "op": "render",
+            "key": f"{version.template_id}/{version.number}/{content.language}",
+            "fields": dict(content.fields),
+            "render": list(CHANNEL_FIELDS[channel]),
+            "variables": dict(variables),
+            "timeout": _child_timeout(timeout),
+            "max_bytes": self._max_bytes,
+        }
         try:
-            compiled, rendered = await self._run(job, timeout)
+            answer = await self._pool.call(request, timeout)
         except TimeoutError as exc:
-            raise _timeout(timeout, where) from exc
-        except sandbox.FieldRenderError as exc:
-            raise _render_error(exc, self._max_bytes, timeout, where) from exc
-        self._compiled.put(key, compiled)
+            raise self._timeout_error(timeout, where) from exc
+        except ProcessStopped as exc:
+            log.warning("render of %s stopped its render process: %s", where, exc)
+            raise FailedPrecondition(
+                "RENDER_FAILED", "rendering stopped the render process", metadata=where
+            ) from exc
+        if "failed" in answer:
+            raise self._render_error(answer["failed"], timeout, where)
+        rendered: dict[str, str] = answer["rendered"]
         return rendered
 
-    async def _run(self, job: Callable[[], T], timeout: float) -> T:
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self._executor, job), timeout)
+    def _timeout_error(self, timeout: float, where: Mapping[str, str]) -> ServiceError:
+        message = f"rendering took longer than {timeout:g}s"
+        if timeout >= self._timeout:
+            return FailedPrecondition("RENDER_TIMEOUT", message, metadata=where)
+        return DeadlineExceeded("RENDER_TIMEOUT", message, metadata=where)
 
-
-def _timeout(timeout: float, where: Mapping[str, str]) -> DeadlineExceeded:
-    return DeadlineExceeded(
-        "RENDER_TIMEOUT", f"rendering took longer than {timeout:g}s", metadata=where
-    )
-
-
-def _render_error(
-    exc: sandbox.FieldRenderError, max_bytes: int, timeout: float, where: Mapping[str, str]
-) -> ServiceError:
-    """The ServiceError for a field that failed to render."""
-    cause = exc.cause
-    metadata = {**where, "field": exc.field}
-    if isinstance(cause, sandbox.RenderTimeoutError):
-        return _timeout(timeout, metadata)
-    if isinstance(cause, sandbox.MissingVariableError):
+    def _render_error(
+        self, failed: Message, timeout: float, where: Mapping[str, str]
+    ) -> ServiceError:
+        """The ServiceError for a field that failed to render, by how it failed."""
+        field, kind = str(failed["field"]), failed["kind"]
+        metadata = {**where, "field": field}
+        if kind == "timeout":
+            return self._timeout_error(timeout, metadata)
+        if kind == "missing":
+            variable = str(failed["variable"])
+            return FailedPrecondition(
+                "MISSING_VARIABLE",
+                f"{field}: {failed['message']}",
+                metadata={**metadata, "variable": variable},
+            )
+        if kind == "too_large":
+            return FailedPrecondition(
+                "OUTPUT_TOO_LARGE",
+                f"the rendered output is larger than {self._max_bytes} bytes",
+                metadata={**metadata, "max_bytes": str(self._max_bytes)},
+            )
+        if kind == "unsafe":
+            return FailedPrecondition(
+                "UNSAFE_OUTPUT", f"{field} rendered with a line break", metadata=metadata
+            )
+        if kind == "memory":
+            return FailedPrecondition(
+                "RENDER_OUT_OF_MEMORY",
+                f"{field}: rendering needs too much memory",
+                metadata=metadata,
+            )
+        log.info("render of %s failed: %s", metadata, failed["message"])
         return FailedPrecondition(
-            "MISSING_VARIABLE",
-            f"{exc.field}: {cause}",
-            metadata={**metadata, "variable": cause.variable},
+            "RENDER_FAILED", f"{field}: {failed['message']}", metadata=metadata
         )
-    if isinstance(cause, sandbox.OutputTooLargeError):
-        return FailedPrecondition(
-            "OUTPUT_TOO_LARGE",
-            f"the rendered output is larger than {max_bytes} bytes",
-            metadata={**metadata, "max_bytes": str(max_bytes)},
-        )
-    if isinstance(cause, sandbox.UnsafeOutputError):
-        return FailedPrecondition(
-            "UNSAFE_OUTPUT", f"{exc.field} rendered with a line break", metadata=metadata
-        )
-    log.info("render failed: %s", exc)
-    return FailedPrecondition("RENDER_FAILED", str(exc), metadata=metadata)
+
+
+def _child_timeout(timeout: float) -> float:
+    """The child's own deadline: a little before the parent's, never less than half of it."""
+    return max(timeout - _CHILD_MARGIN, timeout / 2)

@@ -53,7 +53,10 @@ from template_svc.model import HTML_FIELDS, SINGLE_LINE_FIELDS, Content
 
 log = logging.getLogger(__name__)
 
-_MAX_POWER_BITS = 4096  # 2 ** 4096 is already far beyond any sensible template number
+# The largest integer a template may compute, in bits: 2 ** 4096 is already far beyond any
+# sensible template number, and a product or power of two such numbers is one C call that
+# holds the GIL (repeated squaring of 3 ** 2000 ran for seconds per step).
+_MAX_INT_BITS = 4096
 # The largest string, list or padding one step of a template may build ("ab" * n, [x] * n,
 # 'x'|center(n), ...); well above the output budget, far below what hurts the process.
 _MAX_REPEAT_LENGTH = 1 << 20
@@ -176,10 +179,11 @@ class _Sandbox(SandboxedEnvironment):
 
     @pass_eval_context
     def guarded_concat(self, eval_ctx: EvalContext, *values: Any) -> str:
-        """``a ~ b ~ ...``: Jinja's own join, refused first when the result would be too large."""
+        """``a ~ b ~ ...``: Jinja's own join, refused first when the result would be too large
+        or a part is not data (measured before anything is converted to text)."""
+        _check_size(sum(map(printed_size, values)), "~")
         convert = soft_str if eval_ctx.autoescape else str
         parts = [convert(value) for value in values]
-        _check_size(sum(map(len, parts)), "~")
         return markup_join(parts) if eval_ctx.autoescape else str_join(parts)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
@@ -189,9 +193,16 @@ class _Sandbox(SandboxedEnvironment):
             and _int(left)
             and _int(right)
             and right > 0
-            and left.bit_length() * right > _MAX_POWER_BITS
+            and left.bit_length() * right > _MAX_INT_BITS
         ):
             raise SecurityError("the result of ** is too large")
+        if (
+            operator == "*"
+            and _int(left)
+            and _int(right)
+            and left.bit_length() + right.bit_length() > _MAX_INT_BITS
+        ):
+            raise SecurityError("the result of * is too large")
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, _SIZED) and _int(times):
@@ -287,8 +298,15 @@ class _BoundedFormatter(SandboxedFormatter):
         super().__init__(env, **kwargs)
         self._printed = 0
 
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        """``{0!r}`` and ``{0!s}`` print the value: it must be printable data."""
+        if conversion is not None:
+            printed_size(value)
+        return super().convert_field(value, conversion)
+
     def format_field(self, value: Any, format_spec: str) -> Any:
-        """Check the (resolved) spec before formatting, the total after."""
+        """Check the value and the (resolved) spec before formatting, the total after."""
+        printed_size(value)
         _check_size(max(map(_spec_number, _DIGITS.findall(format_spec)), default=0), "format()")
         text = super().format_field(value, format_spec)
         self._printed += len(text)
@@ -309,13 +327,60 @@ def _spec_number(digits: str) -> int:
     return int(digits) if len(digits) <= 8 else _MAX_REPEAT_LENGTH + 1
 
 
+# What a template may print: data, as it came from the caller's variables or was built
+# from them. Anything else (a function, a bound method, a generator, a macro, the loop)
+# prints as its repr, which may carry a memory address of the process.
+_PRINTABLE_CONTAINERS = (list, tuple, dict, set, frozenset)
+_REPR_ESCAPE = 10  # the longest escape repr() writes for one character: \U0001xxxx
+
+
+def printed_size(value: Any) -> int:
+    """An upper bound on ``len(str(value))``, found without printing it.
+
+    Raises SecurityError when ``value`` (or anything inside it) is not data, or when the
+    text would be larger than one step may build: ``["x" * 2**20] * 300`` is a small list
+    of one shared string whose text is 300 MB, so the size must be known before ``str``.
+    Shared and cyclic references are counted every time they are met (repr prints them
+    again), so the walk ends at the latest when the bound passes the limit.
+    """
+    if type(value) is str:
+        return len(value)  # the common case: a variable printed as it is
+    total, pending, steps = 0, [(value, False)], 0
+    while pending:
+        item, nested = pending.pop()
+        if isinstance(item, str | bytes):
+            size = len(item)
+            if nested:  # inside a container a string prints as its repr: quotes, escapes
+                size = size * _REPR_ESCAPE + 3
+                if total + size > _MAX_REPEAT_LENGTH:
+                    size = len(repr(item))  # the bound is too coarse here: measure
+            total += size
+        elif item is None or isinstance(item, bool | Undefined):
+            total += 5
+        elif _int(item):
+            total += item.bit_length() // 3 + 2  # digits <= bits * log10(2) + 1, a sign
+        elif isinstance(item, float):
+            total += 24
+        elif isinstance(item, dict):
+            total += 2 + 4 * len(item)
+            pending.extend((part, True) for pair in item.items() for part in pair)
+        elif isinstance(item, _PRINTABLE_CONTAINERS):
+            total += 2 + 2 * len(item)
+            pending.extend((part, True) for part in item)
+        else:
+            raise SecurityError(f"a {type(item).__name__} cannot be printed")
+        _check_size(total, "printing a value")
+        steps += 1
+        if steps % 4096 == 0:
+            _check_deadline()
+    return total
+
+
 def _printed_length(value: Any) -> int:
-    """Length of ``str(value)``, without printing a huge number to find out."""
+    """Length of ``str(value)`` (an upper bound for containers), without printing it."""
     if isinstance(value, str | bytes):
         return len(value)
-    if _int(value):
-        return value.bit_length() // 3 + 2  # decimal digits <= bits * log10(2) + 1, and a sign
-    return len(str(value))
+    return printed_size(value)
 
 
 def _percent_size(template: str | bytes, values: Any) -> int:
@@ -469,6 +534,13 @@ _DATA_FILTERS = frozenset(
     {"d", "default", "float", "format", "int", "map", "reject", "rejectattr", "select"}
     | {"selectattr", "sum"}
 )
+# Filters that print their value (or, for join, its items): the value must be data and
+# its text not too large, measured before the filter converts it.
+_TEXT_FILTERS = frozenset(
+    {"capitalize", "center", "e", "escape", "forceescape", "format", "indent", "lower"}
+    | {"pprint", "replace", "safe", "string", "striptags", "title", "tojson", "trim"}
+    | {"truncate", "upper", "urlencode", "urlize", "wordcount", "wordwrap", "xmlattr"}
+)
 # What a filter gets before its value, by its Jinja marker.
 _LEADING: Mapping[_PassArg | None, Callable[[Context], tuple[Any, ...]]] = {
     None: lambda context: (),
@@ -491,12 +563,15 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     estimate = _FILTER_SIZES.get(name)
     signature = inspect.signature(func)
     check_ints = name not in _DATA_FILTERS
+    prints = name in _TEXT_FILTERS
     what = f"the {name} filter"
 
     @pass_context
     @functools.wraps(func)
     def bounded(context: Context, *args: Any, **kwargs: Any) -> Any:
         _check_deadline()
+        if prints and args:
+            printed_size(args[0])
         if check_ints:
             for argument in (*args[1:], *kwargs.values()):  # args[0] is the filtered value
                 if _int(argument):
@@ -513,8 +588,16 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _finalize(value: Any) -> Any:
-    """An explicit null prints as nothing, not "None"."""
-    return "" if value is None else value
+    """What ``{{ ... }}`` prints: an explicit null as nothing (not "None"), data only.
+
+    Every output goes through here before it is converted to text, so this is where a
+    function's repr (``{{ 'a'.format_map }}`` printed a memory address) and a value whose
+    text would be huge are refused.
+    """
+    if value is None:
+        return ""
+    printed_size(value)
+    return value
 
 
 def _environment(*, autoescape: bool) -> _Sandbox:

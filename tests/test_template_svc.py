@@ -24,7 +24,6 @@ from template_svc import sandbox
 from template_svc.app import App
 from template_svc.config import Config
 from template_svc.model import pick_language
-from template_svc.renderer import _THREADS
 
 if TYPE_CHECKING:
     from notify.v1.template_service_pb2_grpc import TemplateServiceAsyncStub as Stub
@@ -33,6 +32,7 @@ pb = template_service_pb2
 EMAIL = common_pb2.CHANNEL_EMAIL
 PUSH = common_pb2.CHANNEL_PUSH
 StubFor = Callable[[str], "Stub"]
+TIGHT_PROCESSES = 2
 
 
 async def _start(
@@ -60,7 +60,12 @@ async def tight_app(
 ) -> AsyncIterator[App]:
     """A second instance with a short render timeout and a small output cap."""
     running = await _start(
-        database, common_for, "template_tight", render_timeout=0.3, render_max_bytes=200
+        database,
+        common_for,
+        "template_tight",
+        render_timeout=0.3,
+        render_max_bytes=200,
+        render_processes=TIGHT_PROCESSES,
     )
     yield running
     await running.stop()
@@ -351,21 +356,21 @@ async def test_runaway_loop_is_rejected_on_save(tight_stub_for: StubFor) -> None
     assert list(_violations(caught.value)) == ["template.contents[0].email.text_body"]
 
 
-async def test_runaway_loops_stop_and_give_their_threads_back(
+async def test_runaway_loops_stop_and_give_their_processes_back(
     tight_stub_for: StubFor,
 ) -> None:
-    """Loops that call nothing used to spin on after the caller gave up, one pool thread each."""
+    """Loops that call nothing used to spin on after the caller gave up, one pool slot each."""
     gateway = tight_stub_for("gateway")
     loops = "{% set a = [1] * 1000000 %}{% for x in a %}{% for y in a %}{% endfor %}{% endfor %}"
     outcomes = await asyncio.gather(
-        *(_create(gateway, _content("en", text=loops)) for _ in range(_THREADS)),
+        *(_create(gateway, _content("en", text=loops)) for _ in range(TIGHT_PROCESSES)),
         return_exceptions=True,
     )
     for outcome in outcomes:
         assert isinstance(outcome, grpc.aio.AioRpcError)
         assert error_info(outcome.trailing_metadata()).reason == "INVALID_TEMPLATE"
         assert list(_violations(outcome)) == ["template.contents[0].email.text_body"]
-    # Every render thread is free again: a normal template is test-rendered in time.
+    # Every render process is free again: a normal template is test-rendered in time.
     created = await _create(gateway, _content("en", subject="s", text="{{ n }}"))
     assert list(created.variables) == ["n"]
 
@@ -579,8 +584,14 @@ async def test_output_cap_and_render_timeout(tight_stub_for: StubFor) -> None:
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await worker.RenderTemplate(_render_request(created.id, word="", n=100000), timeout=5)
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The template used its whole budget: its own fault, not worth a retry.
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(caught.value.trailing_metadata()).reason == "RENDER_TIMEOUT"
+
+    # The caller left it less than the budget: more time might do.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await worker.RenderTemplate(_render_request(created.id, word="", n=100000), timeout=0.2)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 async def test_unknown_template(admin: Stub, worker: Stub) -> None:
