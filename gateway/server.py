@@ -26,6 +26,7 @@ from notify.v1 import (
     user_service_pb2_grpc,
 )
 
+from gateway import variables
 from gateway.auth import current_api_key
 from gateway.cache import IdempotencyCache
 from notify_kit import formats
@@ -161,6 +162,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             profile_task, self._template(request.template_id, timeout)
         )
         profile = profile_resp.profile
+        variables.check(template, request.variables)
         available = _template_channels(template)
         wanted = list(request.channels) or sorted(available)
         missing = [c for c in wanted if c not in available]

@@ -6,6 +6,7 @@ used ("template.contents[1].push.title"), so a template author fixes everything 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,11 +23,16 @@ from template_svc.model import (
     PUSH_TITLE,
     Content,
     Template,
+    Variable,
+    Version,
     canonical_language,
 )
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_CONTENTS = 100
+MAX_VARIABLES = 200
+# A name Jinja can read as a plain variable.
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _MAX_SAFE_INTEGER = 2**53
 
 Violations = list[tuple[str, str]]
@@ -46,31 +52,81 @@ def check_template_id(value: str, path: str) -> Violations:
     return []
 
 
-def new_template(message: template_service_pb2.Template) -> tuple[str, list[Content]]:
-    """Validate a template to create; return its default language and contents."""
+def new_template(
+    message: template_service_pb2.Template,
+) -> tuple[str, list[Content], tuple[Variable, ...]]:
+    """Validate a template to create; return its default language, contents and
+    declared variables."""
     violations = check_template_id(message.id, "template.id")
     violations += _check_text(message.description, "template.description")
     contents, found = parse_contents(message.contents, "template.contents")
+    violations += found
+    declared, found = parse_schema(message.schema, "template.schema")
     violations += found
     default, found = _default_language(
         message.default_language, contents, None, "template.default_language"
     )
     if violations or found:
         raise invalid(violations + found)
-    return default, contents
+    return default, contents, declared
 
 
 def new_version(
-    request: template_service_pb2.CreateTemplateVersionRequest, previous_default: str
-) -> tuple[str, list[Content]]:
-    """Validate a new version's contents; return its default language and contents."""
+    request: template_service_pb2.CreateTemplateVersionRequest, previous: Version
+) -> tuple[str, list[Content], tuple[Variable, ...]]:
+    """Validate a new version; return its default language, contents and declared
+    variables (the previous version's when the request declares none)."""
     contents, violations = parse_contents(request.contents, "contents")
+    declared, found = parse_schema(request.schema, "schema")
+    violations += found
     default, found = _default_language(
-        request.default_language, contents, previous_default, "default_language"
+        request.default_language, contents, previous.default_language, "default_language"
     )
     if violations or found:
         raise invalid(violations + found)
-    return default, contents
+    return default, contents, declared or previous.declared
+
+
+def parse_schema(
+    messages: Sequence[template_service_pb2.TemplateVariable], path: str
+) -> tuple[tuple[Variable, ...], Violations]:
+    """The declared variables, and every problem with them (``single_line`` is output
+    only and ignored)."""
+    violations: Violations = []
+    if len(messages) > MAX_VARIABLES:
+        violations.append((path, f"at most {MAX_VARIABLES} variables"))
+    seen: set[str] = set()
+    declared = []
+    for index, message in enumerate(messages):
+        at = f"{path}[{index}]"
+        if not _VARIABLE_NAME.fullmatch(message.name):
+            violations.append(
+                (f"{at}.name", "a letter or '_', then letters, digits or '_'; at most 64")
+            )
+        elif message.name in seen:
+            violations.append((f"{at}.name", f"{message.name} is declared more than once"))
+        seen.add(message.name)
+        if message.type not in template_service_pb2.VariableType.values():
+            violations.append((f"{at}.type", "unknown variable type"))
+        declared.append(Variable(message.name, message.type, message.required))
+    return tuple(declared), violations
+
+
+def check_declared(
+    declared: Sequence[Variable], contents: Sequence[Content], path: str
+) -> Violations:
+    """Once variables are declared, every variable a content reads must be among them:
+    the schema is what sends are checked against, so it must be complete."""
+    if not declared:
+        return []
+    names = {v.name for v in declared}
+    violations: Violations = []
+    for index, content in enumerate(contents):
+        for name in sorted(content.variables - names):
+            violations.append(
+                (f"{path}[{index}]", f"reads {name}, which the schema does not declare")
+            )
+    return violations
 
 
 def parse_contents(
@@ -167,10 +223,32 @@ def template_message(template: Template) -> template_service_pb2.Template:
         contents=[_content_message(c) for c in template.current.contents],
         variables=template.current.variables,
         default_language=template.current.default_language,
+        schema=schema_message(template.current),
     )
     message.create_time.FromDatetime(template.created_at)
     message.update_time.FromDatetime(template.updated_at)
     return message
+
+
+def schema_message(version: Version) -> list[template_service_pb2.TemplateVariable]:
+    """Every variable of ``version``: the declared ones in their order, then the
+    undeclared ones it reads (optional, any type), each with ``single_line``."""
+    lines = version.line_variables
+    declared = {v.name for v in version.declared}
+    variables = [
+        *version.declared,
+        *(Variable(name) for name in version.variables if name not in declared),
+    ]
+    return [
+        template_service_pb2.TemplateVariable(
+            name=v.name,
+            type=v.type,
+            required=v.required,
+            single_line=v.name in lines,
+            declared=v.name in declared,
+        )
+        for v in variables
+    ]
 
 
 def _content_message(content: Content) -> template_service_pb2.TemplateContent:

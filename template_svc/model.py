@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from notify.v1 import common_pb2
+from notify.v1 import common_pb2, template_service_pb2
 
 from notify_kit import formats
 
@@ -41,20 +41,39 @@ class Content:
     fields: Mapping[str, str]
     # Variables the fields read (jinja2.meta), filled in when the content is analysed.
     variables: frozenset[str] = field(default=frozenset())
+    # Those of them that a one-line field reads: a line break in their value could only
+    # end as an unsafe header, so a send carrying one is refused at accept.
+    line_variables: frozenset[str] = field(default=frozenset())
 
     def has_channel(self, channel: common_pb2.Channel.ValueType) -> bool:
         """Whether this content can be sent through ``channel``."""
         return CHANNEL_FIELDS[channel][0] in self.fields
 
 
+VariableType = template_service_pb2.VariableType.ValueType
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """A variable the template's author declared (``TemplateVariable`` without the output)."""
+
+    name: str
+    type: template_service_pb2.VariableType.ValueType = (
+        template_service_pb2.VARIABLE_TYPE_UNSPECIFIED
+    )
+    required: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Version:
-    """An immutable numbered version of a template: its contents and fallback language."""
+    """An immutable numbered version of a template: its contents, fallback language and
+    declared variables (empty: none declared, any variable accepted)."""
 
     template_id: str
     number: int
     default_language: str
     contents: tuple[Content, ...]
+    declared: tuple[Variable, ...] = ()
 
     def content_for(self, requested: str) -> Content:
         """The content for ``requested``: exact tag, then shorter prefixes, then the default."""
@@ -65,6 +84,11 @@ class Version:
     def variables(self) -> list[str]:
         """Sorted union of the variables every content uses."""
         return sorted(set().union(*(c.variables for c in self.contents)))
+
+    @property
+    def line_variables(self) -> frozenset[str]:
+        """Variables that reach a one-line field in any language."""
+        return frozenset().union(*(c.line_variables for c in self.contents))
 
 
 @dataclass(frozen=True, slots=True)

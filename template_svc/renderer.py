@@ -21,7 +21,7 @@ from typing import Any
 from notify.v1 import common_pb2
 
 from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
-from template_svc.model import CHANNEL_FIELDS, Content, Version
+from template_svc.model import CHANNEL_FIELDS, SINGLE_LINE_FIELDS, Content, Version
 from template_svc.pool import Message, ProcessPool, ProcessStopped
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,21 @@ class Renderer:
         prepared: list[Content] = []
         for index, content in enumerate(contents):
             variables: set[str] = set()
+            line_variables: set[str] = set()
             for field, source in content.fields.items():
                 problem, found = await self._analyse(field, source)
-                if problem is None:
-                    variables |= found
-                else:
+                if problem is not None:
                     violations.append((f"{path}[{index}].{field}", problem))
-            prepared.append(replace(content, variables=frozenset(variables)))
+                variables |= found
+                if field in SINGLE_LINE_FIELDS:
+                    line_variables |= found
+            prepared.append(
+                replace(
+                    content,
+                    variables=frozenset(variables),
+                    line_variables=frozenset(line_variables),
+                )
+            )
         if violations:
             raise InvalidArgument(
                 "INVALID_TEMPLATE",

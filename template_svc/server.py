@@ -37,9 +37,14 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
     ) -> pb.CreateTemplateResponse:
         """Validate, test-render every field, then insert version 1."""
         template = request.template
-        default, contents = messages.new_template(template)
+        default, contents, declared = messages.new_template(template)
         contents = await self._renderer.prepare(contents, "template.contents")
-        created = await self._store.create(template.id, template.description, default, contents)
+        violations = messages.check_declared(declared, contents, "template.contents")
+        if violations:
+            raise messages.invalid(violations)
+        created = await self._store.create(
+            template.id, template.description, default, contents, declared
+        )
         if created is None:
             raise AlreadyExists(
                 "TEMPLATE_EXISTS",
@@ -63,12 +68,13 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
     ) -> pb.CreateTemplateVersionResponse:
         """Validate and test-render the contents, then append them as the next version."""
         _check_id(request.template_id, "template_id", reason="INVALID_TEMPLATE")
-        current = await self._store.current(request.template_id)
-        if current is None:
-            raise _not_found(request.template_id)
-        default, contents = messages.new_version(request, previous_default=current[1])
+        previous = await self._version(request.template_id, 0)
+        default, contents, declared = messages.new_version(request, previous)
         contents = await self._renderer.prepare(contents, "contents")
-        template = await self._store.add_version(request.template_id, default, contents)
+        violations = messages.check_declared(declared, contents, "contents")
+        if violations:
+            raise messages.invalid(violations)
+        template = await self._store.add_version(request.template_id, default, contents, declared)
         if template is None:
             raise _not_found(request.template_id)
         return pb.CreateTemplateVersionResponse(template=messages.template_message(template))

@@ -7,6 +7,7 @@ current version moves together with the rows it points to.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from template_svc.model import (
     PUSH_TITLE,
     Content,
     Template,
+    Variable,
     Version,
 )
 
@@ -39,13 +41,14 @@ ON CONFLICT (id) DO NOTHING
 RETURNING created_at, updated_at
 """
 _INSERT_VERSION = """
-INSERT INTO template_versions (template_id, version, default_language) VALUES ($1, $2, $3)
+INSERT INTO template_versions (template_id, version, default_language, variables)
+VALUES ($1, $2, $3, $4)
 """
 _INSERT_CONTENT = """
 INSERT INTO template_contents (
     template_id, version, language, position,
-    email_subject, email_text, email_html, push_title, push_body, variables
-) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    email_subject, email_text, email_html, push_title, push_body, variables, line_variables
+) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 """
 _LOCK_TEMPLATE = "SELECT current_version FROM templates WHERE id = $1 FOR UPDATE"
 _ADVANCE_TEMPLATE = """
@@ -59,10 +62,12 @@ FROM templates WHERE id = $1
 """
 _SELECT_CURRENT = "SELECT current_version, default_language FROM templates WHERE id = $1"
 _SELECT_VERSION = """
-SELECT default_language FROM template_versions WHERE template_id = $1 AND version = $2
+SELECT default_language, variables FROM template_versions
+WHERE template_id = $1 AND version = $2
 """
 _SELECT_CONTENTS = """
-SELECT language, email_subject, email_text, email_html, push_title, push_body, variables
+SELECT language, email_subject, email_text, email_html, push_title, push_body, variables,
+       line_variables
 FROM template_contents WHERE template_id = $1 AND version = $2
 ORDER BY position
 """
@@ -76,7 +81,12 @@ class TemplateStore:
         self._timeout = timeout
 
     async def create(
-        self, template_id: str, description: str, default_language: str, contents: Sequence[Content]
+        self,
+        template_id: str,
+        description: str,
+        default_language: str,
+        contents: Sequence[Content],
+        declared: Sequence[Variable] = (),
     ) -> Template | None:
         """Insert a template with version 1; None when the id is taken."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
@@ -89,11 +99,17 @@ class TemplateStore:
             )
             if row is None:
                 return None
-            version = await self._insert_version(conn, template_id, 1, default_language, contents)
+            version = await self._insert_version(
+                conn, Version(template_id, 1, default_language, tuple(contents), tuple(declared))
+            )
         return Template(template_id, description, row["created_at"], row["updated_at"], version)
 
     async def add_version(
-        self, template_id: str, default_language: str, contents: Sequence[Content]
+        self,
+        template_id: str,
+        default_language: str,
+        contents: Sequence[Content],
+        declared: Sequence[Variable] = (),
     ) -> Template | None:
         """Insert the next version and make it current; None when the template is unknown."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
@@ -102,7 +118,8 @@ class TemplateStore:
                 return None
             number = int(current) + 1
             version = await self._insert_version(
-                conn, template_id, number, default_language, contents
+                conn,
+                Version(template_id, number, default_language, tuple(contents), tuple(declared)),
             )
             row = await conn.fetchrow(
                 _ADVANCE_TEMPLATE, template_id, number, default_language, timeout=self._timeout
@@ -117,9 +134,9 @@ class TemplateStore:
             row = await conn.fetchrow(_SELECT_TEMPLATE, template_id, timeout=self._timeout)
             if row is None:
                 return None
-            number = int(row["current_version"])
-            contents = await self._contents(conn, template_id, number)
-        version = Version(template_id, number, row["default_language"], contents)
+            version = await self._version(conn, template_id, int(row["current_version"]))
+        if version is None:  # the current version always exists (same transaction)
+            return None
         return Template(
             template_id, row["description"], row["created_at"], row["updated_at"], version
         )
@@ -138,49 +155,54 @@ class TemplateStore:
     async def version(self, template_id: str, number: int) -> Version | None:
         """One version, or None when the template or that version does not exist."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            default = await conn.fetchval(
-                _SELECT_VERSION, template_id, number, timeout=self._timeout
-            )
-            if default is None:
-                return None
-            contents = await self._contents(conn, template_id, number)
-        return Version(template_id, number, str(default), contents)
+            return await self._version(conn, template_id, number)
 
-    async def _insert_version(
-        self,
-        conn: asyncpg.Connection,
-        template_id: str,
-        number: int,
-        default_language: str,
-        contents: Sequence[Content],
-    ) -> Version:
+    async def _version(
+        self, conn: asyncpg.Connection, template_id: str, number: int
+    ) -> Version | None:
+        row = await conn.fetchrow(_SELECT_VERSION, template_id, number, timeout=self._timeout)
+        if row is None:
+            return None
+        rows = await conn.fetch(_SELECT_CONTENTS, template_id, number, timeout=self._timeout)
+        declared = tuple(
+            Variable(v["name"], v["type"], v["required"]) for v in json.loads(row["variables"])
+        )
+        contents = tuple(_content(content) for content in rows)
+        return Version(template_id, number, str(row["default_language"]), contents, declared)
+
+    async def _insert_version(self, conn: asyncpg.Connection, version: Version) -> Version:
+        declared = [
+            {"name": v.name, "type": int(v.type), "required": v.required} for v in version.declared
+        ]
         await conn.execute(
-            _INSERT_VERSION, template_id, number, default_language, timeout=self._timeout
+            _INSERT_VERSION,
+            version.template_id,
+            version.number,
+            version.default_language,
+            json.dumps(declared),
+            timeout=self._timeout,
         )
         await conn.executemany(
             _INSERT_CONTENT,
             [
                 (
-                    template_id,
-                    number,
+                    version.template_id,
+                    version.number,
                     content.language,
                     position,
                     *(content.fields.get(name) for name in _COLUMNS),
                     sorted(content.variables),
+                    sorted(content.line_variables),
                 )
-                for position, content in enumerate(contents)
+                for position, content in enumerate(version.contents)
             ],
             timeout=self._timeout,
         )
-        return Version(template_id, number, default_language, tuple(contents))
-
-    async def _contents(
-        self, conn: asyncpg.Connection, template_id: str, number: int
-    ) -> tuple[Content, ...]:
-        rows = await conn.fetch(_SELECT_CONTENTS, template_id, number, timeout=self._timeout)
-        return tuple(_content(row) for row in rows)
+        return version
 
 
 def _content(row: Any) -> Content:
     fields = {name: row[column] for name, column in _COLUMNS.items() if row[column] is not None}
-    return Content(str(row["language"]), fields, frozenset(row["variables"]))
+    return Content(
+        str(row["language"]), fields, frozenset(row["variables"]), frozenset(row["line_variables"])
+    )

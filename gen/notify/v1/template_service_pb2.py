@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from notify.v1 import common_pb2 as notify_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n notify/v1/template_service.proto\x12\tnotify.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/common.proto\"E\n\x0c\x45mailContent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\ttext_body\x18\x02 \x01(\t\x12\x11\n\thtml_body\x18\x03 \x01(\t\"*\n\x0bPushContent\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\"q\n\x0fTemplateContent\x12\x10\n\x08language\x18\x01 \x01(\t\x12&\n\x05\x65mail\x18\x02 \x01(\x0b\x32\x17.notify.v1.EmailContent\x12$\n\x04push\x18\x03 \x01(\x0b\x32\x16.notify.v1.PushContent\"\xf9\x01\n\x08Template\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12,\n\x08\x63ontents\x18\x04 \x03(\x0b\x32\x1a.notify.v1.TemplateContent\x12\x11\n\tvariables\x18\x05 \x03(\t\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x15\x43reateTemplateRequest\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"?\n\x16\x43reateTemplateResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\" \n\x12GetTemplateRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x13GetTemplateResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"{\n\x1c\x43reateTemplateVersionRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12,\n\x08\x63ontents\x18\x02 \x03(\x0b\x32\x1a.notify.v1.TemplateContent\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\x03 \x01(\t\"F\n\x1d\x43reateTemplateVersionResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"\xa0\x01\n\x15RenderTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12#\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x12.notify.v1.Channel\x12*\n\tvariables\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x89\x01\n\x16RenderTemplateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x10\n\x08language\x18\x02 \x01(\t\x12&\n\x05\x65mail\x18\x03 \x01(\x0b\x32\x17.notify.v1.EmailContent\x12$\n\x04push\x18\x04 \x01(\x0b\x32\x16.notify.v1.PushContent2\xe8\x03\n\x0fTemplateService\x12v\n\x0e\x43reateTemplate\x12 .notify.v1.CreateTemplateRequest\x1a!.notify.v1.CreateTemplateResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\r/v1/templates:\x08template\x12h\n\x0bGetTemplate\x12\x1d.notify.v1.GetTemplateRequest\x1a\x1e.notify.v1.GetTemplateResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/templates/{id}\x12\x9b\x01\n\x15\x43reateTemplateVersion\x12\'.notify.v1.CreateTemplateVersionRequest\x1a(.notify.v1.CreateTemplateVersionResponse\"/\x82\xd3\xe4\x93\x02)\"$/v1/templates/{template_id}/versions:\x01*\x12U\n\x0eRenderTemplate\x12 .notify.v1.RenderTemplateRequest\x1a!.notify.v1.RenderTemplateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n notify/v1/template_service.proto\x12\tnotify.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/common.proto\"E\n\x0c\x45mailContent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\ttext_body\x18\x02 \x01(\t\x12\x11\n\thtml_body\x18\x03 \x01(\t\"*\n\x0bPushContent\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\"q\n\x0fTemplateContent\x12\x10\n\x08language\x18\x01 \x01(\t\x12&\n\x05\x65mail\x18\x02 \x01(\x0b\x32\x17.notify.v1.EmailContent\x12$\n\x04push\x18\x03 \x01(\x0b\x32\x16.notify.v1.PushContent\"\xa6\x02\n\x08Template\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12,\n\x08\x63ontents\x18\x04 \x03(\x0b\x32\x1a.notify.v1.TemplateContent\x12\x11\n\tvariables\x18\x05 \x03(\t\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06schema\x18\t \x03(\x0b\x32\x1b.notify.v1.TemplateVariable\"\x80\x01\n\x10TemplateVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.notify.v1.VariableType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0bsingle_line\x18\x04 \x01(\x08\x12\x10\n\x08\x64\x65\x63lared\x18\x05 \x01(\x08\">\n\x15\x43reateTemplateRequest\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"?\n\x16\x43reateTemplateResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\" \n\x12GetTemplateRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x13GetTemplateResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"\xa8\x01\n\x1c\x43reateTemplateVersionRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12,\n\x08\x63ontents\x18\x02 \x03(\x0b\x32\x1a.notify.v1.TemplateContent\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\x03 \x01(\t\x12+\n\x06schema\x18\x04 \x03(\x0b\x32\x1b.notify.v1.TemplateVariable\"F\n\x1d\x43reateTemplateVersionResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"\xa0\x01\n\x15RenderTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12#\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x12.notify.v1.Channel\x12*\n\tvariables\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x89\x01\n\x16RenderTemplateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x10\n\x08language\x18\x02 \x01(\t\x12&\n\x05\x65mail\x18\x03 \x01(\x0b\x32\x17.notify.v1.EmailContent\x12$\n\x04push\x18\x04 \x01(\x0b\x32\x16.notify.v1.PushContent*\xab\x01\n\x0cVariableType\x12\x1d\n\x19VARIABLE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VARIABLE_TYPE_STRING\x10\x01\x12\x18\n\x14VARIABLE_TYPE_NUMBER\x10\x02\x12\x16\n\x12VARIABLE_TYPE_BOOL\x10\x03\x12\x16\n\x12VARIABLE_TYPE_LIST\x10\x04\x12\x18\n\x14VARIABLE_TYPE_OBJECT\x10\x05\x32\xe8\x03\n\x0fTemplateService\x12v\n\x0e\x43reateTemplate\x12 .notify.v1.CreateTemplateRequest\x1a!.notify.v1.CreateTemplateResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\r/v1/templates:\x08template\x12h\n\x0bGetTemplate\x12\x1d.notify.v1.GetTemplateRequest\x1a\x1e.notify.v1.GetTemplateResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/templates/{id}\x12\x9b\x01\n\x15\x43reateTemplateVersion\x12\'.notify.v1.CreateTemplateVersionRequest\x1a(.notify.v1.CreateTemplateVersionResponse\"/\x82\xd3\xe4\x93\x02)\"$/v1/templates/{template_id}/versions:\x01*\x12U\n\x0eRenderTemplate\x12 .notify.v1.RenderTemplateRequest\x1a!.notify.v1.RenderTemplateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEMPLATESERVICE'].methods_by_name['GetTemplate']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/templates/{id}'
   _globals['_TEMPLATESERVICE'].methods_by_name['CreateTemplateVersion']._loaded_options = None
   _globals['_TEMPLATESERVICE'].methods_by_name['CreateTemplateVersion']._serialized_options = b'\202\323\344\223\002)\"$/v1/templates/{template_id}/versions:\001*'
+  _globals['_VARIABLETYPE']._serialized_start=1594
+  _globals['_VARIABLETYPE']._serialized_end=1765
   _globals['_EMAILCONTENT']._serialized_start=164
   _globals['_EMAILCONTENT']._serialized_end=233
   _globals['_PUSHCONTENT']._serialized_start=235
@@ -48,23 +50,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEMPLATECONTENT']._serialized_start=279
   _globals['_TEMPLATECONTENT']._serialized_end=392
   _globals['_TEMPLATE']._serialized_start=395
-  _globals['_TEMPLATE']._serialized_end=644
-  _globals['_CREATETEMPLATEREQUEST']._serialized_start=646
-  _globals['_CREATETEMPLATEREQUEST']._serialized_end=708
-  _globals['_CREATETEMPLATERESPONSE']._serialized_start=710
-  _globals['_CREATETEMPLATERESPONSE']._serialized_end=773
-  _globals['_GETTEMPLATEREQUEST']._serialized_start=775
-  _globals['_GETTEMPLATEREQUEST']._serialized_end=807
-  _globals['_GETTEMPLATERESPONSE']._serialized_start=809
-  _globals['_GETTEMPLATERESPONSE']._serialized_end=869
-  _globals['_CREATETEMPLATEVERSIONREQUEST']._serialized_start=871
-  _globals['_CREATETEMPLATEVERSIONREQUEST']._serialized_end=994
-  _globals['_CREATETEMPLATEVERSIONRESPONSE']._serialized_start=996
-  _globals['_CREATETEMPLATEVERSIONRESPONSE']._serialized_end=1066
-  _globals['_RENDERTEMPLATEREQUEST']._serialized_start=1069
-  _globals['_RENDERTEMPLATEREQUEST']._serialized_end=1229
-  _globals['_RENDERTEMPLATERESPONSE']._serialized_start=1232
-  _globals['_RENDERTEMPLATERESPONSE']._serialized_end=1369
-  _globals['_TEMPLATESERVICE']._serialized_start=1372
-  _globals['_TEMPLATESERVICE']._serialized_end=1860
+  _globals['_TEMPLATE']._serialized_end=689
+  _globals['_TEMPLATEVARIABLE']._serialized_start=692
+  _globals['_TEMPLATEVARIABLE']._serialized_end=820
+  _globals['_CREATETEMPLATEREQUEST']._serialized_start=822
+  _globals['_CREATETEMPLATEREQUEST']._serialized_end=884
+  _globals['_CREATETEMPLATERESPONSE']._serialized_start=886
+  _globals['_CREATETEMPLATERESPONSE']._serialized_end=949
+  _globals['_GETTEMPLATEREQUEST']._serialized_start=951
+  _globals['_GETTEMPLATEREQUEST']._serialized_end=983
+  _globals['_GETTEMPLATERESPONSE']._serialized_start=985
+  _globals['_GETTEMPLATERESPONSE']._serialized_end=1045
+  _globals['_CREATETEMPLATEVERSIONREQUEST']._serialized_start=1048
+  _globals['_CREATETEMPLATEVERSIONREQUEST']._serialized_end=1216
+  _globals['_CREATETEMPLATEVERSIONRESPONSE']._serialized_start=1218
+  _globals['_CREATETEMPLATEVERSIONRESPONSE']._serialized_end=1288
+  _globals['_RENDERTEMPLATEREQUEST']._serialized_start=1291
+  _globals['_RENDERTEMPLATEREQUEST']._serialized_end=1451
+  _globals['_RENDERTEMPLATERESPONSE']._serialized_start=1454
+  _globals['_RENDERTEMPLATERESPONSE']._serialized_end=1591
+  _globals['_TEMPLATESERVICE']._serialized_start=1768
+  _globals['_TEMPLATESERVICE']._serialized_end=2256
 # @@protoc_insertion_point(module_scope)

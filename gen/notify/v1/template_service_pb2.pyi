@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from notify.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,42 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _VariableType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VariableTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VariableType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VARIABLE_TYPE_UNSPECIFIED: _VariableType.ValueType  # 0
+    """Any value."""
+    VARIABLE_TYPE_STRING: _VariableType.ValueType  # 1
+    """A JSON string."""
+    VARIABLE_TYPE_NUMBER: _VariableType.ValueType  # 2
+    """A JSON number."""
+    VARIABLE_TYPE_BOOL: _VariableType.ValueType  # 3
+    """true or false."""
+    VARIABLE_TYPE_LIST: _VariableType.ValueType  # 4
+    """A JSON array."""
+    VARIABLE_TYPE_OBJECT: _VariableType.ValueType  # 5
+    """A JSON object."""
+
+class VariableType(_VariableType, metaclass=_VariableTypeEnumTypeWrapper):
+    """The kind of value a variable holds, as it appears in a send's JSON `variables`."""
+
+VARIABLE_TYPE_UNSPECIFIED: VariableType.ValueType  # 0
+"""Any value."""
+VARIABLE_TYPE_STRING: VariableType.ValueType  # 1
+"""A JSON string."""
+VARIABLE_TYPE_NUMBER: VariableType.ValueType  # 2
+"""A JSON number."""
+VARIABLE_TYPE_BOOL: VariableType.ValueType  # 3
+"""true or false."""
+VARIABLE_TYPE_LIST: VariableType.ValueType  # 4
+"""A JSON array."""
+VARIABLE_TYPE_OBJECT: VariableType.ValueType  # 5
+"""A JSON object."""
+Global___VariableType: _TypeAlias = VariableType  # noqa: Y015
 
 @_typing.final
 class EmailContent(_message.Message):
@@ -125,6 +162,7 @@ class Template(_message.Message):
     DEFAULT_LANGUAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Caller-chosen identifier: 1-63 of a-z, 0-9, "-" and "_", starting with a letter."""
     description: _builtins.str
@@ -151,6 +189,15 @@ class Template(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the current version was created. Output only."""
 
+    @_builtins.property
+    def schema(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateVariable]:
+        """The variables a send must or may carry. On input, the author's declarations
+        (optional): once any is declared, every variable the contents read must be declared,
+        and a send carrying an undeclared one is refused. On output, one entry per variable
+        of the current version, declared or not (an undeclared one is optional, of any type),
+        with `single_line` filled in. Sends are checked against it when they are accepted.
+        """
+
     def __init__(
         self,
         *,
@@ -162,14 +209,55 @@ class Template(_message.Message):
         default_language: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        schema: _abc.Iterable[Global___TemplateVariable] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contents", b"contents", "create_time", b"create_time", "default_language", b"default_language", "description", b"description", "id", b"id", "update_time", b"update_time", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contents", b"contents", "create_time", b"create_time", "default_language", b"default_language", "description", b"description", "id", b"id", "schema", b"schema", "update_time", b"update_time", "variables", b"variables", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Template: _TypeAlias = Template  # noqa: Y015
+
+@_typing.final
+class TemplateVariable(_message.Message):
+    """One variable of a template."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    SINGLE_LINE_FIELD_NUMBER: _builtins.int
+    DECLARED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name the contents use: a letter or "_", then letters, digits or "_"; at most 64."""
+    type: Global___VariableType.ValueType
+    """What the value must be; any value when unspecified."""
+    required: _builtins.bool
+    """A send without it (or with null) is refused."""
+    single_line: _builtins.bool
+    """The variable reaches a one-line field (an e-mail subject, a push title), so a send
+    whose value holds a line break anywhere is refused. Output only.
+    """
+    declared: _builtins.bool
+    """The author declared it (else the contents merely read it). Output only."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___VariableType.ValueType = ...,
+        required: _builtins.bool = ...,
+        single_line: _builtins.bool = ...,
+        declared: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared", b"declared", "name", b"name", "required", b"required", "single_line", b"single_line", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TemplateVariable: _TypeAlias = TemplateVariable  # noqa: Y015
 
 @_typing.final
 class CreateTemplateRequest(_message.Message):
@@ -274,6 +362,7 @@ class CreateTemplateVersionRequest(_message.Message):
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     CONTENTS_FIELD_NUMBER: _builtins.int
     DEFAULT_LANGUAGE_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
     template_id: _builtins.str
     """The template's id."""
     default_language: _builtins.str
@@ -282,16 +371,23 @@ class CreateTemplateVersionRequest(_message.Message):
     def contents(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateContent]:
         """The new version's contents; at least one."""
 
+    @_builtins.property
+    def schema(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateVariable]:
+        """The new version's variable declarations (see Template.schema); the previous
+        version's declarations when empty.
+        """
+
     def __init__(
         self,
         *,
         template_id: _builtins.str = ...,
         contents: _abc.Iterable[Global___TemplateContent] | None = ...,
         default_language: _builtins.str = ...,
+        schema: _abc.Iterable[Global___TemplateVariable] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contents", b"contents", "default_language", b"default_language", "template_id", b"template_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contents", b"contents", "default_language", b"default_language", "schema", b"schema", "template_id", b"template_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
