@@ -21,6 +21,7 @@ from notify_kit.acl import AccessPolicy
 from notify_kit.interceptors import ServerInterceptor
 from notify_kit.settings import CommonSettings
 from notify_kit.tls import server_credentials
+from notify_kit.validation import ValidationInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,11 @@ class GrpcServer:
         self._settings = settings
         self._registrars = registrars
         self._service_names = tuple(service_names)
+        # Outermost first: the access check and error mapping wrap the contract's field
+        # rules, which wrap the handler.
         self._interceptors = (
             ServerInterceptor(AccessPolicy.for_server(settings.service)),
+            ValidationInterceptor(),
             *extra_interceptors,
         )
         self.health = health.aio.HealthServicer()

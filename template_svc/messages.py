@@ -6,14 +6,12 @@ used ("template.contents[1].push.title"), so a template author fixes everything 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 from notify.v1 import template_service_pb2
 
-from notify_kit import formats
 from notify_kit.errors import InvalidArgument
 from template_svc.model import (
     EMAIL_HTML,
@@ -30,9 +28,6 @@ from template_svc.model import (
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_CONTENTS = 100
-MAX_VARIABLES = 200
-# A name Jinja can read as a plain variable.
-_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _MAX_SAFE_INTEGER = 2**53
 
 Violations = list[tuple[str, str]]
@@ -43,22 +38,12 @@ def invalid(violations: Violations, reason: str = "INVALID_TEMPLATE") -> Invalid
     return InvalidArgument(reason, "the request is invalid", field_violations=violations)
 
 
-def check_template_id(value: str, path: str) -> Violations:
-    """Problems with a template id (empty when it is well formed)."""
-    if not value:
-        return [(path, "required")]
-    if not formats.TEMPLATE_ID.fullmatch(value):
-        return [(path, "1-63 of a-z, 0-9, '-' and '_', starting with a letter")]
-    return []
-
-
 def new_template(
     message: template_service_pb2.Template,
 ) -> tuple[str, list[Content], tuple[Variable, ...]]:
     """Validate a template to create; return its default language, contents and
     declared variables."""
-    violations = check_template_id(message.id, "template.id")
-    violations += _check_text(message.description, "template.description")
+    violations = _check_text(message.description, "template.description")
     contents, found = parse_contents(message.contents, "template.contents")
     violations += found
     declared, found = parse_schema(message.schema, "template.schema")
@@ -93,21 +78,15 @@ def parse_schema(
     """The declared variables, and every problem with them (``single_line`` is output
     only and ignored)."""
     violations: Violations = []
-    if len(messages) > MAX_VARIABLES:
-        violations.append((path, f"at most {MAX_VARIABLES} variables"))
     seen: set[str] = set()
     declared = []
     for index, message in enumerate(messages):
-        at = f"{path}[{index}]"
-        if not _VARIABLE_NAME.fullmatch(message.name):
+        # The name's format and the type are the contract's rules; uniqueness is ours.
+        if message.name in seen:
             violations.append(
-                (f"{at}.name", "a letter or '_', then letters, digits or '_'; at most 64")
+                (f"{path}[{index}].name", f"{message.name} is declared more than once")
             )
-        elif message.name in seen:
-            violations.append((f"{at}.name", f"{message.name} is declared more than once"))
         seen.add(message.name)
-        if message.type not in template_service_pb2.VariableType.values():
-            violations.append((f"{at}.type", "unknown variable type"))
         declared.append(Variable(message.name, message.type, message.required))
     return tuple(declared), violations
 

@@ -9,7 +9,7 @@ from notify_kit.cache import LruCache
 from notify_kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from notify_kit.rpc import clamp_timeout
 from template_svc import messages
-from template_svc.model import CHANNEL_FIELDS, Version
+from template_svc.model import Version
 from template_svc.renderer import Renderer
 from template_svc.store import TemplateStore
 
@@ -57,7 +57,6 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
         self, request: pb.GetTemplateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTemplateResponse:
         """The template with its current version's contents."""
-        _check_id(request.id, "id")
         template = await self._store.get(request.id)
         if template is None:
             raise _not_found(request.id)
@@ -67,7 +66,6 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
         self, request: pb.CreateTemplateVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateTemplateVersionResponse:
         """Validate and test-render the contents, then append them as the next version."""
-        _check_id(request.template_id, "template_id", reason="INVALID_TEMPLATE")
         previous = await self._version(request.template_id, 0)
         default, contents, declared = messages.new_version(request, previous)
         contents = await self._renderer.prepare(contents, "contents")
@@ -82,14 +80,11 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
     async def RenderTemplate(  # noqa: N802 (the proto's method name)
         self, request: pb.RenderTemplateRequest, context: grpc.aio.ServicerContext
     ) -> pb.RenderTemplateResponse:
-        """Render one channel of one version in the best available language."""
-        violations = messages.check_template_id(request.template_id, "template_id")
-        if request.channel not in CHANNEL_FIELDS:
-            violations.append(("channel", "must be CHANNEL_EMAIL or CHANNEL_PUSH"))
-        if request.version < 0:
-            violations.append(("version", "must be 0 (current) or a version number"))
-        if violations:
-            raise messages.invalid(violations, reason="INVALID_REQUEST")
+        """Render one channel of one version in the best available language.
+
+        The id's format, the channel (email or push) and the version (0: current) are
+        the contract's rules, checked before this runs.
+        """
         version = await self._version(request.template_id, request.version)
         content = version.content_for(request.language)
         channel = request.channel
@@ -139,12 +134,6 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
                 )
             self._versions.put((template_id, number), version)
         return version
-
-
-def _check_id(value: str, path: str, *, reason: str = "INVALID_REQUEST") -> None:
-    violations = messages.check_template_id(value, path)
-    if violations:
-        raise messages.invalid(violations, reason=reason)
 
 
 def _not_found(template_id: str) -> NotFound:

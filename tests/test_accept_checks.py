@@ -152,16 +152,30 @@ async def test_without_a_schema_any_variable_may_be_sent(e2e: E2E) -> None:
 
 
 @pytest.mark.parametrize(
-    ("schema", "field"),
+    ("schema", "field", "reason"),
     [
-        ([{"name": "name"}], "template.contents[0]"),  # note is read but not declared
-        ([{"name": "name"}, {"name": "note"}, {"name": "name"}], "template.schema[2].name"),
-        ([{"name": "note"}, {"name": "name"}, {"name": "1st"}], "template.schema[2].name"),
-        ([{"name": "note"}, {"name": "name"}, {"name": "a-b"}], "template.schema[2].name"),
+        # note is read but not declared
+        ([{"name": "name"}], "template.contents[0]", "INVALID_TEMPLATE"),
+        (
+            [{"name": "name"}, {"name": "note"}, {"name": "name"}],
+            "template.schema[2].name",
+            "INVALID_TEMPLATE",
+        ),
+        # The name's format is the contract's rule.
+        (
+            [{"name": "note"}, {"name": "name"}, {"name": "1st"}],
+            "template.schema[2].name",
+            "INVALID_REQUEST",
+        ),
+        (
+            [{"name": "note"}, {"name": "name"}, {"name": "a-b"}],
+            "template.schema[2].name",
+            "INVALID_REQUEST",
+        ),
     ],
 )
 async def test_a_schema_that_does_not_fit_the_contents_is_refused_at_save(
-    e2e: E2E, schema: list[dict[str, Any]], field: str
+    e2e: E2E, schema: list[dict[str, Any]], field: str, reason: str
 ) -> None:
     body = {
         "id": f"t-{uuid.uuid4().hex[:10]}",
@@ -172,7 +186,7 @@ async def test_a_schema_that_does_not_fit_the_contents_is_refused_at_save(
     }
     status, got = await e2e.api("POST", "/v1/templates", body)
     assert status == 400, got
-    assert _error_info(got)["reason"] == "INVALID_TEMPLATE", got
+    assert _error_info(got)["reason"] == reason, got
     assert list(_violations(got)) == [field], got
 
 

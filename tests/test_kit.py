@@ -32,6 +32,10 @@ from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings, env_int, env_str
 from scripts.harness import delete_topology
 
+# Ids are UUIDs by the contract.
+SOME_USER = "00000000-0000-4000-8000-000000000001"
+MISSING_USER = "00000000-0000-4000-8000-000000000002"
+
 
 async def test_migrations_apply_once_under_concurrent_starts(
     database: Callable[[str], Awaitable[str]], tmp_path: Path
@@ -136,10 +140,8 @@ class _SlowUsers(user_service_pb2_grpc.UserServiceServicer):
     ) -> user_service_pb2.GetUserResponse:
         self.entered.set()
         await self.release.wait()
-        if request.id == "missing":
+        if request.id == MISSING_USER:
             raise NotFound("USER_NOT_FOUND", "no such user", metadata={"user_id": request.id})
-        if request.id == "bad":
-            raise InvalidArgument("INVALID_ID", "bad id", field_violations=[("id", "a UUID")])
         return user_service_pb2.GetUserResponse(user=user_service_pb2.User(id=request.id))
 
 
@@ -157,7 +159,7 @@ async def test_shutdown_turns_health_off_first_and_finishes_in_flight_calls(
     try:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
         call = asyncio.ensure_future(
-            unary(stub.GetUser, user_service_pb2.GetUserRequest(id="u1"), timeout=10)
+            unary(stub.GetUser, user_service_pb2.GetUserRequest(id=SOME_USER), timeout=10)
         )
         await servicer.entered.wait()
         stopping = asyncio.ensure_future(server.stop())
@@ -165,7 +167,7 @@ async def test_shutdown_turns_health_off_first_and_finishes_in_flight_calls(
         status = await server.health.Check(health_pb2.HealthCheckRequest(), None)
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
         servicer.release.set()
-        assert (await call).user.id == "u1"  # the in-flight call completed
+        assert (await call).user.id == SOME_USER  # the in-flight call completed
         await stopping
     finally:
         servicer.release.set()
@@ -189,21 +191,22 @@ async def test_errors_travel_with_their_reason_and_metadata(
         ) as channel:
             stub = user_service_pb2_grpc.UserServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as raw:
-                await stub.GetUser(user_service_pb2.GetUserRequest(id="missing"), timeout=5)
+                await stub.GetUser(user_service_pb2.GetUserRequest(id=MISSING_USER), timeout=5)
             assert raw.value.code() == grpc.StatusCode.NOT_FOUND
             info = error_info(raw.value.trailing_metadata())
             assert (info.reason, info.domain, dict(info.metadata)) == (
                 "USER_NOT_FOUND",
                 "notify.dev",
-                {"user_id": "missing"},
+                {"user_id": MISSING_USER},
             )
             mapped = from_rpc_error(raw.value)
             assert isinstance(mapped, NotFound) and mapped.reason == "USER_NOT_FOUND"
             with pytest.raises(grpc.aio.AioRpcError) as raw:
                 await stub.GetUser(user_service_pb2.GetUserRequest(id="bad"), timeout=5)
             mapped = from_rpc_error(raw.value)  # field details survive a hop
-            assert isinstance(mapped, InvalidArgument)
-            assert mapped.field_violations == [("id", "a UUID")]
+            assert isinstance(mapped, InvalidArgument)  # the contract's rule, before the handler
+            assert mapped.reason == "INVALID_REQUEST"
+            assert mapped.field_violations == [("id", "must be a UUID")]
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -336,7 +339,7 @@ async def test_an_outage_of_ours_answers_unavailable_not_internal(
         async with channel:
             stub = user_service_pb2_grpc.UserServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.GetUser(user_service_pb2.GetUserRequest(id="x"), timeout=5)
+                await stub.GetUser(user_service_pb2.GetUserRequest(id=SOME_USER), timeout=5)
     finally:
         await server.stop()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

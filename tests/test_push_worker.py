@@ -64,6 +64,10 @@ broker = worker_support.broker
 start_worker = worker_support.start_worker
 
 
+# User ids are UUIDs by the contract (RemoveDeviceToken checks them).
+USER_1, USER_2, USER_3 = (str(uuid.UUID(int=n)) for n in (1, 2, 3))
+
+
 class FixedTemplates(template_service_pb2_grpc.TemplateServiceServicer):
     """Renders one fixed push from the ``name`` variable; ``missing`` does not exist."""
 
@@ -123,7 +127,7 @@ def launch(config: Config) -> Callable[..., Awaitable[WorkerApp]]:
 def push_job(
     *tokens: str,
     template: str = "welcome",
-    user: str = "user-1",
+    user: str = USER_1,
     token_type: user_service_pb2.DeviceTokenType.ValueType = (
         user_service_pb2.DEVICE_TOKEN_TYPE_UNSPECIFIED
     ),
@@ -207,13 +211,13 @@ async def test_unregistered_token_is_removed_and_the_rest_delivered(
     fcm: tuple[FcmFake, Path],
 ) -> None:
     await start_worker()
-    job = push_job("device-c", "unregistered-d", user="user-2")
+    job = push_job("device-c", "unregistered-d", user=USER_2)
     nid = job.meta.notification_id
     await publish(broker[0], PUSH, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, DELIVERED)
     assert updates[-1].detail.startswith("fcm: 1/2 devices:")
-    assert ("user-2", "unregistered-d") in users.removed
+    assert (USER_2, "unregistered-d") in users.removed
     assert [p["token"] for p in pushes_for(fcm[0], nid)] == ["device-c"]
 
 
@@ -223,13 +227,13 @@ async def test_only_dead_tokens_fail_permanently(
     users: RecordingUsers,
 ) -> None:
     await start_worker()
-    job = push_job("unregistered-e", user="user-3")
+    job = push_job("unregistered-e", user=USER_3)
     nid = job.meta.notification_id
     await publish(broker[0], PUSH, job.SerializeToString(), nid)
 
     updates = await users.wait_status(nid, FAILED)
     assert statuses(updates) == [SENDING, FAILED]
-    assert ("user-3", "unregistered-e") in users.removed
+    assert (USER_3, "unregistered-e") in users.removed
     dead = await broker[1].wait_for(nid)
     assert dead.headers["x-notify-kind"] == "push"
     assert jobs_pb2.PushJob.FromString(dead.body) == job
@@ -326,7 +330,7 @@ def test_outcome_rules() -> None:
 
 def push_of(*addresses: str, kind: TargetKind = TargetKind.FCM_TOKEN) -> OutgoingPush:
     return OutgoingPush(
-        str(uuid.uuid4()), "user-1", tuple(Target(a, kind) for a in addresses), "t", "b", {"k": "v"}
+        str(uuid.uuid4()), USER_1, tuple(Target(a, kind) for a in addresses), "t", "b", {"k": "v"}
     )
 
 

@@ -20,6 +20,7 @@ import inspect
 import re
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -49,13 +50,17 @@ RECONNECTED_WITHIN = 2.0
 SLACK = 0.5
 
 
+# User ids are UUIDs by the contract.
+U1, U2, STORE_DOWN = (str(uuid.UUID(int=n)) for n in (1, 2, 3))
+
+
 class _Users(user_service_pb2_grpc.UserServiceServicer):
-    """GetUser echoes the id; the id ``store-down`` answers UNAVAILABLE itself."""
+    """GetUser echoes the id; the id ``STORE_DOWN`` answers UNAVAILABLE itself."""
 
     async def GetUser(
         self, request: user_service_pb2.GetUserRequest, context: grpc.aio.ServicerContext
     ) -> user_service_pb2.GetUserResponse:
-        if request.id == "store-down":
+        if request.id == STORE_DOWN:
             raise Unavailable("STORE_DOWN", "the user store is down")
         return user_service_pb2.GetUserResponse(user=user_service_pb2.User(id=request.id))
 
@@ -147,12 +152,12 @@ async def test_first_call_after_a_restart_on_the_same_port_succeeds(
     channel = secure_channel(f"127.0.0.1:{port}", tls_for("gateway"))
     restarted: GrpcServer | None = None
     try:
-        assert await _get_user(channel, "u1", timeout=5) == "u1"
+        assert await _get_user(channel, U1, timeout=5) == U1
         await first.stop()
 
         started = time.monotonic()
         with pytest.raises((Unavailable, DeadlineExceeded)):
-            await _get_user(channel, "u1", timeout=1.0)
+            await _get_user(channel, U1, timeout=1.0)
         assert time.monotonic() - started < 1.0 + SLACK  # down: failed within its deadline
 
         # Restarting: the port accepts and hangs up. Long enough for the old backoff to
@@ -167,7 +172,7 @@ async def test_first_call_after_a_restart_on_the_same_port_succeeds(
         back = time.monotonic()
         # No connection yet: without waiting for one, this call would fail at once.
         assert channel.get_state() != grpc.ChannelConnectivity.READY
-        assert await _get_user(channel, "u2", timeout=5) == "u2"
+        assert await _get_user(channel, U2, timeout=5) == U2
         assert time.monotonic() - back < RECONNECTED_WITHIN
     finally:
         await channel.close()
@@ -193,7 +198,7 @@ async def test_a_down_upstream_fails_a_call_within_its_deadline(
         for channel, timeout, bound in cases:
             started = time.monotonic()
             with pytest.raises((Unavailable, DeadlineExceeded)) as caught:
-                await _get_user(channel, "u1", timeout)
+                await _get_user(channel, U1, timeout)
             elapsed = time.monotonic() - started
             assert elapsed < bound + SLACK, (timeout, bound, elapsed)
         assert isinstance(caught.value, Unavailable)
@@ -215,7 +220,7 @@ async def test_a_peer_that_never_answers_cannot_hold_a_call_past_its_deadline(
         try:
             started = time.monotonic()
             with pytest.raises((Unavailable, DeadlineExceeded)):
-                await _get_user(channel, "u1", timeout=1.0)
+                await _get_user(channel, U1, timeout=1.0)
             assert time.monotonic() - started < 1.0 + SLACK
             assert peer.attempts  # it did connect, and was left hanging
         finally:
@@ -232,7 +237,7 @@ async def test_an_upstreams_own_unavailable_is_answered_at_once(
     try:
         started = time.monotonic()
         with pytest.raises(Unavailable) as caught:
-            await _get_user(channel, "store-down", timeout=5)
+            await _get_user(channel, STORE_DOWN, timeout=5)
         assert caught.value.reason == "STORE_DOWN"
         assert time.monotonic() - started < rpc.DEFAULT_RECONNECT_WAIT / 2
     finally:

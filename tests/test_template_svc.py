@@ -629,8 +629,17 @@ async def test_duplicate_id_is_rejected(admin: Stub) -> None:
 
 
 async def test_invalid_templates_report_every_field(admin: Stub) -> None:
+    # The id's format is the contract's rule, checked before the service looks at the rest.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await admin.CreateTemplate(
+            pb.CreateTemplateRequest(template=pb.Template(id="Bad Id", contents=[_content("en")])),
+            timeout=5,
+        )
+    assert error_info(caught.value.trailing_metadata()).reason == "INVALID_REQUEST"
+    assert list(_violations(caught.value)) == ["template.id"]
+
     template = pb.Template(
-        id="Bad Id",
+        id=_id(),
         description="x" * (64 * 1024 + 1),
         default_language="de",
         contents=[
@@ -645,7 +654,6 @@ async def test_invalid_templates_report_every_field(admin: Stub) -> None:
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(caught.value.trailing_metadata()).reason == "INVALID_TEMPLATE"
     assert set(_violations(caught.value)) == {
-        "template.id",
         "template.description",
         "template.contents[0].email.subject",
         "template.contents[1].language",  # "EN" is "en" again

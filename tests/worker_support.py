@@ -142,7 +142,7 @@ class Worker(Protocol):
 # --- helpers --------------------------------------------------------------------------
 
 
-def job_meta(user: str = "user-1") -> jobs_pb2.JobMeta:
+def job_meta(user: str = "00000000-0000-4000-8000-000000000001") -> jobs_pb2.JobMeta:
     """Metadata of a fresh first attempt (new notification and correlation ids)."""
     return jobs_pb2.JobMeta(
         notification_id=str(uuid.uuid4()),

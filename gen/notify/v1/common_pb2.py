@@ -22,22 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16notify/v1/common.proto\x12\tnotify.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\x08\x44\x65livery\x12#\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x12.notify.v1.Channel\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.notify.v1.NotificationStatus\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe1\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0btemplate_id\x18\x03 \x01(\t\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.notify.v1.NotificationStatus\x12\'\n\ndeliveries\x18\x05 \x03(\x0b\x32\x13.notify.v1.Delivery\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\x07 \x01(\t*G\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x02*\xe8\x02\n\x12NotificationStatus\x12#\n\x1fNOTIFICATION_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cNOTIFICATION_STATUS_ACCEPTED\x10\x01\x12\x1e\n\x1aNOTIFICATION_STATUS_QUEUED\x10\x02\x12\x1f\n\x1bNOTIFICATION_STATUS_SENDING\x10\x03\x12!\n\x1dNOTIFICATION_STATUS_DELIVERED\x10\x04\x12 \n\x1cNOTIFICATION_STATUS_RETRYING\x10\x05\x12\x1e\n\x1aNOTIFICATION_STATUS_FAILED\x10\x06\x12\"\n\x1eNOTIFICATION_STATUS_SUPPRESSED\x10\x07\x12 \n\x1cNOTIFICATION_STATUS_DEFERRED\x10\x08\x12\x1f\n\x1bNOTIFICATION_STATUS_EXPIRED\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16notify/v1/common.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x01\n\x08\x44\x65livery\x12/\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x12.notify.v1.ChannelB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x37\n\x06status\x18\x02 \x01(\x0e\x32\x1d.notify.v1.NotificationStatusB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x19\n\x08\x61ttempts\x18\x04 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x35\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xc0\x02\n\x0cNotification\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x19\n\x07user_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x33\n\x0btemplate_id\x18\x03 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12\x33\n\x06status\x18\x04 \x01(\x0e\x32\x1d.notify.v1.NotificationStatusB\x04\xe2\x41\x01\x03\x12\x33\n\ndeliveries\x18\x05 \x03(\x0b\x32\x13.notify.v1.DeliveryB\n\xbaH\x07\x92\x01\x04\x08\x01\x10\x02\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12)\n\x0e\x63orrelation_id\x18\x07 \x01(\tB\x11\xbaH\x0er\x0c\x18@2\x08^[!-~]*$*G\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x02*\xe8\x02\n\x12NotificationStatus\x12#\n\x1fNOTIFICATION_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cNOTIFICATION_STATUS_ACCEPTED\x10\x01\x12\x1e\n\x1aNOTIFICATION_STATUS_QUEUED\x10\x02\x12\x1f\n\x1bNOTIFICATION_STATUS_SENDING\x10\x03\x12!\n\x1dNOTIFICATION_STATUS_DELIVERED\x10\x04\x12 \n\x1cNOTIFICATION_STATUS_RETRYING\x10\x05\x12\x1e\n\x1aNOTIFICATION_STATUS_FAILED\x10\x06\x12\"\n\x1eNOTIFICATION_STATUS_SUPPRESSED\x10\x07\x12 \n\x1cNOTIFICATION_STATUS_DEFERRED\x10\x08\x12\x1f\n\x1bNOTIFICATION_STATUS_EXPIRED\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'notify.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANNEL']._serialized_start=478
-  _globals['_CHANNEL']._serialized_end=549
-  _globals['_NOTIFICATIONSTATUS']._serialized_start=552
-  _globals['_NOTIFICATIONSTATUS']._serialized_end=912
-  _globals['_DELIVERY']._serialized_start=71
-  _globals['_DELIVERY']._serialized_end=248
-  _globals['_NOTIFICATION']._serialized_start=251
-  _globals['_NOTIFICATION']._serialized_end=476
+  _globals['_DELIVERY'].fields_by_name['channel']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['channel']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
+  _globals['_DELIVERY'].fields_by_name['status']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['status']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_DELIVERY'].fields_by_name['attempts']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['attempts']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_DELIVERY'].fields_by_name['update_time']._loaded_options = None
+  _globals['_DELIVERY'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['id']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['id']._serialized_options = b'\272H\005r\003\260\001\001'
+  _globals['_NOTIFICATION'].fields_by_name['user_id']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['user_id']._serialized_options = b'\272H\005r\003\260\001\001'
+  _globals['_NOTIFICATION'].fields_by_name['template_id']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['template_id']._serialized_options = b'\272H\033r\0312\027^[a-z][a-z0-9_-]{0,62}$'
+  _globals['_NOTIFICATION'].fields_by_name['status']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['status']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['deliveries']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['deliveries']._serialized_options = b'\272H\007\222\001\004\010\001\020\002'
+  _globals['_NOTIFICATION'].fields_by_name['create_time']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_NOTIFICATION'].fields_by_name['correlation_id']._loaded_options = None
+  _globals['_NOTIFICATION'].fields_by_name['correlation_id']._serialized_options = b'\272H\016r\014\030@2\010^[!-~]*$'
+  _globals['_CHANNEL']._serialized_start=672
+  _globals['_CHANNEL']._serialized_end=743
+  _globals['_NOTIFICATIONSTATUS']._serialized_start=746
+  _globals['_NOTIFICATIONSTATUS']._serialized_end=1106
+  _globals['_DELIVERY']._serialized_start=133
+  _globals['_DELIVERY']._serialized_end=347
+  _globals['_NOTIFICATION']._serialized_start=350
+  _globals['_NOTIFICATION']._serialized_end=670
 # @@protoc_insertion_point(module_scope)
