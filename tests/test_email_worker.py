@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.policy
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesParser
 from functools import partial
@@ -31,7 +33,7 @@ from notify.v1 import (
 )
 
 from email_worker import app as email_app
-from email_worker import mime
+from email_worker import mime, sendgrid
 from email_worker.config import Config
 from email_worker.outgoing import OutgoingEmail
 from email_worker.sender import InMemoryEmailProvider, SmtpProvider, SmtpSettings
@@ -504,6 +506,142 @@ def test_body_is_quoted_printable_utf8() -> None:
     assert message["Content-Transfer-Encoding"] == "quoted-printable"
     assert message.get_content().replace("\r\n", "\n") == text
     assert message["To"].addresses[0].display_name == 'Ana "the" Best, Jr.'
+
+
+# Text a receiver would decode into a line break, a second recipient or a quote if it
+# went on the wire as it is; each fits one encoded-word (see the long-name test for why).
+LOOKS_ENCODED = [
+    "=?UTF-8?Q?=0D=0A?=Bcc: evil@x.com",
+    "=?utf-8?b?DQpCY2M6IGV2aWxAeC5jb20=?=",
+    "Re: =?iso-8859-1?q?=0A?= hi",
+    "glued=?utf-8?q?=0d=0a?=text",
+    '"=?utf-8?q?=22=2C_e=40x=2Ecom_=3C?="',
+    "Zoë =?UTF-8?Q?=0D=0A?= x",
+    "a=?b",
+]
+# Display names with RFC 5322 specials: each must stay one name of one recipient.
+SPECIAL_NAMES = [
+    "evil@x.com",
+    "a, b <evil@x.com>",
+    'Ana "the" Best',
+    "back\\slash",
+    "semi;colon: group",
+    "<evil@x.com>",
+    '"',
+    "\\",
+    'Mallory" <evil@x.com>, "x',
+    'a\\" <evil@x.com>, b',
+    "(comment) Ana",
+    "  spaced  out ",
+    "tab\there",
+]
+
+
+def header_block(raw: bytes) -> bytes:
+    return raw.split(b"\r\n\r\n", 1)[0]
+
+
+def message_for(*, name: str = "", subject: str = "Hi") -> bytes:
+    return mime.build_message(
+        from_header=mime.format_address(name, "n@example.com"),
+        to_address="a@example.com",
+        to_name=name,
+        subject=subject,
+        text_body="x",
+        html_body="",
+        notification_id="n1",
+    )
+
+
+@pytest.mark.parametrize("text", LOOKS_ENCODED)
+def test_text_that_looks_like_an_encoded_word_is_sent_as_text(text: str) -> None:
+    raw = message_for(name=text, subject=text)
+    head = header_block(raw)
+    # The user's own encoded-word never reaches the wire unencoded.
+    assert text.encode() not in head
+    assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    subject = str(message["Subject"])
+    assert subject == text
+    assert "\r" not in subject and "\n" not in subject
+    for field, address in (("To", "a@example.com"), ("From", "n@example.com")):
+        header = message[field]
+        assert header.defects == ()
+        assert [(a.display_name, a.addr_spec) for a in header.addresses] == [(text, address)]
+
+
+@pytest.mark.parametrize("name", SPECIAL_NAMES)
+def test_display_names_with_specials_cannot_add_recipients(name: str) -> None:
+    message = email.message_from_bytes(message_for(name=name), policy=email.policy.default)
+    to = message["To"]
+    assert to.defects == ()
+    assert [(a.display_name, a.addr_spec) for a in to.addresses] == [(name, "a@example.com")]
+
+
+@pytest.mark.parametrize(
+    "name", ["Zoë " * 30, "x" * 100, "a, b <evil@x.com>; " * 8, "=?UTF-8?Q?=0D=0A?=Bcc " * 6]
+)
+def test_long_display_names_are_folded_and_decode_exactly(name: str) -> None:
+    """Several encoded-words, folded; RFC 2047 decoding gives back exactly the name.
+
+    Python 3.11's address parser keeps the folding space between adjacent encoded-words
+    in a display name (CPython gh-128110, against RFC 2047 section 6.2), so the exact
+    text is checked with the RFC-conforming ``email.header.decode_header`` and the
+    parsed header only for its structure.
+    """
+    raw = message_for(name=name)
+    head = header_block(raw)
+    assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+    to_value = next(
+        line
+        for line in head.decode("ascii").replace("\r\n ", " ").split("\r\n")
+        if line.startswith("To: ")
+    )[len("To: ") :]
+    phrase, _, address = to_value.rpartition(" <")
+    assert address == "a@example.com>"
+    assert str(make_header(decode_header(phrase))) == name
+    to = email.message_from_bytes(raw, policy=email.policy.default)["To"]
+    assert [a.addr_spec for a in to.addresses] == ["a@example.com"]
+    assert "\n" not in to.addresses[0].display_name
+
+
+async def test_hostile_names_and_subjects_reach_the_relay_as_text(
+    smtp_peer: tuple[MailCatcher, int],
+) -> None:
+    mail, port = smtp_peer
+    sender = smtp_to(port, pool_size=1)
+    texts = [*LOOKS_ENCODED, *SPECIAL_NAMES]
+    try:
+        for text in texts:
+            await sender.send(
+                dataclasses.replace(outgoing(), to_name=text, subject=text, from_name=text)
+            )
+        received = await mail.wait_for(len(texts), WAIT)
+    finally:
+        await sender.close()
+    assert [str(m["Subject"]) for m in received] == texts
+    assert [[a.addr_spec for a in m["To"].addresses] for m in received] == [
+        ["b@example.com"]
+    ] * len(texts)
+    assert [m["To"].addresses[0].display_name for m in received] == texts
+    assert all(m["Bcc"] is None and m["Cc"] is None for m in received)
+
+
+@pytest.mark.parametrize("text", [*LOOKS_ENCODED, *SPECIAL_NAMES])
+def test_sendgrid_json_carries_names_and_subject_as_plain_text(text: str) -> None:
+    """SendGrid gets the text in JSON strings, which no text can leave; it does the MIME."""
+    email_ = dataclasses.replace(outgoing(), to_name=text, from_name=text, subject=text)
+    body = json.loads(json.dumps(sendgrid.request_body(email_)))
+    assert body["subject"] == text
+    assert body["from"] == {"email": "a@example.com", "name": text}
+    assert body["personalizations"] == [
+        {
+            "to": [{"email": "b@example.com", "name": text}],
+            "custom_args": {"notification_id": email_.notification_id},
+        }
+    ]
+    assert body["headers"] == {sendgrid.NOTIFICATION_HEADER: email_.notification_id}
 
 
 def test_config_from_env(certs_dir: Path) -> None:

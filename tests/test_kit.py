@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from notify.v1 import user_service_pb2, user_service_pb2_grpc
 
-from notify_kit import db
+from notify_kit import db, formats
 from notify_kit.amqp import EMAIL, Publisher, Topology
 from notify_kit.context import set_correlation_id
 from notify_kit.errors import (
@@ -345,3 +345,32 @@ async def test_an_outage_of_ours_answers_unavailable_not_internal(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(caught.value.trailing_metadata()).reason == "DEPENDENCY_UNAVAILABLE"
     assert "clients" not in (caught.value.details() or "")  # no internals reach the caller
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("a" * 64 + "@example.com", None),
+        ("a" * 65 + "@example.com", "local part must be at most 64 characters"),
+        ("a@" + "b" * 63 + ".com", None),
+        ("a@" + "b" * 64 + ".com", "domain must be a host name"),
+        ("a" * 64 + "@" + "d" * 63 + "." + "e" * 63 + "." + "f" * 57 + ".com", None),
+        ("a" * 64 + "@" + "d" * 63 + "." + "e" * 63 + "." + "f" * 58 + ".com", "at most 254"),
+        ("user@xn--e1afmkfd.xn--p1ai", None),
+        ("user@XN--E1AFMKFD.XN--P1AI", None),
+        ("user@пример.рф", "must be ASCII"),
+        ("user@xn--zz.com", "domain must be a host name"),
+        ("user@xn--abc-.com", "domain must be a host name"),
+        ("=?utf-8?q?=0D=0A?=@example.com", "must not contain =?"),
+        ('"quoted"@example.com', "local part may hold"),
+        ("a\r\n@example.com", "whitespace or control"),
+    ],
+)
+def test_email_address_rule_limits_and_idna(address: str, problem: str | None) -> None:
+    found = formats.email_address_problem(address)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+        # Reasons reach external clients: they never echo the address back.
+        assert address not in found

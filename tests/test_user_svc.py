@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email
+import email.policy
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 
+from email_worker import mime
 from notify_kit.errors import error_info, field_violations
 from notify_kit.kv import redis_client
 from notify_kit.rpc import secure_channel
@@ -228,6 +231,98 @@ async def test_invalid_user_is_rejected_with_its_field(
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason(err) == expected
     assert violated_fields(err) == {field}
+
+
+# Addresses and whether they can be a user's: accepted only if the e-mail worker can send
+# to them (notify_kit.formats.email_address_problem is the one rule both apply). Accepted
+# ones differ case-insensitively, since each becomes a user of this module's database.
+_LONGEST_DOMAIN = "d" * 63 + "." + "e" * 63 + "." + "f" * 57 + ".com"  # 189 characters
+TRICKY_ADDRESSES = [
+    ("plain@example.com", True),
+    ("o'brien+tag@sub.example.co.uk", True),
+    ("Mixed.Case@Example.COM", True),
+    ("!#$%&'*+/?=^_`{|}~-@example.com", True),  # all of atext, "=?" excepted
+    ("user@xn--e1afmkfd.xn--p1ai", True),  # an IDN in its A-label form
+    ("l" * 64 + "@example.com", True),
+    ("m" * 64 + "@" + _LONGEST_DOMAIN, True),  # 254 in all
+    ("n" * 64 + "@g" + _LONGEST_DOMAIN, False),  # 255
+    ("o" * 65 + "@example.com", False),
+    ("user@" + "l" * 64 + ".com", False),  # a 64-character label
+    ("victim@example.com, evil@example.com", False),
+    ("victim@example.com,evil@example.com", False),
+    ("Evil <evil@example.com>", False),
+    ("<evil@example.com>", False),
+    ("evil@example.com>", False),
+    ("evil(comment)@example.com", False),
+    ("evil@example.com(comment)", False),
+    ("evil@(comment)example.com", False),
+    ('"quoted"@example.com', False),
+    ('"a b"@example.com', False),
+    ('"a@b"@example.com', False),
+    ("a..b@example.com", False),
+    (".lead@example.com", False),
+    ("trail.@example.com", False),
+    (" space@example.com", False),
+    ("space@example.com ", False),
+    ("tab\t@example.com", False),
+    ("nb\u00a0sp@example.com", False),
+    ("zero\u200bwidth@example.com", False),
+    ("bidi\u202e@example.com", False),
+    ("victim@example.com\r\nBcc: all@example.com", False),
+    ("lf\n@example.com", False),
+    ("nul\x00@example.com", False),
+    ("=?utf-8?q?=0D=0A?=@example.com", False),
+    ("semi;colon@example.com", False),
+    ("colon:group@example.com", False),
+    ("back\\slash@example.com", False),
+    ("zoë@example.com", False),
+    ("user@пример.рф", False),  # an IDN in Unicode form: both refuse it alike
+    ("user@xn--zz.com", False),  # not Punycode
+    ("user@[192.0.2.1]", False),
+    ("user@localhost", False),
+    ("user@-bad.example.com", False),
+    ("user@bad-.example.com", False),
+    ("user@example..com", False),
+    ("user@example.com.", False),
+    ("user@exa_mple.com", False),
+    ("user@example.c0m", False),
+    ("a@b@example.com", False),
+]
+
+
+def builder_accepts(address: str) -> bool:
+    """Whether the e-mail worker's MIME builder sends to ``address``, read back parsed."""
+    try:
+        raw = mime.build_message(
+            from_header="n@example.com",
+            to_address=address,
+            to_name="Ann",
+            subject="Hi",
+            text_body="x",
+            html_body="",
+            notification_id="n1",
+        )
+    except mime.MessageError:
+        return False
+    to = email.message_from_bytes(raw, policy=email.policy.default)["To"]
+    assert [a.addr_spec for a in to.addresses] == [address]
+    return True
+
+
+@pytest.mark.parametrize(("address", "sendable"), TRICKY_ADDRESSES)
+async def test_user_svc_accepts_exactly_the_addresses_the_email_builder_sends_to(
+    gateway: Stub, address: str, sendable: bool
+) -> None:
+    """A user created with an address no e-mail can ever reach would be a broken promise."""
+    assert builder_accepts(address) is sendable
+    request = pb.CreateUserRequest(user=pb.User(email=address))
+    if sendable:
+        created = (await gateway.CreateUser(request, timeout=TIMEOUT)).user
+        assert created.email == address
+    else:
+        err = await failure(gateway.CreateUser(request, timeout=TIMEOUT))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(err) == {"user.email"}
 
 
 @pytest.mark.parametrize(

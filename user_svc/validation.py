@@ -22,8 +22,6 @@ from notify_kit.errors import InvalidArgument
 from notify_kit.status import Status
 from user_svc.store import NewDelivery, NewDevice, NewNotification, NewUser, StatusReport
 
-MAX_EMAIL = 254
-MAX_LOCAL_PART = 64
 MAX_DISPLAY_NAME = 200
 MAX_TOKEN = 4096
 MAX_CORRELATION_ID = 64
@@ -35,8 +33,6 @@ MAX_PAGE_SIZE = 100
 DEFAULT_LOCALE = "en"
 DEFAULT_TIMEZONE = "UTC"
 
-# Control (Cc), format (Cf: zero-width and bidi tricks) and line/paragraph separators.
-_EMAIL_FORBIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp"})
 # Display names may hold emoji sequences (which use the Cf zero-width joiner).
 _NAME_FORBIDDEN = frozenset({"Cc", "Zl", "Zp"})
 
