@@ -1,26 +1,20 @@
 """The formats the contracts' field comments promise, checked the same way everywhere.
 
-A template id or a language tag accepted by the gateway must be one that template_svc
-and user_svc accept too, so the patterns live here once. Always ``fullmatch`` them:
-``$`` would let a trailing newline through.
+Formats the contracts cannot state as a field rule (a language tag to canonicalise, an
+e-mail address the MIME builder must be able to send to) but several services check:
+the rules live here once (field formats are buf.validate rules in proto/). Always
+``fullmatch`` the patterns: ``$`` would let a trailing newline through.
 """
 
 from __future__ import annotations
 
 import re
 
-# Template ids: 1-63 of a-z, 0-9, "-" and "_", starting with a letter.
-TEMPLATE_ID = re.compile(r"[a-z][a-z0-9_-]{0,62}")
-
 # BCP 47-ish: a 2-3 letter language, then subtags of 1-8 letters or digits ("fr-CA",
 # "zh-Hant-TW", "sr-Latn"), at most 35 characters. Full RFC 5646 checking is not worth
 # a dependency here.
 LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:-[A-Za-z0-9]{1,8}){0,6}")
 MAX_LANGUAGE_TAG_LENGTH = 35
-
-# The canonical UUID text form only: uuid.UUID() also takes "{...}", "urn:uuid:..." and
-# no dashes, which would then name the same user two ways.
-UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 
 
 def is_language_tag(value: str) -> bool:

@@ -11,8 +11,8 @@ from notify.v1 import template_service_pb2, template_service_pb2_grpc
 from notify_kit.cache import LruCache
 from notify_kit.db import close_pool, create_pool, ensure_database, migrate
 from notify_kit.server import GrpcServer
+from notify_kit.templating.renderer import Renderer
 from template_svc.config import SERVICE, Config
-from template_svc.renderer import Renderer
 from template_svc.server import TemplateServicer
 from template_svc.store import TemplateStore
 

@@ -13,18 +13,16 @@ from google.protobuf import json_format, struct_pb2
 from notify.v1 import template_service_pb2
 
 from notify_kit.errors import InvalidArgument
-from template_svc.model import (
+from notify_kit.templating.content import (
     EMAIL_HTML,
     EMAIL_SUBJECT,
     EMAIL_TEXT,
     PUSH_BODY,
     PUSH_TITLE,
     Content,
-    Template,
-    Variable,
-    Version,
     canonical_language,
 )
+from template_svc.model import Template, Variable, Version
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_CONTENTS = 100

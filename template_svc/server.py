@@ -8,9 +8,9 @@ from notify.v1 import common_pb2, template_service_pb2, template_service_pb2_grp
 from notify_kit.cache import LruCache
 from notify_kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from notify_kit.rpc import clamp_timeout
+from notify_kit.templating.renderer import Renderer
 from template_svc import messages
 from template_svc.model import Version
-from template_svc.renderer import Renderer
 from template_svc.store import TemplateStore
 
 pb = template_service_pb2
@@ -101,7 +101,8 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
                 },
             )
         rendered = await self._renderer.render(
-            version,
+            version.template_id,
+            version.number,
             content,
             channel,
             messages.variables_from_struct(request.variables),

@@ -13,17 +13,15 @@ from typing import Any
 
 import asyncpg
 
-from template_svc.model import (
+from notify_kit.templating.content import (
     EMAIL_HTML,
     EMAIL_SUBJECT,
     EMAIL_TEXT,
     PUSH_BODY,
     PUSH_TITLE,
     Content,
-    Template,
-    Variable,
-    Version,
 )
+from template_svc.model import Template, Variable, Version
 
 # Field path -> column.
 _COLUMNS = {

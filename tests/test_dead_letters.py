@@ -95,7 +95,7 @@ async def test_dead_letter_requests_are_checked(e2e: E2E) -> None:
     status, body = await e2e.api("POST", "/v1/dead-letters:replay", {})
     assert status == 400 and body["details"][0]["reason"] == "INVALID_REQUEST"
     status, body = await e2e.api("GET", "/v1/dead-letters/not-a-uuid")
-    assert status == 400 and body["details"][0]["reason"] == "INVALID_ID"
+    assert status == 400 and body["details"][0]["reason"] == "INVALID_REQUEST"
     status, body = await e2e.api("GET", f"/v1/dead-letters/{uuid.uuid4()}")
     assert status == 404 and body["details"][0]["reason"] == "DEAD_LETTER_NOT_FOUND"
     status, body = await e2e.api("GET", "/v1/dead-letters?pageSize=501")

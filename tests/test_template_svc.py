@@ -20,10 +20,10 @@ from notify_kit.cache import LruCache
 from notify_kit.errors import error_info
 from notify_kit.rpc import secure_channel
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
-from template_svc import sandbox
+from notify_kit.templating import sandbox
+from notify_kit.templating.content import pick_language
 from template_svc.app import App
 from template_svc.config import Config
-from template_svc.model import pick_language
 
 if TYPE_CHECKING:
     from notify.v1.template_service_pb2_grpc import TemplateServiceAsyncStub as Stub

@@ -1,9 +1,10 @@
 """The render process: compiles, test-renders and renders templates for its parent.
 
-Started by ``template_svc.pool.ProcessPool`` as ``python -m template_svc.render_process
-MEMORY_BYTES``. It limits its own address space, says it is ready, then answers one
-request at a time until its input ends (the parent closed it, or died). It keeps the
-templates it compiled, by (template, version, language), since versions never change.
+Started by ``notify_kit.templating.pool.ProcessPool`` as
+``python -m notify_kit.templating.render_process MEMORY_BYTES``. It limits its own
+address space, says it is ready, then answers one request at a time until its input
+ends (the parent closed it, or died). It keeps the templates it compiled, by (template,
+version, language), since versions never change.
 
 Requests and answers (JSON frames, see ``pool``):
 
@@ -28,9 +29,9 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import BinaryIO
 
-from template_svc import sandbox
-from template_svc.model import Content
-from template_svc.pool import Message, encode, read_frame
+from notify_kit.templating import sandbox
+from notify_kit.templating.content import Content
+from notify_kit.templating.pool import Message, encode, read_frame
 
 _COMPILED_ENTRIES = 512
 _PR_SET_PDEATHSIG = 1

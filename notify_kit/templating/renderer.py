@@ -2,7 +2,7 @@
 memory limit.
 
 The service's own process never runs a template: it sends the job to a render process
-(``template_svc.pool``) and maps the answer to a ServiceError. So a template that spins
+(``notify_kit.templating.pool``) and maps the answer to a ServiceError. So a template that spins
 in a C call or grabs memory costs one render process until its deadline, never the event
 loop, the health checks or the other requests.
 
@@ -21,12 +21,12 @@ from typing import Any
 from notify.v1 import common_pb2
 
 from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
-from template_svc.model import CHANNEL_FIELDS, SINGLE_LINE_FIELDS, Content, Version
-from template_svc.pool import Message, ProcessPool, ProcessStopped
+from notify_kit.templating.content import CHANNEL_FIELDS, SINGLE_LINE_FIELDS, Content
+from notify_kit.templating.pool import Message, ProcessPool, ProcessStopped
 
 log = logging.getLogger(__name__)
 
-_CHILD = "template_svc.render_process"
+_CHILD = "notify_kit.templating.render_process"
 # The child stops itself at its deadline; this much earlier than the parent gives up, so
 # that normally the child answers "timeout" and is kept, instead of being killed.
 _CHILD_MARGIN = 0.1
@@ -112,18 +112,21 @@ class Renderer:
 
     async def render(
         self,
-        version: Version,
+        template_id: str,
+        version: int,
         content: Content,
         channel: common_pb2.Channel.ValueType,
         variables: Mapping[str, Any],
         *,
         timeout: float,
     ) -> dict[str, str]:
-        """Render ``channel`` of ``content``; map every failure to a ServiceError."""
-        where = {"template_id": version.template_id, "version": str(version.number)}
+        """Render ``channel`` of ``content`` (of version ``version`` of the template; the
+        pair names the compiled template the render process keeps); map every failure
+        to a ServiceError."""
+        where = {"template_id": template_id, "version": str(version)}
         request = {
             "op": "render",
-            "key": f"{version.template_id}/{version.number}/{content.language}",
+            "key": f"{template_id}/{version}/{content.language}",
             "fields": dict(content.fields),
             "render": list(CHANNEL_FIELDS[channel]),
             "variables": dict(variables),

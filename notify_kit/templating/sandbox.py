@@ -49,7 +49,7 @@ from jinja2.utils import _PassArg, pass_context, pass_eval_context
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup, soft_str
 
-from template_svc.model import HTML_FIELDS, SINGLE_LINE_FIELDS, Content
+from notify_kit.templating.content import HTML_FIELDS, SINGLE_LINE_FIELDS, Content
 
 log = logging.getLogger(__name__)
 
