@@ -31,9 +31,17 @@ gen-check: $(STAMP)
 certs: $(STAMP)
 	$(PY) scripts/gen_certs.py --dir var/certs
 
+## buf: lint the contracts and check them against the last released ones (proto/released.binpb)
 buf: $(STAMP)
 	$(VENV)/bin/buf lint
-	if git rev-parse -q --verify main >/dev/null; then $(VENV)/bin/buf breaking --against '.git#branch=main'; fi
+	$(VENV)/bin/buf breaking proto --against proto/released.binpb
+
+## contracts-release: at a release, record the committed contracts as the new baseline
+##   (REF=<tag or commit> to record another one; then commit proto/released.binpb)
+REF ?= HEAD
+.PHONY: contracts-release
+contracts-release: $(STAMP)
+	$(VENV)/bin/buf build '.git#ref=$(REF)' --exclude-source-info -o proto/released.binpb
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

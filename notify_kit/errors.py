@@ -4,6 +4,11 @@ Servicers raise a ``ServiceError`` subclass with a machine-readable ``reason``; 
 server interceptor turns it into a ``google.rpc.Status`` carrying an ``ErrorInfo``
 (AIP-193), plus a ``BadRequest`` when fields are at fault. Clients call
 ``from_rpc_error`` so the raw ``grpc.aio.AioRpcError`` never leaks past a client module.
+
+A relayed error keeps the upstream's code and reason. Its message reaches our own
+callers only when an upstream of ours wrote it for them (it came with an ErrorInfo);
+a message made by the gRPC transport (peer addresses, TLS and socket errors) stays in
+``message`` for logs and is replaced by a generic text in the status (``public``).
 """
 
 from __future__ import annotations
@@ -31,12 +36,18 @@ class ServiceError(Exception):
         *,
         metadata: Mapping[str, str] | None = None,
         field_violations: Iterable[tuple[str, str]] = (),
+        public: bool = True,
+        forwarded: bool = False,
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.metadata = dict(metadata or {})
         self.field_violations = list(field_violations)
+        self.public = public
+        """Whether ``message`` may reach our callers as it is (else a generic text does)."""
+        self.forwarded = forwarded
+        """Relayed from an upstream call by ``from_rpc_error``: the code is the upstream's."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.reason!r}, {self.message!r})"
@@ -126,8 +137,24 @@ _BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
 }
 
 
+_GENERIC_MESSAGES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.UNAVAILABLE: "an upstream service is unavailable; retry later",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "an upstream service did not answer in time",
+}
+
+
+def public_message(err: ServiceError) -> str:
+    """The message our callers may see: ``err.message`` unless it is internal detail."""
+    if err.public:
+        return err.message
+    return _GENERIC_MESSAGES.get(err.code, f"an upstream call failed ({err.code.name})")
+
+
 def to_status(err: ServiceError) -> grpc.Status:
-    """Build the rich status for ``err``: ErrorInfo always, BadRequest for field errors."""
+    """Build the rich status for ``err``: ErrorInfo always, BadRequest for field errors.
+
+    The message is ``public_message(err)``: internal detail never goes out.
+    """
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
     details = [info]
@@ -143,7 +170,9 @@ def to_status(err: ServiceError) -> grpc.Status:
         )
         details.append(bad)
     code = err.code.value[0]
-    return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=details))
+    return rpc_status.to_status(
+        status_pb2.Status(code=code, message=public_message(err), details=details)
+    )
 
 
 def _details(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[any_pb2.Any]:
@@ -172,19 +201,25 @@ def field_violations(metadata: Iterable[tuple[str, str | bytes]] | None) -> list
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> ServiceError:
-    """Map a failed outbound RPC to our error type, keeping the upstream reason."""
+    """Map a failed outbound RPC to our error type, keeping the upstream code and reason.
+
+    Our servers attach an ErrorInfo to every error and write its message for callers;
+    without one, the message is the transport's (addresses, TLS errors): kept in
+    ``message`` for logs and the caller's own decisions, never relayed (``public``).
+    """
     code = exc.code()
     cls = _BY_CODE.get(code, Internal)
     if code == grpc.StatusCode.CANCELLED:
         cls = Unavailable
     trailing = exc.trailing_metadata()
     info = error_info(trailing)
-    reason = info.reason or f"UPSTREAM_{code.name}"
     return cls(
-        reason,
+        info.reason or f"UPSTREAM_{code.name}",
         exc.details() or code.name,
         metadata=dict(info.metadata),
         field_violations=field_violations(trailing),
+        public=bool(info.reason),
+        forwarded=True,
     )
 
 

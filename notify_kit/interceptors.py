@@ -3,8 +3,13 @@
 The server interceptor wraps every unary handler so that (in this order) the
 correlation id is bound, the caller's certificate identity is checked against the
 access matrix (a denied call never reaches a handler), the handler runs, and any
-``ServiceError`` becomes a rich status. Anything else is logged with its traceback and
-answered as INTERNAL without leaking internals to the caller.
+``ServiceError`` becomes a rich status. What else a handler raises meets one table
+(``notify_kit.outage``): an infrastructure failure (database, Redis, broker, sockets,
+timeouts) answers UNAVAILABLE (or DEADLINE_EXCEEDED when the caller's deadline ran out)
+with reason DEPENDENCY_UNAVAILABLE; anything else is a bug and answers INTERNAL. Neither
+answer carries exception text: the caller gets the reason and the correlation id, the
+log gets the detail under the same correlation id. A relayed upstream error keeps its
+code (in the answer and the access log) and loses only transport detail.
 """
 
 from __future__ import annotations
@@ -24,12 +29,23 @@ from notify_kit.context import (
     sanitize_correlation_id,
     set_correlation_id,
 )
-from notify_kit.errors import Internal, ServiceError, Unavailable, to_status
-from notify_kit.outage import INFRA_ERRORS
+from notify_kit.errors import Internal, ServiceError, error_info, to_status
+from notify_kit.outage import DEPENDENCY_UNAVAILABLE, describe, is_outage, outage_error
 
 log = logging.getLogger(__name__)
 
-DEPENDENCY_DOWN = "DEPENDENCY_UNAVAILABLE"
+DEPENDENCY_DOWN = DEPENDENCY_UNAVAILABLE
+
+# Codes that say "the server side failed": their causes are worth a log line.
+_SERVER_SIDE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -88,33 +104,38 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         policy = self._policy
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            set_correlation_id(sanitize_correlation_id(metadata_value(context, CORRELATION_HEADER)))
+            correlation_id = sanitize_correlation_id(metadata_value(context, CORRELATION_HEADER))
+            set_correlation_id(correlation_id)
             start = time.perf_counter()
-            outcome, reason = "OK", ""
+            outcome, reason, forwarded = "OK", "", False
             try:
                 policy.check(peer_identity(context), method)
                 return await inner(request, context)
             except ServiceError as err:
-                outcome = err.code.name
-                reason = err.reason
+                outcome, reason, forwarded = err.code.name, err.reason, err.forwarded
+                _log_cause(err, method)
                 await context.abort_with_status(to_status(err))
             except grpc.aio.AbortError:
-                outcome = "ABORTED_BY_HANDLER"
+                # Servicers raise domain errors; what aborts is a relay (the gateway's
+                # forwarder): log the upstream's real code and reason, not "aborted".
+                outcome, reason, forwarded = _aborted_with(context)
                 raise
-            except INFRA_ERRORS as exc:
-                # A database, Redis or socket of ours failed: the caller may retry, and
-                # learns nothing of our internals (the detail goes to the log).
-                outcome, reason = "UNAVAILABLE", DEPENDENCY_DOWN
-                log.warning("dependency unavailable: %r", exc, extra={"method": method})
-                await context.abort_with_status(
-                    to_status(Unavailable(DEPENDENCY_DOWN, "a dependency is down; retry later"))
-                )
-            except Exception:
-                outcome = "INTERNAL"
-                log.exception("unhandled error", extra={"method": method})
-                await context.abort_with_status(
-                    to_status(Internal("INTERNAL", "internal error; see server logs"))
-                )
+            except Exception as exc:
+                safe = {"correlation_id": correlation_id}
+                if is_outage(exc):
+                    # A database, Redis, broker or socket of ours failed: the caller may
+                    # retry, and learns nothing of our internals (the detail is logged).
+                    answer = outage_error(exc, context.time_remaining(), safe)
+                    log.warning(
+                        "dependency unavailable: %s",
+                        describe(exc),
+                        extra={"method": method, "error": type(exc).__qualname__},
+                    )
+                else:
+                    answer = Internal("INTERNAL", "internal error; see server logs", metadata=safe)
+                    log.exception("unhandled error", extra={"method": method})
+                outcome, reason = answer.code.name, answer.reason
+                await context.abort_with_status(to_status(answer))
             finally:
                 # One access-log line per call (INFO), so every hop of a request shows up
                 # under its correlation id; NOTIFY_LOG_LEVEL=WARNING silences it.
@@ -124,11 +145,37 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         "method": method,
                         "code": outcome,
                         "reason": reason,
+                        "forwarded": forwarded,
                         "ms": round((time.perf_counter() - start) * 1000, 2),
                     },
                 )
 
         return wrap_unary(handler, wrapped)
+
+
+def _aborted_with(context: grpc.aio.ServicerContext) -> tuple[str, str, bool]:
+    """The code and ErrorInfo reason a handler aborted with, for the access log."""
+    code = context.code()
+    if not isinstance(code, grpc.StatusCode):
+        return "ABORTED_BY_HANDLER", "", False
+    return code.name, error_info(context.trailing_metadata()).reason, True
+
+
+def _log_cause(err: ServiceError, method: str) -> None:
+    """Log what the caller will not see: transport detail, or the cause of a server fault."""
+    if not err.public:
+        detail = err.message
+    elif err.code in _SERVER_SIDE and err.__cause__ is not None:
+        detail = describe(err.__cause__)
+    else:
+        return
+    log.warning(
+        "%s %s: %s",
+        err.code.name,
+        err.reason,
+        detail,
+        extra={"method": method, "forwarded": err.forwarded},
+    )
 
 
 class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):

@@ -2,25 +2,90 @@
 down or slow", not "this request is wrong" and not "our code has a bug".
 
 Whoever meets one at a boundary treats it as an outage: a worker holds the job and
-pauses consumption instead of spending an attempt; a server answers UNAVAILABLE.
+pauses consumption instead of spending an attempt; a server answers UNAVAILABLE (503 at
+the edge, retryable), or DEADLINE_EXCEEDED when what ran out was the caller's own
+deadline (``outage_error``). Anything not in the table is a bug and answers INTERNAL.
 """
 
 from __future__ import annotations
 
+import aiormq.exceptions
 import asyncpg
 import redis.exceptions
 
-from notify_kit.errors import Unavailable
+from notify_kit.errors import DeadlineExceeded, ServiceError, Unavailable
+
+DEPENDENCY_UNAVAILABLE = "DEPENDENCY_UNAVAILABLE"
+"""The ErrorInfo reason of every answer to an outage of one of our dependencies."""
+
+TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,  # asyncio.timeout/wait_for, socket timeouts, pool.acquire(timeout=)
+    asyncpg.QueryCanceledError,  # statement_timeout (57014)
+    redis.exceptions.TimeoutError,
+)
+"""The infrastructure errors that mean "too slow" rather than "gone"."""
 
 INFRA_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # connection refused/reset, includes ConnectionError
-    TimeoutError,  # asyncio and socket timeouts
-    asyncpg.PostgresConnectionError,
+    *TIMEOUT_ERRORS,
+    # PostgreSQL (asyncpg)
+    asyncpg.PostgresConnectionError,  # class 08: connection failure, does not exist
     asyncpg.InterfaceError,  # connection closed under us, pool closing
-    asyncpg.QueryCanceledError,  # statement_timeout
-    asyncpg.TooManyConnectionsError,
-    asyncpg.CannotConnectNowError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
+    asyncpg.exceptions.OperatorInterventionError,  # 57: admin/crash shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+    asyncpg.ReadOnlySQLTransactionError,  # a failed-over primary answering as a replica
+    # Redis
+    redis.exceptions.ConnectionError,  # includes busy loading, max connections
+    redis.exceptions.ReadOnlyError,  # a replica after failover
+    redis.exceptions.ClusterDownError,  # includes MasterDownError
+    redis.exceptions.TryAgainError,
+    # RabbitMQ (aio-pika re-exports aiormq's classes)
+    aiormq.exceptions.AMQPConnectionError,  # an OSError too; listed for the reader
+    aiormq.exceptions.ChannelInvalidStateError,  # the channel closed under a call
     Unavailable,  # our own services and the broker, already mapped
 )
+
+DEADLINE_MARGIN = 0.05
+"""Seconds: a timeout with less than this left of the caller's deadline used it up."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is an infrastructure failure (a group: when all its members are)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_outage(inner) for inner in exc.exceptions)
+    return isinstance(exc, INFRA_ERRORS)
+
+
+def describe(exc: BaseException) -> str:
+    """Type and text of ``exc`` (each member of a group) for the log, never for a caller.
+
+    Not ``repr``: redis-py's errors repr as their category alone ("network:ConnectionError").
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(inner) for inner in exc.exceptions)
+    return f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_timeout(inner) for inner in exc.exceptions)
+    return isinstance(exc, TIMEOUT_ERRORS)
+
+
+def outage_error(
+    exc: BaseException, time_remaining: float | None, metadata: dict[str, str] | None = None
+) -> ServiceError:
+    """The answer to the outage ``exc`` (see ``is_outage``): no exception text in it.
+
+    A timeout that used up the caller's own deadline (``time_remaining``, of the inbound
+    call) is DEADLINE_EXCEEDED: the honest answer, and a retry needs a longer deadline. Any
+    other outage, our own outbound timeouts included, is UNAVAILABLE: retry later.
+    ``metadata`` must hold only what a client may see (a correlation id).
+    """
+    if _is_timeout(exc) and time_remaining is not None and time_remaining < DEADLINE_MARGIN:
+        return DeadlineExceeded(
+            DEPENDENCY_UNAVAILABLE, "a dependency did not answer in time", metadata=metadata
+        )
+    return Unavailable(
+        DEPENDENCY_UNAVAILABLE, "a dependency is down; retry later", metadata=metadata
+    )

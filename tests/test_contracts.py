@@ -1,7 +1,11 @@
-"""The contracts: generated code is fresh, buf lint passes, every external RPC is routed."""
+"""The contracts: generated code is fresh, buf lint passes, the contracts are compatible with
+the released ones (``proto/released.binpb``), every external RPC is routed."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +22,28 @@ from gateway.auth import METHOD_SCOPES
 from scripts.system import ROOT
 
 BIN = Path(sys.executable).parent
+# The descriptor image of the last released contracts (``make contracts-release``).
+RELEASED = ROOT / "proto" / "released.binpb"
+
+
+def _buf_breaking(workspace: Path) -> subprocess.CompletedProcess[str]:
+    """``buf breaking`` of ``workspace``'s contracts against the released image, as make runs it."""
+    return subprocess.run(
+        [
+            str(BIN / "buf"),
+            "breaking",
+            "proto",
+            "--against",
+            str(RELEASED),
+            "--error-format",
+            "json",
+        ],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_generated_code_is_not_stale() -> None:
@@ -57,3 +83,40 @@ def test_every_http_bound_rpc_is_exposed_with_a_scope_and_nothing_else() -> None
                 if method.GetOptions().HasExtension(annotations_pb2.http):
                     bound.add(f"/{service.full_name}/{method.name}")
     assert bound == set(METHOD_SCOPES)
+
+
+def test_make_buf_checks_against_the_committed_baseline() -> None:
+    plan = subprocess.run(
+        ["make", "-n", "buf"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "breaking proto --against proto/released.binpb" in plan.stdout, plan.stdout
+    assert ".git#" not in plan.stdout  # not the same checkout again
+    assert RELEASED.is_file()
+
+
+def test_contracts_are_compatible_with_the_released_ones() -> None:
+    out = _buf_breaking(ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _edit(path: Path, pattern: str, replacement: str) -> None:
+    text, count = re.subn(pattern, replacement, path.read_text(), count=1, flags=re.MULTILINE)
+    assert count == 1, f"{pattern!r} not found in {path.name}: update this test"
+    path.write_text(text)
+
+
+def test_breaking_check_fails_on_a_deleted_field_and_a_renamed_rpc(tmp_path: Path) -> None:
+    """The check has teeth: a copy of the contracts with a field removed and an RPC renamed
+    fails against the baseline, naming the rules it broke."""
+    shutil.copy(ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    shutil.copytree(ROOT / "proto", tmp_path / "proto")
+    shutil.copytree(ROOT / "third_party", tmp_path / "third_party")
+    v1 = tmp_path / "proto" / "notify" / "v1"
+    _edit(v1 / "common.proto", r"^\s*string correlation_id = 7\b[^;]*;\n", "")
+    _edit(v1 / "user_service.proto", r"^(\s*)rpc GetUser\(", r"\1rpc FetchUser(")
+
+    out = _buf_breaking(tmp_path)
+
+    assert out.returncode != 0, out.stdout + out.stderr
+    rules = {json.loads(line)["type"] for line in out.stdout.splitlines() if line.strip()}
+    assert {"FIELD_NO_DELETE", "RPC_NO_DELETE"} <= rules, out.stdout + out.stderr
