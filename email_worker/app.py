@@ -40,7 +40,6 @@ async def start(config: Config, *, providers: Sequence[EmailProvider] | None = N
             upstreams.templates,
             chain,
             mail_from=config.mail_from,
-            rpc_timeout=config.worker.rpc_timeout,
         )
 
     return await WorkerApp.start(config.common, config.dsn, config.worker, build)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 from email.utils import parseaddr
 
-from notify.v1 import common_pb2, jobs_pb2, template_service_pb2_grpc
+from notify.v1 import common_pb2, jobs_pb2
 
 from email_worker.mime import MessageError, check_address, check_header_value, format_address
 from email_worker.outgoing import OutgoingEmail
 from notify_kit.amqp import EMAIL
 from notify_kit.jobs.errors import PermanentError
 from notify_kit.jobs.providers import ProviderChain, Sent
-from notify_kit.jobs.upstream import render
+from notify_kit.jobs.templates import Templates
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,16 @@ class EmailJobHandler:
 
     def __init__(
         self,
-        templates: template_service_pb2_grpc.TemplateServiceStub,
+        templates: Templates,
         chain: ProviderChain[OutgoingEmail, str],
         *,
         mail_from: str,
-        rpc_timeout: float = 5.0,
     ) -> None:
         name, address = parseaddr(mail_from)
         format_address(name, address)  # refuses a bad sender at start-up
         self._from_name, self._from_address = name, address
         self._templates = templates
         self.chain = chain
-        self._rpc_timeout = rpc_timeout
 
     def decode(self, body: bytes) -> jobs_pb2.EmailJob:
         """Parse the queue body (``DecodeError`` when it is not an ``EmailJob``)."""
@@ -58,13 +56,12 @@ class EmailJobHandler:
             check_header_value("display name", job.to_name)
         except MessageError as exc:
             raise PermanentError(str(exc)) from exc
-        response = await render(
-            self._templates,
+        response = await self._templates.render(
             job.template_id,
+            job.template_version,
             job.language,
             common_pb2.CHANNEL_EMAIL,
             job.variables,
-            timeout=self._rpc_timeout,
         )
         content = response.email
         try:

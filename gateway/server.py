@@ -187,7 +187,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         meta = self._meta(request, notification_id, idempotency_key)
         language = request.language or profile.locale or "en"
         jobs = {
-            d.channel: _job(d.channel, meta, request, profile, language)
+            d.channel: _job(d.channel, meta, request, profile, language, template.version)
             for d in deliveries
             if d.status == S.NOTIFICATION_STATUS_QUEUED
         }
@@ -309,8 +309,9 @@ def _job(
     request: notification_service_pb2.SendNotificationRequest,
     profile: user_service_pb2.DeliveryProfile,
     language: str,
+    template_version: int,
 ) -> jobs_pb2.EmailJob | jobs_pb2.PushJob:
-    """The queue job of one channel."""
+    """The queue job of one channel, pinned to the template version accepted for."""
     if CHANNEL_KINDS[channel] is EMAIL:
         return jobs_pb2.EmailJob(
             meta=meta,
@@ -319,6 +320,7 @@ def _job(
             template_id=request.template_id,
             language=language,
             variables=request.variables,
+            template_version=template_version,
         )
     return jobs_pb2.PushJob(
         meta=meta,
@@ -331,4 +333,5 @@ def _job(
         template_id=request.template_id,
         language=language,
         variables=request.variables,
+        template_version=template_version,
     )

@@ -16,6 +16,7 @@ from notify_kit.errors import PermissionDenied, Unauthenticated
 
 OPEN_TO_MESH = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _WORKER_CALLS = (
+    "/notify.v1.TemplateService/GetTemplateVersion",
     "/notify.v1.TemplateService/RenderTemplate",
     "/notify.v1.UserService/UpdateDeliveryStatus",
     "/notify.v1.UserService/GetDeliveryProfile",

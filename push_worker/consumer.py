@@ -15,7 +15,6 @@ from typing import Protocol
 from notify.v1 import (
     common_pb2,
     jobs_pb2,
-    template_service_pb2_grpc,
     user_service_pb2,
     user_service_pb2_grpc,
 )
@@ -25,7 +24,7 @@ from notify_kit.amqp import PUSH
 from notify_kit.errors import ServiceError
 from notify_kit.jobs.errors import PermanentError, TransientError
 from notify_kit.jobs.providers import Provider, ProviderChain, Sent, Skip
-from notify_kit.jobs.upstream import render
+from notify_kit.jobs.templates import Templates
 from push_worker.outgoing import Outcome, OutgoingPush, PushResult, Target, TargetKind
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ class PushJobHandler:
 
     def __init__(
         self,
-        templates: template_service_pb2_grpc.TemplateServiceStub,
+        templates: Templates,
         users: user_service_pb2_grpc.UserServiceStub,
         chain: ProviderChain[OutgoingPush, PushResult],
         *,
@@ -103,13 +102,12 @@ class PushJobHandler:
         )
         if not targets:
             raise PermanentError("no devices")
-        response = await render(
-            self._templates,
+        response = await self._templates.render(
             job.template_id,
+            job.template_version,
             job.language,
             common_pb2.CHANNEL_PUSH,
             job.variables,
-            timeout=self._rpc_timeout,
         )
         push = OutgoingPush(
             job.meta.notification_id,

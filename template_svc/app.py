@@ -44,12 +44,7 @@ class App:
             pool = await create_pool(config.dsn, application=SERVICE)
             stack.push_async_callback(close_pool, pool)
             await migrate(pool, MIGRATIONS)
-            renderer = Renderer(
-                timeout=config.render_timeout,
-                max_bytes=config.render_max_bytes,
-                processes=config.render_processes,
-                memory_bytes=config.render_memory_mb << 20,
-            )
+            renderer = Renderer(config.render)
             await renderer.start()
             stack.push_async_callback(renderer.close)
             # Versions never change once written (the database forbids it), so loaded
@@ -60,7 +55,7 @@ class App:
                 TemplateStore(pool),
                 renderer,
                 LruCache(),
-                render_timeout=config.render_timeout,
+                render_timeout=config.render.timeout,
             )
 
             def register(server: grpc.aio.Server) -> None:

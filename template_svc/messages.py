@@ -6,10 +6,8 @@ used ("template.contents[1].push.title"), so a template author fixes everything 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from google.protobuf import json_format, struct_pb2
 from notify.v1 import template_service_pb2
 
 from notify_kit.errors import InvalidArgument
@@ -21,12 +19,13 @@ from notify_kit.templating.content import (
     PUSH_TITLE,
     Content,
     canonical_language,
+    email_message,
+    push_message,
 )
 from template_svc.model import Template, Variable, Version
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_CONTENTS = 100
-_MAX_SAFE_INTEGER = 2**53
 
 Violations = list[tuple[str, str]]
 
@@ -193,18 +192,23 @@ def _default_language(
 
 def template_message(template: Template) -> template_service_pb2.Template:
     """The API view of a template and its current version."""
-    message = template_service_pb2.Template(
-        id=template.id,
-        description=template.description,
-        version=template.current.number,
-        contents=[_content_message(c) for c in template.current.contents],
-        variables=template.current.variables,
-        default_language=template.current.default_language,
-        schema=schema_message(template.current),
-    )
+    message = version_message(template.current)
+    message.description = template.description
     message.create_time.FromDatetime(template.created_at)
     message.update_time.FromDatetime(template.updated_at)
     return message
+
+
+def version_message(version: Version) -> template_service_pb2.Template:
+    """A template as of ``version`` (no description, no times)."""
+    return template_service_pb2.Template(
+        id=version.template_id,
+        version=version.number,
+        contents=[_content_message(c) for c in version.contents],
+        variables=version.variables,
+        default_language=version.default_language,
+        schema=schema_message(version),
+    )
 
 
 def schema_message(version: Version) -> list[template_service_pb2.TemplateVariable]:
@@ -236,36 +240,3 @@ def _content_message(content: Content) -> template_service_pb2.TemplateContent:
     if PUSH_TITLE in fields:
         message.push.CopyFrom(push_message(fields))
     return message
-
-
-def email_message(fields: Mapping[str, str]) -> template_service_pb2.EmailContent:
-    """Email parts (sources or renderings) keyed by field path, as a message."""
-    return template_service_pb2.EmailContent(
-        subject=fields[EMAIL_SUBJECT],
-        text_body=fields[EMAIL_TEXT],
-        html_body=fields.get(EMAIL_HTML, ""),
-    )
-
-
-def push_message(fields: Mapping[str, str]) -> template_service_pb2.PushContent:
-    """Push parts (sources or renderings) keyed by field path, as a message."""
-    return template_service_pb2.PushContent(title=fields[PUSH_TITLE], body=fields[PUSH_BODY])
-
-
-def variables_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """Template variables as plain Python values.
-
-    A Struct has only doubles, so whole numbers come back as ints: "3 items", not "3.0 items".
-    """
-    values: dict[str, Any] = json_format.MessageToDict(struct)
-    return {key: _whole_numbers(value) for key, value in values.items()}
-
-
-def _whole_numbers(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole_numbers(v) for v in value]
-    return value

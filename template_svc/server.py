@@ -8,6 +8,7 @@ from notify.v1 import common_pb2, template_service_pb2, template_service_pb2_grp
 from notify_kit.cache import LruCache
 from notify_kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from notify_kit.rpc import clamp_timeout
+from notify_kit.templating.content import email_message, push_message, variables_from_struct
 from notify_kit.templating.renderer import Renderer
 from template_svc import messages
 from template_svc.model import Version
@@ -105,15 +106,22 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
             version.number,
             content,
             channel,
-            messages.variables_from_struct(request.variables),
+            variables_from_struct(request.variables),
             timeout=clamp_timeout(context.time_remaining(), self._render_timeout),
         )
         response = pb.RenderTemplateResponse(version=version.number, language=content.language)
         if channel == common_pb2.CHANNEL_EMAIL:
-            response.email.CopyFrom(messages.email_message(rendered))
+            response.email.CopyFrom(email_message(rendered))
         else:
-            response.push.CopyFrom(messages.push_message(rendered))
+            response.push.CopyFrom(push_message(rendered))
         return response
+
+    async def GetTemplateVersion(  # noqa: N802 (the proto's method name)
+        self, request: pb.GetTemplateVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTemplateVersionResponse:
+        """One version, for a worker to render itself (it never changes: cache it)."""
+        version = await self._version(request.template_id, request.version)
+        return pb.GetTemplateVersionResponse(template=messages.version_message(version))
 
     async def _version(self, template_id: str, number: int) -> Version:
         """Version ``number`` (0: the current one, looked up every time), cached once loaded."""

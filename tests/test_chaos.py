@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from scripts.api import DEMO_TEMPLATE
 from tests.conftest import RUN_ID
 from tests.e2e_support import API_KEY, E2E, e2e_system
 
@@ -32,7 +33,9 @@ async def chaos(tmp_path: Path, certs_dir: Path) -> AsyncIterator[E2E]:
         yield handle
 
 
-async def _send_many(sys: E2E, user_ids: list[str], count: int) -> tuple[list[str], int]:
+async def _send_many(
+    sys: E2E, user_ids: list[str], count: int, template_id: str = "welcome"
+) -> tuple[list[str], int]:
     """Post ``count`` e-mail notifications with 16 clients; (ids answered OK, errors)."""
     ok: list[str] = []
     errors = 0
@@ -44,7 +47,7 @@ async def _send_many(sys: E2E, user_ids: list[str], count: int) -> tuple[list[st
             for i in todo:
                 body: dict[str, Any] = {
                     "userId": user_ids[i % len(user_ids)],
-                    "templateId": "welcome",
+                    "templateId": template_id,
                     "channels": ["CHANNEL_EMAIL"],
                     "variables": {"name": f"c{i}"},
                 }
@@ -145,19 +148,39 @@ async def test_soak_with_repeated_worker_kills(chaos: E2E) -> None:
         pytest.param(200, 300.0, marks=pytest.mark.nightly, id="200-for-5-minutes"),
     ],
 )
-async def test_template_service_outage_is_accepted_through_and_spends_no_attempt(
+async def test_template_service_outage_is_delivered_through_and_spends_no_attempt(
     chaos: E2E, count: int, outage: float
 ) -> None:
+    """The gateway accepts on the template it last saw, the workers render the versions
+    they keep; a version no worker has seen waits for TemplateService, spending nothing."""
     users = [await chaos.new_user(devices=0) for _ in range(3)]
-    warm, _ = await _send_many(chaos, users, 1)  # the gateway now knows the template
+    warm, _ = await _send_many(chaos, users, 1)  # the gateway and the worker now know it
     await chaos.settle(warm[0])
+    # A second template the gateway has seen (for a user who opted out of e-mail: no
+    # job) but no worker has fetched.
+    unseen = {**DEMO_TEMPLATE, "id": f"unseen-{uuid.uuid4().hex[:8]}"}
+    status, body = await chaos.api("POST", "/v1/templates", unseen)
+    assert status == 200, body
+    opted_out = await chaos.new_user(devices=0, preferences={"emailOptOut": True})
+    suppressed, _ = await _send_many(chaos, [opted_out], 1, unseen["id"])
+    assert len(suppressed) == 1
+
     await chaos.system.kill("template_svc", signal.SIGKILL)
     ids, errors = await _send_many(chaos, users, count)
     assert errors == 0 and len(ids) == count  # accepted on the last known template
-    await asyncio.sleep(outage)  # how long the outage lasts: the scenario, not a wait
-    await chaos.system.start_service("template_svc")
-    for nid in ids:
+    held, errors = await _send_many(chaos, users[:1], 1, unseen["id"])
+    assert errors == 0 and len(held) == 1
+    for nid in ids:  # delivered during the outage
         final = await chaos.settle(nid, timeout=90)
         delivery = final["notification"]["deliveries"][0]
         assert delivery["status"] == "NOTIFICATION_STATUS_DELIVERED", delivery
-        assert delivery["attempts"] == 1  # the outage was ours: no attempt spent on it
+        assert delivery["attempts"] == 1
+    status, body = await chaos.api("GET", f"/v1/notifications/{held[0]}")
+    assert status == 200, body
+    assert body["notification"]["deliveries"][0]["status"] != "NOTIFICATION_STATUS_FAILED"
+    await asyncio.sleep(outage)  # how long the outage lasts: the scenario, not a wait
+    await chaos.system.start_service("template_svc")
+    final = await chaos.settle(held[0], timeout=90)
+    delivery = final["notification"]["deliveries"][0]
+    assert delivery["status"] == "NOTIFICATION_STATUS_DELIVERED", delivery
+    assert delivery["attempts"] == 1  # the outage was ours: no attempt spent on it

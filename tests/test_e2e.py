@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from gateway.store import KeyStore
 from notify_kit import db
+from scripts.api import DEMO_TEMPLATE
 from tests.e2e_support import API_KEY, E2E
 
 pytestmark = pytest.mark.timeout(300)
@@ -210,11 +211,16 @@ async def test_user_and_template_routes(e2e: E2E) -> None:
 
 async def test_one_correlation_id_follows_the_notification_through_every_log(e2e: E2E) -> None:
     user_id = await e2e.new_user(devices=0)
+    # A template nobody has fetched yet: the gateway (GetTemplate) and the worker
+    # (GetTemplateVersion, which it then keeps) both reach template_svc for this send.
+    template = {**DEMO_TEMPLATE, "id": f"trace-{uuid.uuid4().hex[:8]}"}
+    status, created = await e2e.api("POST", "/v1/templates", template)
+    assert status == 200, created
     corr = f"corr-{uuid.uuid4().hex[:12]}"
     status, sent = await e2e.api(
         "POST",
         "/v1/notifications",
-        {"userId": user_id, "templateId": "welcome", "variables": {"name": "Trace"}},
+        {"userId": user_id, "templateId": template["id"], "variables": {"name": "Trace"}},
         headers={"x-correlation-id": corr},
     )
     assert status == 200, sent

@@ -27,6 +27,7 @@ from notify.v1 import common_pb2, template_service_pb2, template_service_pb2_grp
 from notify_kit.errors import error_info
 from notify_kit.rpc import secure_channel
 from notify_kit.settings import CommonSettings, TlsSettings
+from notify_kit.templating.renderer import RenderSettings
 from scripts.system import poll
 from template_svc.app import App
 from template_svc.config import Config
@@ -150,8 +151,7 @@ async def app(
     config = Config(
         common=common_for("template_svc"),
         dsn=await database("template_hostile"),
-        render_timeout=TIMEOUT,
-        render_memory_mb=MEMORY_MB,
+        render=RenderSettings(timeout=TIMEOUT, memory_mb=MEMORY_MB),
     )
     running = await App.start(config)
     yield running

@@ -22,6 +22,7 @@ from notify_kit.rpc import secure_channel
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
 from notify_kit.templating import sandbox
 from notify_kit.templating.content import pick_language
+from notify_kit.templating.renderer import RenderSettings
 from template_svc.app import App
 from template_svc.config import Config
 
@@ -63,9 +64,7 @@ async def tight_app(
         database,
         common_for,
         "template_tight",
-        render_timeout=0.3,
-        render_max_bytes=200,
-        render_processes=TIGHT_PROCESSES,
+        render=RenderSettings(timeout=0.3, max_bytes=200, processes=TIGHT_PROCESSES),
     )
     yield running
     await running.stop()
@@ -726,7 +725,7 @@ def test_config_from_env(certs_dir: Path) -> None:
     config = Config.from_env({"NOTIFY_TLS_DIR": str(certs_dir), "NOTIFY_RENDER_TIMEOUT": "0.5"})
     assert config.common.listen == "127.0.0.1:50053"
     assert config.dsn.endswith("/notify_template")
-    assert (config.render_timeout, config.render_max_bytes) == (0.5, 256 * 1024)
+    assert (config.render.timeout, config.render.max_bytes) == (0.5, 256 * 1024)
     with pytest.raises(SettingsError):
         Config.from_env({"NOTIFY_TLS_DIR": str(certs_dir), "NOTIFY_RENDER_MAX_BYTES": "0"})
 

@@ -22,9 +22,11 @@ from notify_kit.jobs.admin import WorkerAdmin
 from notify_kit.jobs.ledger import MIGRATIONS, DeliveryLog
 from notify_kit.jobs.runner import JobHandler, JobRunner
 from notify_kit.jobs.settings import WorkerSettings
+from notify_kit.jobs.templates import Templates
 from notify_kit.jobs.upstream import status_reporter
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings
+from notify_kit.templating.renderer import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ ADMIN_SERVICE = "notify.v1.WorkerAdminService"
 class Upstreams:
     """Stubs of our own services a handler may call (over mTLS, the access matrix)."""
 
-    templates: template_service_pb2_grpc.TemplateServiceStub
+    templates: Templates  # renders the jobs' pinned versions in our render processes
     users: user_service_pb2_grpc.UserServiceStub
 
 
@@ -78,9 +80,15 @@ class WorkerApp:
             users = rpc.secure_channel(settings.user_svc_addr, common.tls)
             stack.push_async_callback(users.close)
             users_stub = user_service_pb2_grpc.UserServiceStub(users)
-            upstreams = Upstreams(
-                template_service_pb2_grpc.TemplateServiceStub(templates), users_stub
+            renderer = Renderer(settings.render)
+            await renderer.start()
+            stack.push_async_callback(renderer.close)
+            rendering = Templates(
+                template_service_pb2_grpc.TemplateServiceStub(templates),
+                renderer,
+                rpc_timeout=settings.rpc_timeout,
             )
+            upstreams = Upstreams(rendering, users_stub)
             handler = await build(upstreams, stack)
             report = status_reporter(users_stub, handler.channel, timeout=settings.rpc_timeout)
 

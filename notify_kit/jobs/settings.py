@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from notify_kit.amqp import Topology
 from notify_kit.breaker import BreakerSettings
 from notify_kit.settings import SettingsError, env_float, env_int, env_optional, env_str
+from notify_kit.templating.renderer import RenderSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,9 @@ class WorkerSettings:
     template_svc_addr: str = "127.0.0.1:50053"
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     rpc_timeout: float = 5.0
+    # NOTIFY_RENDER_*: the worker renders its jobs' template versions itself, under the
+    # limits TemplateService uses; one render process by default (NOTIFY_RENDER_PROCESSES).
+    render: RenderSettings = field(default_factory=lambda: RenderSettings(processes=1))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -50,6 +54,7 @@ class WorkerSettings:
             template_svc_addr=env_str("NOTIFY_TEMPLATE_SVC_ADDR", "127.0.0.1:50053", env),
             runner=RunnerSettings(prefetch=env_int("NOTIFY_PREFETCH", 32, env)),
             rpc_timeout=env_float("NOTIFY_RPC_TIMEOUT", 5.0, env),
+            render=RenderSettings.from_env(env, processes=1),
         )
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from google.protobuf import json_format, struct_pb2
 from notify.v1 import common_pb2, template_service_pb2
 
 from notify_kit import formats
@@ -32,6 +34,7 @@ CHANNEL_FIELDS: Mapping[common_pb2.Channel.ValueType, tuple[str, ...]] = {
 HTML_FIELDS = frozenset({EMAIL_HTML})
 # Become mail headers / notification titles: stripped, and a line break is an injection.
 SINGLE_LINE_FIELDS = frozenset({EMAIL_SUBJECT, PUSH_TITLE})
+_MAX_SAFE_INTEGER = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +103,36 @@ def pick_language(requested: str, available: Collection[str], default: str) -> s
             if candidate in available:
                 return candidate
     return default
+
+
+def email_message(fields: Mapping[str, str]) -> template_service_pb2.EmailContent:
+    """Email parts (sources or renderings) keyed by field path, as a message."""
+    return template_service_pb2.EmailContent(
+        subject=fields[EMAIL_SUBJECT],
+        text_body=fields[EMAIL_TEXT],
+        html_body=fields.get(EMAIL_HTML, ""),
+    )
+
+
+def push_message(fields: Mapping[str, str]) -> template_service_pb2.PushContent:
+    """Push parts (sources or renderings) keyed by field path, as a message."""
+    return template_service_pb2.PushContent(title=fields[PUSH_TITLE], body=fields[PUSH_BODY])
+
+
+def variables_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """Template variables as plain Python values.
+
+    A Struct has only doubles, so whole numbers come back as ints: "3 items", not "3.0 items".
+    """
+    values: dict[str, Any] = json_format.MessageToDict(struct)
+    return {key: _whole_numbers(value) for key, value in values.items()}
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value

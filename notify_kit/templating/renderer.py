@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from notify.v1 import common_pb2
 
 from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
+from notify_kit.settings import SettingsError, env_float, env_int
 from notify_kit.templating.content import CHANNEL_FIELDS, SINGLE_LINE_FIELDS, Content
 from notify_kit.templating.pool import Message, ProcessPool, ProcessStopped
 
@@ -32,18 +33,62 @@ _CHILD = "notify_kit.templating.render_process"
 _CHILD_MARGIN = 0.1
 
 
+@dataclass(frozen=True, slots=True)
+class RenderSettings:
+    """The limits of rendering, the same wherever it runs; fails fast on a bad value."""
+
+    # NOTIFY_RENDER_TIMEOUT: seconds one rendering (or one field's test render) may take.
+    timeout: float = 2.0
+    # NOTIFY_RENDER_MAX_BYTES: cap on what one rendering produces, all fields together.
+    max_bytes: int = 256 * 1024
+    # NOTIFY_RENDER_PROCESSES: render processes, each rendering one template at a time.
+    processes: int = 2
+    # NOTIFY_RENDER_MEMORY_MB: address-space limit of each render process (an idle one
+    # maps about 55 MB); a template that needs more fails with RENDER_OUT_OF_MEMORY.
+    memory_mb: int = 192
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise SettingsError("NOTIFY_RENDER_TIMEOUT must be positive")
+        if self.max_bytes <= 0:
+            raise SettingsError("NOTIFY_RENDER_MAX_BYTES must be positive")
+        if self.processes <= 0:
+            raise SettingsError("NOTIFY_RENDER_PROCESSES must be positive")
+        if self.memory_mb < 96:
+            raise SettingsError("NOTIFY_RENDER_MEMORY_MB must be at least 96")
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, processes: int = 2
+    ) -> RenderSettings:
+        """Read ``NOTIFY_RENDER_*`` (``processes``: this service's default pool size)."""
+        default = cls()
+        return cls(
+            timeout=env_float("NOTIFY_RENDER_TIMEOUT", default.timeout, env),
+            max_bytes=env_int("NOTIFY_RENDER_MAX_BYTES", default.max_bytes, env),
+            processes=env_int("NOTIFY_RENDER_PROCESSES", processes, env),
+            memory_mb=env_int("NOTIFY_RENDER_MEMORY_MB", default.memory_mb, env),
+        )
+
+
 class Renderer:
     """Test-renders contents when they are saved and renders them on request."""
 
-    def __init__(
-        self, *, timeout: float, max_bytes: int, processes: int, memory_bytes: int
-    ) -> None:
-        self._timeout = timeout
-        self._max_bytes = max_bytes
+    def __init__(self, settings: RenderSettings) -> None:
+        self._timeout = settings.timeout
+        self._max_bytes = max_bytes = settings.max_bytes
         # Rendered text is at most max_bytes; JSON escaping at most sixfold; plus framing.
         self._pool = ProcessPool(
-            _CHILD, [str(memory_bytes)], size=processes, max_answer=6 * max_bytes + 65536
+            _CHILD,
+            [str(settings.memory_mb << 20)],
+            size=settings.processes,
+            max_answer=6 * max_bytes + 65536,
         )
+
+    @property
+    def timeout(self) -> float:
+        """The full time budget of one rendering."""
+        return self._timeout
 
     @property
     def pids(self) -> list[int]:

@@ -115,6 +115,7 @@ class EmailJob(_message.Message):
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     LANGUAGE_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     to_address: _builtins.str
     """Recipient address."""
     to_name: _builtins.str
@@ -123,6 +124,10 @@ class EmailJob(_message.Message):
     """Template to render."""
     language: _builtins.str
     """Language to render."""
+    template_version: _builtins.int
+    """The template version the send was accepted for: a retry renders what was accepted.
+    0 in jobs queued before versions were pinned (the current version is rendered).
+    """
     @_builtins.property
     def meta(self) -> Global___JobMeta:
         """Common job fields."""
@@ -140,10 +145,11 @@ class EmailJob(_message.Message):
         template_id: _builtins.str = ...,
         language: _builtins.str = ...,
         variables: _struct_pb2.Struct | None = ...,
+        template_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "meta", b"meta", "template_id", b"template_id", "to_address", b"to_address", "to_name", b"to_name", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "meta", b"meta", "template_id", b"template_id", "template_version", b"template_version", "to_address", b"to_address", "to_name", b"to_name", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,10 +200,13 @@ class PushJob(_message.Message):
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     LANGUAGE_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     template_id: _builtins.str
     """Template to render."""
     language: _builtins.str
     """Language to render."""
+    template_version: _builtins.int
+    """The template version the send was accepted for (see EmailJob.template_version)."""
     @_builtins.property
     def meta(self) -> Global___JobMeta:
         """Common job fields."""
@@ -218,10 +227,11 @@ class PushJob(_message.Message):
         template_id: _builtins.str = ...,
         language: _builtins.str = ...,
         variables: _struct_pb2.Struct | None = ...,
+        template_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "meta", b"meta", "targets", b"targets", "template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "meta", b"meta", "targets", b"targets", "template_id", b"template_id", "template_version", b"template_version", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

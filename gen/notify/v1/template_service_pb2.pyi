@@ -418,6 +418,58 @@ class CreateTemplateVersionResponse(_message.Message):
 Global___CreateTemplateVersionResponse: _TypeAlias = CreateTemplateVersionResponse  # noqa: Y015
 
 @_typing.final
+class GetTemplateVersionRequest(_message.Message):
+    """Request for GetTemplateVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    template_id: _builtins.str
+    """The template's id."""
+    version: _builtins.int
+    """The version (1-based)."""
+    def __init__(
+        self,
+        *,
+        template_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template_id", b"template_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTemplateVersionRequest: _TypeAlias = GetTemplateVersionRequest  # noqa: Y015
+
+@_typing.final
+class GetTemplateVersionResponse(_message.Message):
+    """Response of GetTemplateVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def template(self) -> Global___Template:
+        """The template as of that version: contents, default language, schema (description
+        and times are left out).
+        """
+
+    def __init__(
+        self,
+        *,
+        template: Global___Template | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTemplateVersionResponse: _TypeAlias = GetTemplateVersionResponse  # noqa: Y015
+
+@_typing.final
 class RenderTemplateRequest(_message.Message):
     """Request for RenderTemplate."""
 

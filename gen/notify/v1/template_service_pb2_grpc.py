@@ -56,6 +56,11 @@ class TemplateServiceStub:
                 request_serializer=notify_dot_v1_dot_template__service__pb2.RenderTemplateRequest.SerializeToString,
                 response_deserializer=notify_dot_v1_dot_template__service__pb2.RenderTemplateResponse.FromString,
                 _registered_method=True)
+        self.GetTemplateVersion = channel.unary_unary(
+                '/notify.v1.TemplateService/GetTemplateVersion',
+                request_serializer=notify_dot_v1_dot_template__service__pb2.GetTemplateVersionRequest.SerializeToString,
+                response_deserializer=notify_dot_v1_dot_template__service__pb2.GetTemplateVersionResponse.FromString,
+                _registered_method=True)
 
 
 class TemplateServiceServicer:
@@ -92,6 +97,14 @@ class TemplateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTemplateVersion(self, request, context):
+        """Internal: one immutable version, for workers that render it themselves (and keep
+        it: a version never changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TemplateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +127,11 @@ def add_TemplateServiceServicer_to_server(servicer, server):
                     servicer.RenderTemplate,
                     request_deserializer=notify_dot_v1_dot_template__service__pb2.RenderTemplateRequest.FromString,
                     response_serializer=notify_dot_v1_dot_template__service__pb2.RenderTemplateResponse.SerializeToString,
+            ),
+            'GetTemplateVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTemplateVersion,
+                    request_deserializer=notify_dot_v1_dot_template__service__pb2.GetTemplateVersionRequest.FromString,
+                    response_serializer=notify_dot_v1_dot_template__service__pb2.GetTemplateVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +244,33 @@ class TemplateService:
             '/notify.v1.TemplateService/RenderTemplate',
             notify_dot_v1_dot_template__service__pb2.RenderTemplateRequest.SerializeToString,
             notify_dot_v1_dot_template__service__pb2.RenderTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTemplateVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/notify.v1.TemplateService/GetTemplateVersion',
+            notify_dot_v1_dot_template__service__pb2.GetTemplateVersionRequest.SerializeToString,
+            notify_dot_v1_dot_template__service__pb2.GetTemplateVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

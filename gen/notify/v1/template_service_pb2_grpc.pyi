@@ -45,6 +45,10 @@ class TemplateServiceStub:
     """Adds a new immutable version; it becomes the current one."""
     RenderTemplate: _grpc.UnaryUnaryMultiCallable[_template_service_pb2.RenderTemplateRequest, _template_service_pb2.RenderTemplateResponse]
     """Internal: renders one channel of a template for one language."""
+    GetTemplateVersion: _grpc.UnaryUnaryMultiCallable[_template_service_pb2.GetTemplateVersionRequest, _template_service_pb2.GetTemplateVersionResponse]
+    """Internal: one immutable version, for workers that render it themselves (and keep
+    it: a version never changes).
+    """
 
 @_typing.type_check_only
 class TemplateServiceAsyncStub(TemplateServiceStub):
@@ -63,6 +67,10 @@ class TemplateServiceAsyncStub(TemplateServiceStub):
     """Adds a new immutable version; it becomes the current one."""
     RenderTemplate: _aio.UnaryUnaryMultiCallable[_template_service_pb2.RenderTemplateRequest, _template_service_pb2.RenderTemplateResponse]  # type: ignore[assignment]
     """Internal: renders one channel of a template for one language."""
+    GetTemplateVersion: _aio.UnaryUnaryMultiCallable[_template_service_pb2.GetTemplateVersionRequest, _template_service_pb2.GetTemplateVersionResponse]  # type: ignore[assignment]
+    """Internal: one immutable version, for workers that render it themselves (and keep
+    it: a version never changes).
+    """
 
 class TemplateServiceServicer(metaclass=_abc_1.ABCMeta):
     """TemplateService owns message templates: immutable numbered versions, one content
@@ -102,5 +110,15 @@ class TemplateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_template_service_pb2.RenderTemplateResponse, _abc.Awaitable[_template_service_pb2.RenderTemplateResponse]]:
         """Internal: renders one channel of a template for one language."""
+
+    @_abc_1.abstractmethod
+    def GetTemplateVersion(
+        self,
+        request: _template_service_pb2.GetTemplateVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_template_service_pb2.GetTemplateVersionResponse, _abc.Awaitable[_template_service_pb2.GetTemplateVersionResponse]]:
+        """Internal: one immutable version, for workers that render it themselves (and keep
+        it: a version never changes).
+        """
 
 def add_TemplateServiceServicer_to_server(servicer: TemplateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
