@@ -31,7 +31,6 @@ from notify_kit import formats
 _WORD_BYTES = 39
 _FOLD = "\r\n "
 _MAX_RAW_LINE = 78
-_FORBIDDEN = re.compile(r"[\r\n\x00]")
 _MESSAGE_ID_PART = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Text that may go on the wire as it is: printable ASCII words split by single spaces.
 # Anything else (leading, trailing or doubled spaces, tabs) would not survive unfolding
@@ -52,7 +51,7 @@ class MessageError(ValueError):
 
 def check_header_value(name: str, value: str) -> str:
     """Return ``value`` unless it contains CR, LF or NUL (a header injection)."""
-    if _FORBIDDEN.search(value):
+    if formats.breaks_header(value):
         raise MessageError(f"{name} contains a line break")
     return value
 

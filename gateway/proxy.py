@@ -4,7 +4,8 @@ External clients manage users and templates through the same front door as
 notifications (one API key, one Envoy route), but the data belongs to user_svc and
 template_svc. The gateway registers those methods as raw-bytes handlers and forwards
 each call over its pooled mTLS channel: no decode/encode, the owner validates, and the
-owner's status and error details reach the client unchanged. Only the methods listed in
+owner's status and error details reach the client unchanged (a transport failure, which
+has no details of ours, reaches it as its code and a generic message). Only the methods listed in
 ``gateway.auth.METHOD_SCOPES`` are exposed; internal ones stay unreachable from outside.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 import grpc
 
 from gateway.auth import METHOD_SCOPES
-from notify_kit.errors import DETAILS_KEY
+from notify_kit.errors import DETAILS_KEY, from_rpc_error
 from notify_kit.rpc import clamp_timeout
 
 OWNERS = {"notify.v1.UserService": "user_svc", "notify.v1.TemplateService": "template_svc"}
@@ -55,6 +56,11 @@ class ForwardingHandler(grpc.GenericRpcHandler):
                 details = tuple(
                     (k, v) for k, v in exc.trailing_metadata() or () if k == DETAILS_KEY
                 )
+                if not details:
+                    # No status of ours: the transport failed, and its text names
+                    # addresses. The caller gets the code and a generic message (the
+                    # shared interceptor logs the text with the correlation id).
+                    raise from_rpc_error(exc) from None
                 await context.abort(exc.code(), exc.details() or "", trailing_metadata=details)
             return response
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from google.protobuf import struct_pb2
 from notify.v1 import template_service_pb2
 
+from notify_kit import formats
 from notify_kit.errors import InvalidArgument
 
 T = template_service_pb2
@@ -70,19 +71,19 @@ def check(template: template_service_pb2.Template, variables: struct_pb2.Struct)
 
 
 def _has_line_break(value: struct_pb2.Value) -> bool:
-    """A CR or LF in any string inside ``value`` (an object's keys included)."""
+    """A CR, LF or NUL in any string inside ``value`` (an object's keys included)."""
     pending = [value]
     while pending:
         item = pending.pop()
         kind = item.WhichOneof("kind")
         if kind == "string_value":
-            if "\r" in item.string_value or "\n" in item.string_value:
+            if formats.breaks_header(item.string_value):
                 return True
         elif kind == "list_value":
             pending.extend(item.list_value.values)
         elif kind == "struct_value":
             for key, nested in item.struct_value.fields.items():
-                if "\r" in key or "\n" in key:
+                if formats.breaks_header(key):
                     return True
                 pending.append(nested)
     return False

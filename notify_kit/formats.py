@@ -10,6 +10,18 @@ from __future__ import annotations
 
 import re
 
+# What no header value (an e-mail subject, a display name, a push title) may contain: a
+# CR or LF starts a new header (injection), a NUL is refused by mail servers. Checked
+# when a send is accepted (variables reaching a one-line field), when a one-line field
+# is rendered and when the message is built, by this one definition.
+HEADER_BREAKS = re.compile(r"[\r\n\x00]")
+
+
+def breaks_header(text: str) -> bool:
+    """Whether ``text`` holds a character no header value may contain."""
+    return HEADER_BREAKS.search(text) is not None
+
+
 # BCP 47-ish: a 2-3 letter language, then subtags of 1-8 letters or digits ("fr-CA",
 # "zh-Hant-TW", "sr-Latn"), at most 35 characters. Full RFC 5646 checking is not worth
 # a dependency here.

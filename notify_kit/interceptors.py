@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from notify_kit.acl import OPEN_TO_MESH, AccessPolicy
 from notify_kit.context import (
@@ -29,7 +30,7 @@ from notify_kit.context import (
     sanitize_correlation_id,
     set_correlation_id,
 )
-from notify_kit.errors import Internal, ServiceError, error_info, to_status
+from notify_kit.errors import Internal, InvalidArgument, ServiceError, error_info, to_status
 from notify_kit.outage import DEPENDENCY_UNAVAILABLE, describe, is_outage, outage_error
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,35 @@ def wrap_unary(handler: grpc.RpcMethodHandler, wrapped: Handler) -> grpc.RpcMeth
     )
 
 
+class Undecodable:
+    """A request body protobuf could not parse (nested past its depth limit, malformed)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer``, returning an ``Undecodable`` instead of raising.
+
+    grpcio answers a deserializer's exception itself, as UNKNOWN with the exception's
+    text (HTTP 500 through Envoy) before any interceptor runs; this way the shared
+    interceptor answers INVALID_ARGUMENT with a reason instead.
+    """
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(exc)
+
+    return deserialize
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Binds correlation ids, enforces the access policy, maps errors, logs each call."""
 
@@ -110,6 +140,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             outcome, reason, forwarded = "OK", "", False
             try:
                 policy.check(peer_identity(context), method)
+                if isinstance(request, Undecodable):
+                    log.info("undecodable request: %s", request.error, extra={"method": method})
+                    raise InvalidArgument(
+                        "UNDECODABLE_REQUEST",
+                        "the request could not be decoded (malformed, or nested too deeply)",
+                    )
                 return await inner(request, context)
             except ServiceError as err:
                 outcome, reason, forwarded = err.code.name, err.reason, err.forwarded
@@ -150,7 +186,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     },
                 )
 
-        return wrap_unary(handler, wrapped)
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _aborted_with(context: grpc.aio.ServicerContext) -> tuple[str, str, bool]:

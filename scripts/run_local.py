@@ -123,7 +123,8 @@ def banner(cfg: SystemConfig) -> None:
     print(f"""
 notify is running. Try:
   curl -s -H 'x-api-key: {cfg.api_key}' http://localhost:{p.http}/v1/templates/welcome
-  grpcurl -plaintext localhost:{p.http} list
+  grpcurl -plaintext -protoset gen/descriptor.binpb -H 'x-api-key: {cfg.api_key}' \
+    -d '{{"id": "welcome"}}' localhost:{p.http} notify.v1.TemplateService/GetTemplate
   {mail}
   {push}
   service logs:  {cfg.var / "log"}/*.log     Envoy admin:  http://127.0.0.1:{p.envoy_admin}/

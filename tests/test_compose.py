@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -79,20 +80,43 @@ def _flags(service: Service) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class Mount:
+    """One entry of a service's ``volumes`` (short ``source:target[:ro]`` or long syntax)."""
+
+    source: str  # a named volume, or ``./path`` for a bind mount
+    target: str
+    read_only: bool
+    subpath: str  # the directory of the volume mounted ("" for its root)
+
+
+def _mount_list(service: Service) -> list[Mount]:
+    mounts = []
+    for spec in service.get("volumes", []):
+        if isinstance(spec, str):
+            source, target, *options = spec.split(":")
+            mounts.append(Mount(source, target, "ro" in options, ""))
+        else:
+            assert spec["type"] in ("volume", "bind"), spec
+            subpath = (spec.get("volume") or {}).get("subpath", "")
+            mounts.append(
+                Mount(spec["source"], spec["target"], bool(spec.get("read_only")), subpath)
+            )
+    return mounts
+
+
 def _mounts(service: Service) -> dict[str, str]:
     """Mount target -> source (a named volume, or ``./path`` for a bind mount)."""
-    mounts = {}
-    for spec in service.get("volumes", []):
-        source, target, *_ = spec.split(":")
-        mounts[target] = source
-    return mounts
+    return {m.target: m.source for m in _mount_list(service)}
 
 
 def _mount_of(service: Service, path: str) -> tuple[str, str]:
     """(source, path inside the source) of the mount that holds ``path`` in ``service``."""
-    for target, source in _mounts(service).items():
+    for mount in _mount_list(service):
+        target = mount.target
         if path == target or path.startswith(target.rstrip("/") + "/"):
-            return source, path[len(target) :].lstrip("/")
+            inside = path[len(target) :].lstrip("/")
+            return mount.source, str(Path(mount.subpath, inside)) if mount.subpath else inside
     raise AssertionError(f"{path} is on no volume of {service.get('command')}")
 
 
@@ -131,6 +155,9 @@ def test_every_process_runs_code_from_this_repository(services: dict[str, Servic
         command = service["command"]
         assert command[0] == "python", name
         module = _module(service)
+        if command[1] == "-c":
+            _check_inline_script(name, command[2], copied)
+            continue
         if module is None:
             source = ROOT / command[1]
         else:
@@ -141,6 +168,25 @@ def test_every_process_runs_code_from_this_repository(services: dict[str, Servic
         text = source.read_text()
         for flag in _flags(service):
             assert f'"{flag}"' in text, f"{name}: {source.name} has no {flag} option"
+
+
+def _check_inline_script(name: str, script: str, copied: set[str]) -> None:
+    """A ``python -c`` command imports only this project's modules that are in the image
+    (or the standard library)."""
+    for node in ast.walk(ast.parse(script)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        else:
+            continue
+        for module in modules:
+            top = module.split(".")[0]
+            if top in sys.stdlib_module_names:
+                continue
+            path = ROOT.joinpath(*module.split("."))
+            assert path.with_suffix(".py").is_file() or path.is_dir(), f"{name}: {module}"
+            assert top in copied, f"{name}: {top} is not in the image"
 
 
 def _env_names_read(*packages: str) -> list[re.Pattern[str]]:
@@ -222,11 +268,12 @@ def test_grpc_addresses_name_a_listening_service_its_certificate_names(
 
 
 def test_grpc_probes_ask_the_port_each_service_listens_on(services: dict[str, Service]) -> None:
+    """... as the container's own identity: the only key it holds."""
     probes = set()
     for name in COMPOSE_NAMES:
         test = services[name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "-c"]
-        assert test[4:] == [str(_listen_port(services, name))], name
+        assert test[4:] == [str(_listen_port(services, name)), _module(services[name])], name
         probes.add(test[3])
     assert len(probes) == 1
 
@@ -338,19 +385,25 @@ async def _run(argv: list[str], env: dict[str, str] | None = None) -> int:
 
 
 async def test_grpc_probe_passes_only_while_serving(
-    services: dict[str, Service], common_for: Callable[[str], CommonSettings], certs_dir: Path
+    services: dict[str, Service],
+    common_for: Callable[[str], CommonSettings],
+    certs_dir: Path,
+    tmp_path: Path,
 ) -> None:
-    probe = services["user-svc"]["healthcheck"]["test"][1:-1]
-    env = {"NOTIFY_TLS_DIR": str(certs_dir)}
+    """With nothing but what the container holds: the CA certificate and its own pair."""
+    probe = services["user-svc"]["healthcheck"]["test"][1:4]
+    for name in ("ca.pem", "user_svc.pem", "user_svc-key.pem"):
+        shutil.copy(certs_dir / name, tmp_path / name)
+    env = {"NOTIFY_TLS_DIR": str(tmp_path)}
     server = GrpcServer(common_for("user_svc"), registrars=(), service_names=())
     port = str(await server.start())
     try:
-        assert await _run([*probe, port], env) == 0
+        assert await _run([*probe, port, "user_svc"], env) == 0
         await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        assert await _run([*probe, port], env) == 1
+        assert await _run([*probe, port, "user_svc"], env) == 1
     finally:
         await server.stop()
-    assert await _run([*probe, port], env) == 1
+    assert await _run([*probe, port, "user_svc"], env) == 1
 
 
 async def test_tcp_probe_needs_the_port_and_the_files(
@@ -503,15 +556,131 @@ def test_envoy_accepts_the_committed_config(certs_dir: Path, tmp_path: Path) -> 
 
 
 def test_envoy_accepts_the_compose_config(
-    services: dict[str, Service], certs_dir: Path, tmp_path: Path
+    services: dict[str, Service], certs_volume: Path, tmp_path: Path
 ) -> None:
     """The compose config with each mounted path replaced by what compose mounts there."""
     doc = _load(COMPOSE_ENVOY)
     for mapping, key in _varying(doc):
         if _is_path(key):
             source, inside = _mount_of(services["envoy"], mapping[key])
-            local = ROOT / source if source.startswith("./") else certs_dir
+            local = ROOT / source if source.startswith("./") else certs_volume
             mapping[key] = str(local / inside if inside else local)
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     _validate(config, tmp_path)
+
+
+# --- private keys -----------------------------------------------------------------------
+
+
+def _certs_job(services: dict[str, Service]) -> tuple[str, str, list[str]]:
+    """(script, volume directory, identities) of the one-shot job that makes the certs."""
+    command = services[CERTS_SERVICE]["command"]
+    assert command[:2] == ["python", "-c"]
+    script, root, *identities = command[2:]
+    assert _mount_of(services[CERTS_SERVICE], root) == (CERTS_SERVICE, "")
+    return script, root, identities
+
+
+def _run_certs_job(services: dict[str, Service], volume: Path) -> None:
+    """The job's own command, with the volume at ``volume`` instead of its mount point."""
+    script, _, identities = _certs_job(services)
+    subprocess.run(
+        [sys.executable, "-c", script, str(volume), *identities],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")},
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def certs_volume(services: dict[str, Service], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the ``certs`` volume holds once the job has run."""
+    volume = tmp_path_factory.mktemp("certs-volume")
+    _run_certs_job(services, volume)
+    return volume
+
+
+def _identity(name: str, service: Service) -> str:
+    """The mesh identity a container presents: a service's module, Envoy's key file."""
+    module = _module(service)
+    if module in SERVICES:
+        return module
+    assert name == "envoy", f"{name} mounts certificates but is no mesh identity"
+    tls = _load(COMPOSE_ENVOY)["static_resources"]["clusters"][0]["transport_socket"]
+    key = tls["typed_config"]["common_tls_context"]["tls_certificates"][0]["private_key"]
+    return Path(key["filename"]).name.removesuffix("-key.pem")
+
+
+def _is_private_key(path: Path) -> bool:
+    return b"PRIVATE KEY" in path.read_bytes()
+
+
+def test_each_container_sees_its_own_key_and_certificate_and_the_ca_certificate_only(
+    services: dict[str, Service], certs_volume: Path
+) -> None:
+    """Mounted (read-only) from the certs volume: exactly ca.pem, ID.pem and ID-key.pem,
+    the directory of the container's own identity; no other container holds a key."""
+    mounting = set()
+    for name, service in services.items():
+        for mount in _mount_list(service):
+            if mount.source.startswith("./"):  # nothing from the host's var/certs either
+                local = ROOT / mount.source
+                files = [local] if local.is_file() else list(local.rglob("*"))
+                assert not any(f.is_file() and _is_private_key(f) for f in files), name
+            if mount.source != CERTS_SERVICE or name == CERTS_SERVICE:
+                continue
+            identity = _identity(name, service)
+            assert mount.read_only, f"{name} may write its certificates"
+            assert mount.subpath == identity, f"{name} mounts {mount.subpath or 'the volume'}"
+            visible = certs_volume / mount.subpath
+            names = {p.name for p in visible.rglob("*")}
+            assert names == {"ca.pem", f"{identity}.pem", f"{identity}-key.pem"}, name
+            assert [p.name for p in visible.iterdir() if _is_private_key(p)] == [
+                f"{identity}-key.pem"
+            ]
+            cert = x509.load_pem_x509_certificate((visible / f"{identity}.pem").read_bytes())
+            common_name = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            assert [a.value for a in common_name] == [identity]
+            mounting.add(identity)
+    _, _, identities = _certs_job(services)
+    assert mounting == set(identities), "every directory the job makes is someone's"
+    assert {*SERVICES, "envoy"} <= mounting
+
+
+def test_the_ca_key_stays_where_only_the_certs_job_looks(
+    services: dict[str, Service], certs_volume: Path
+) -> None:
+    keys = {p.relative_to(certs_volume).parts[0] for p in certs_volume.rglob("*-key.pem")}
+    _, _, identities = _certs_job(services)
+    ca_dirs = {p.parent for p in certs_volume.rglob("ca-key.pem")}
+    assert len(ca_dirs) == 1
+    (store,) = ca_dirs
+    assert store.parent == certs_volume
+    assert store.name not in identities
+    assert keys == {store.name, *identities}
+    for path in certs_volume.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        if path.is_dir():
+            assert mode == 0o700, path
+        elif _is_private_key(path):
+            assert mode == 0o600, path
+    for name, service in services.items():
+        for mount in _mount_list(service):
+            if mount.source == CERTS_SERVICE and name != CERTS_SERVICE:
+                assert not Path(mount.subpath).is_relative_to(store.name), name
+
+
+def test_certs_job_keeps_existing_certificates(
+    services: dict[str, Service], tmp_path: Path
+) -> None:
+    """A restart of the stack must not swap the CA under running services."""
+    _run_certs_job(services, tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.pem")}
+    _run_certs_job(services, tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.pem")} == before
+    ca = (tmp_path / "ca" / "ca.pem").read_bytes()
+    _, _, identities = _certs_job(services)
+    assert all((tmp_path / i / "ca.pem").read_bytes() == ca for i in identities)

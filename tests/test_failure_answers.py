@@ -362,10 +362,6 @@ async def test_the_gateway_forwarder_logs_the_upstreams_real_code(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/proxy.py relays the transport's exc.details() (the upstream's address) as is",
-)
 async def test_the_gateway_forwarder_hides_a_dead_upstreams_address(
     common_for: Callable[[str], CommonSettings],
     tls_for: Callable[[str], TlsSettings],

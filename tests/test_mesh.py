@@ -68,8 +68,11 @@ async def test_every_service_lists_services_through_reflection(
     assert "grpc.health.v1.Health" in out.stdout.split()
 
 
-async def test_grpcurl_lists_public_services_through_envoy(e2e: E2E) -> None:
-    out = await asyncio.to_thread(
+async def test_grpcurl_lists_services_for_operators_but_not_through_envoy(
+    e2e: E2E, certs_dir: Path
+) -> None:
+    """Reflection is the operator's, on the services' mTLS ports; Envoy does not serve it."""
+    public = await asyncio.to_thread(
         subprocess.run,
         [GRPCURL, "-plaintext", f"localhost:{e2e.cfg.ports.http}", "list"],
         capture_output=True,
@@ -77,8 +80,24 @@ async def test_grpcurl_lists_public_services_through_envoy(e2e: E2E) -> None:
         timeout=30,
         check=False,
     )
-    assert out.returncode == 0, out.stderr
-    assert "notify.v1.NotificationService" in out.stdout.split()
+    assert public.returncode != 0
+    operator = await asyncio.to_thread(
+        subprocess.run,
+        [
+            GRPCURL,
+            *("-cacert", str(certs_dir / "ca.pem")),
+            *("-cert", str(certs_dir / "operator.pem")),
+            *("-key", str(certs_dir / "operator-key.pem")),
+            f"localhost:{e2e.cfg.ports.gateway}",
+            "list",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert operator.returncode == 0, operator.stderr
+    assert "notify.v1.NotificationService" in operator.stdout.split()
 
 
 @pytest.mark.parametrize("service", ["gateway", "user_svc", "template_svc"])

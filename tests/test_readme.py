@@ -27,7 +27,9 @@ async def test_readme_examples_work_every_time_they_are_pasted(e2e: E2E, certs_d
     script = (
         _examples()
         .replace("localhost:8080", f"localhost:{e2e.cfg.ports.http}")
+        .replace("localhost:50051", f"localhost:{e2e.cfg.ports.gateway}")
         .replace("localhost:50052", f"localhost:{e2e.cfg.ports.user_svc}")
+        .replace("gen/descriptor.binpb", f"{ROOT / 'gen' / 'descriptor.binpb'}")
         .replace("localhost:50054", f"localhost:{e2e.cfg.ports.email_worker}")
         .replace("notify-dev-key", API_KEY)
         .replace("var/certs/", f"{certs_dir}/")

@@ -49,6 +49,7 @@ from jinja2.utils import _PassArg, pass_context, pass_eval_context
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup, soft_str
 
+from notify_kit import formats
 from notify_kit.templating.content import HTML_FIELDS, SINGLE_LINE_FIELDS, Content
 
 log = logging.getLogger(__name__)
@@ -740,4 +741,4 @@ def _render(
 
 
 def _has_line_break(text: str) -> bool:
-    return "\r" in text or "\n" in text
+    return formats.breaks_header(text)
