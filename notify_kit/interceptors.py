@@ -150,7 +150,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except ServiceError as err:
                 outcome, reason, forwarded = err.code.name, err.reason, err.forwarded
                 _log_cause(err, method)
-                await context.abort_with_status(to_status(err))
+                await context.abort_with_status(_status(err))
             except grpc.aio.AbortError:
                 # Servicers raise domain errors; what aborts is a relay (the gateway's
                 # forwarder): log the upstream's real code and reason, not "aborted".
@@ -171,7 +171,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     answer = Internal("INTERNAL", "internal error; see server logs", metadata=safe)
                     log.exception("unhandled error", extra={"method": method})
                 outcome, reason = answer.code.name, answer.reason
-                await context.abort_with_status(to_status(answer))
+                await context.abort_with_status(_status(answer))
             finally:
                 # One access-log line per call (INFO), so every hop of a request shows up
                 # under its correlation id; NOTIFY_LOG_LEVEL=WARNING silences it.
@@ -191,6 +191,26 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+
+# A negative server pushback tells a gRPC client not to retry (gRFC A6).
+_NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+
+
+def _status(err: ServiceError) -> grpc.Status:
+    """The rich status for ``err``; an UNAVAILABLE of ours also asks for no retry.
+
+    Our channels retry UNAVAILABLE at once (``notify_kit.rpc``), meant for a call that
+    never reached a handler. One that did and answered UNAVAILABLE itself (its database
+    is down) would only be asked again, multiplying the load on a service already in
+    trouble: the caller learns of the outage on the first answer.
+    """
+    status = to_status(err)
+    if err.code == grpc.StatusCode.UNAVAILABLE:
+        status = status._replace(  # grpc_status builds a namedtuple
+            trailing_metadata=(*status.trailing_metadata, _NO_RETRY)
+        )
+    return status
 
 
 def _aborted_with(context: grpc.aio.ServicerContext) -> tuple[str, str, bool]:

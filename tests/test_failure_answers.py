@@ -31,7 +31,7 @@ from notify.v1 import user_service_pb2, user_service_pb2_grpc
 
 from gateway.proxy import ForwardingHandler
 from notify_kit.context import CORRELATION_HEADER, new_correlation_id
-from notify_kit.errors import DOMAIN, NotFound, error_info
+from notify_kit.errors import DOMAIN, NotFound, Unavailable, error_info
 from notify_kit.logs import JsonFormatter
 from notify_kit.outage import DEPENDENCY_UNAVAILABLE, is_outage, outage_error
 from notify_kit.rpc import secure_channel, unary
@@ -234,6 +234,30 @@ async def test_a_bug_answers_internal_and_only_the_log_has_its_detail(
         line.get("correlation_id") == correlation_id and SECRET in line.get("exc", "")
         for line in logged
     )  # with its traceback
+
+
+async def test_an_unavailable_of_ours_is_not_retried_by_our_channels(
+    scripted: tuple[Scripted, int], tls_for: Callable[[str], TlsSettings]
+) -> None:
+    """Our channels retry UNAVAILABLE (a call that never reached a handler); one the
+    handler answered itself must reach the caller on the first try, not be resent."""
+    servicer, port = scripted
+    calls = 0
+
+    def failing() -> BaseException:
+        nonlocal calls
+        calls += 1
+        return OSError(SECRET)
+
+    servicer.error = failing
+    channel = secure_channel(f"127.0.0.1:{port}", tls_for("gateway"))
+    try:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        with pytest.raises(Unavailable):
+            await unary(stub.GetUser, user_service_pb2.GetUserRequest(id=SOME_USER), timeout=5)
+    finally:
+        await channel.close()
+    assert calls == 1
 
 
 @pytest.mark.parametrize(
