@@ -59,7 +59,9 @@ nightly: $(STAMP)
 
 ## bench: end-to-end throughput and latency through Envoy (see docs/BENCHMARKS.md)
 bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(PY) -m bench.e2e
+	$(PY) -m bench.delivery
 
 lock: $(STAMP)
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt.new

@@ -33,42 +33,13 @@ from typing import Any
 import aiohttp
 import aiosmtplib
 
+from bench.peers import cpu_seconds
 from scripts import gen_certs
 from scripts.api import DEMO_TEMPLATE
 from scripts.harness import running_system
 from scripts.mailcatcher import MailCatcher
 
 API_KEY = "bench-key"
-
-
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """User+system CPU seconds each process and its descendants have used so far.
-
-    A service's children count as the service: template_svc renders in child processes.
-    Live descendants are read directly, reaped ones through the parent's cutime/cstime.
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent pid, CPU seconds)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        used = sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
-        stats[int(stat.parent.name)] = (int(fields[1]), used)
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    roots = set(pids.values())  # a measured process is not part of its parent's figure
-    out = {}
-    for name, root in pids.items():
-        total, pending = 0.0, [root]
-        while pending:
-            pid = pending.pop()
-            total += stats.get(pid, (0, 0.0))[1]
-            pending.extend(child for child in children.get(pid, []) if child not in roots)
-        out[name] = total
-    return out
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
