@@ -218,6 +218,38 @@ async def test_delivers_and_reports_delivered(
     assert [a.provider for a in await app.store.history(nid)] == ["fake"]
 
 
+FOLDING = RunnerSettings(prefetch=8, sending_report_after=0.5)
+
+
+@pytest.mark.parametrize("runner_settings", [FOLDING])
+async def test_a_quick_send_reports_its_outcome_only(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    """SENDING would be replaced at once: the quick send makes one status report."""
+    ok = await submit(broker, new_job())
+    retried = new_job()
+    handler.fail(retried.meta.notification_id, TransientError("provider busy"))
+    await submit(broker, retried)
+
+    assert statuses(await users.wait_status(ok, DELIVERED)) == [DELIVERED]
+    updates = await users.wait_status(retried.meta.notification_id, DELIVERED)
+    assert statuses(updates) == [RETRYING, DELIVERED]
+    assert await logged(app, ok) == [(1, "DELIVERED")]
+
+
+@pytest.mark.parametrize("runner_settings", [FOLDING])
+async def test_a_slow_send_reports_sending_first(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    handler.release.clear()  # the send waits until we let it finish
+    nid = await submit(broker, new_job())
+    await users.wait_status(nid, SENDING)  # reported while the send still runs
+    assert handler.sent == []
+    handler.release.set()
+
+    assert statuses(await users.wait_status(nid, DELIVERED)) == [SENDING, DELIVERED]
+
+
 async def test_transient_failure_is_retried_then_delivered(
     app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
 ) -> None:

@@ -251,7 +251,8 @@ def config_fields(
                 topology=topo,
                 user_svc_addr=f"127.0.0.1:{upstreams[0]}",
                 template_svc_addr=f"127.0.0.1:{upstreams[1]}",
-                runner=RunnerSettings(prefetch=8),
+                # SENDING before every send, so tests see each step in order.
+                runner=RunnerSettings(prefetch=8, sending_report_after=0.0),
             ),
         )
 

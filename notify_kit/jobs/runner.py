@@ -297,19 +297,23 @@ class JobRunner(Generic[J]):
             await self._record(turn, EXPIRED, "expired before sending")
             await self._ours(self._report, turn, EXPIRED, "expired before sending")
             return
-        await self._ours(self._report, turn, SENDING, "")
+        sending = await self._sending(turn)
         owner = uuid.uuid4().hex
         try:
-            while True:
-                try:
-                    sent = await self._ours(self._claimed_send, job, turn, owner)
-                    break
-                except _ClaimedElsewhere:
-                    earlier = await self._ours(self._outcome_elsewhere, turn)
-                    if earlier is not None:
-                        log.info("a copy sent it; re-reported", extra={"notification_id": nid})
-                        await self._ours(self._report, turn, earlier[0], earlier[1])
-                        return
+            try:
+                while True:
+                    try:
+                        sent = await self._ours(self._claimed_send, job, turn, owner)
+                        break
+                    except _ClaimedElsewhere:
+                        earlier = await self._ours(self._outcome_elsewhere, turn)
+                        if earlier is not None:
+                            log.info("a copy sent it; re-reported", extra={"notification_id": nid})
+                            await sending.settle()
+                            await self._ours(self._report, turn, earlier[0], earlier[1])
+                            return
+            finally:
+                await sending.settle()  # before the outcome is reported: SENDING comes first
         except OutcomeUnknown as exc:
             await self._fail(job, turn, f"outcome unknown, not resent: {exc}")
             return
@@ -326,6 +330,13 @@ class JobRunner(Generic[J]):
         await self._record(turn, DELIVERED, detail, sent.provider)
         await self._ours(self._report, turn, DELIVERED, detail)
         log.info("delivered", extra={"notification_id": nid, "attempt": attempt})
+
+    async def _sending(self, turn: Turn) -> _SendingReport:
+        """SENDING, reported once the send has run for ``sending_report_after``."""
+        return await _SendingReport(
+            lambda: self._ours(self._report, turn, SENDING, ""),
+            self._settings.sending_report_after,
+        ).begin()
 
     async def _claimed_send(self, job: J, turn: Turn, owner: str) -> Sent[str]:
         """Claim the attempt, then send while keeping the claim alive.
@@ -448,3 +459,44 @@ class JobRunner(Generic[J]):
 
     async def _report(self, turn: Turn, status: Status, detail: str) -> None:
         await self._report_status(turn.nid, status, detail[:1000], turn.attempt, turn.replay)
+
+
+class _SendingReport:
+    """The SENDING report of one attempt, made only if the send is slow.
+
+    Most sends take milliseconds: reporting SENDING for them costs a status report (an
+    RPC and an UPDATE) that nobody ever sees, since the outcome replaces it at once. So
+    the report waits ``after`` seconds and is dropped if the send finished first. Once it
+    has begun it is let finish (``settle``), so SENDING never arrives after the outcome;
+    even then user_svc would refuse it (a terminal status is never replaced). With
+    ``after`` 0 it is made before the send, as a plain step.
+    """
+
+    def __init__(self, report: Callable[[], Awaitable[None]], after: float) -> None:
+        self._report = report
+        self._after = after
+        self._begun = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def begin(self) -> _SendingReport:
+        """Schedule the report (or, with ``after`` 0, make it now); returns itself."""
+        if self._after <= 0:
+            self._begun = True
+            await self._report()
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._later())
+        return self
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self._after)  # a deadline for the send, not a poll
+        self._begun = True
+        await self._report()
+
+    async def settle(self) -> None:
+        """Drop the report if it has not begun; else wait until it is made. Idempotent."""
+        if self._task is None:
+            return
+        if not self._begun:
+            self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -27,6 +27,10 @@ class RunnerSettings:
     # a worker killed mid-send loses its claims within one lease.
     claim_lease: float = 15.0
     claim_poll: float = 0.5
+    # SENDING is reported only for a send still running after this many seconds: a quick
+    # one goes from QUEUED straight to its outcome, one status report instead of two
+    # (0: always report SENDING first). NOTIFY_SENDING_REPORT_AFTER.
+    sending_report_after: float = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +56,10 @@ class WorkerSettings:
             topology=Topology.from_env(env),
             user_svc_addr=env_str("NOTIFY_USER_SVC_ADDR", "127.0.0.1:50052", env),
             template_svc_addr=env_str("NOTIFY_TEMPLATE_SVC_ADDR", "127.0.0.1:50053", env),
-            runner=RunnerSettings(prefetch=env_int("NOTIFY_PREFETCH", 32, env)),
+            runner=RunnerSettings(
+                prefetch=env_int("NOTIFY_PREFETCH", 32, env),
+                sending_report_after=env_float("NOTIFY_SENDING_REPORT_AFTER", 0.25, env),
+            ),
             rpc_timeout=env_float("NOTIFY_RPC_TIMEOUT", 5.0, env),
             render=RenderSettings.from_env(env, processes=1),
         )
