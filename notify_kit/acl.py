@@ -19,6 +19,7 @@ _WORKER_CALLS = (
     "/notify.v1.TemplateService/GetTemplateVersion",
     "/notify.v1.TemplateService/RenderTemplate",
     "/notify.v1.UserService/UpdateDeliveryStatus",
+    "/notify.v1.UserService/UpdateDeliveryStatuses",
     "/notify.v1.UserService/GetDeliveryProfile",
 )
 

@@ -237,6 +237,23 @@ async def test_a_quick_send_reports_its_outcome_only(
     assert await logged(app, ok) == [(1, "DELIVERED")]
 
 
+@pytest.mark.parametrize("runner_settings", [RunnerSettings(prefetch=32, sending_report_after=0.5)])
+async def test_reports_made_together_go_out_in_one_call(
+    app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler
+) -> None:
+    """A busy worker makes one status RPC for many deliveries, each still applied."""
+    handler.release.clear()  # let 20 jobs reach the handler, then finish them together
+    ids = [await submit(broker, new_job()) for _ in range(20)]
+    await poll(
+        lambda: asyncio.sleep(0, len(handler.calls)), lambda n: n >= 20, timeout=20, what="sends"
+    )
+    users.batches.clear()
+    handler.release.set()
+    for nid in ids:
+        assert statuses(await users.wait_status(nid, DELIVERED))[-1] == DELIVERED
+    assert sum(users.batches) >= 20 and len(users.batches) < 20
+
+
 @pytest.mark.parametrize("runner_settings", [FOLDING])
 async def test_a_slow_send_reports_sending_first(
     app: WorkerApp, broker: Broker, users: RecordingUsers, handler: FakeHandler

@@ -711,6 +711,43 @@ async def test_update_of_unknown_delivery_is_not_found(gateway: Stub) -> None:
         assert reason(err) == "DELIVERY_NOT_FOUND"
 
 
+async def test_a_batch_of_reports_applies_each_in_order(gateway: Stub) -> None:
+    """UpdateDeliveryStatuses: what UpdateDeliveryStatus does, report by report."""
+    user = await create_user(gateway)
+    first = await record(gateway, notification(user.id))
+    second = await record(gateway, notification(user.id))
+    await report(gateway, second.id, S.NOTIFICATION_STATUS_DELIVERED)  # already terminal
+
+    def one(
+        nid: str, status: common_pb2.NotificationStatus.ValueType
+    ) -> pb.UpdateDeliveryStatusRequest:
+        return pb.UpdateDeliveryStatusRequest(
+            notification_id=nid, channel=S.CHANNEL_EMAIL, status=status, attempt=1
+        )
+
+    response = await gateway.UpdateDeliveryStatuses(
+        pb.UpdateDeliveryStatusesRequest(
+            reports=[
+                one(first.id, S.NOTIFICATION_STATUS_SENDING),
+                one(first.id, S.NOTIFICATION_STATUS_DELIVERED),  # after SENDING: wins
+                one(str(uuid.uuid4()), S.NOTIFICATION_STATUS_DELIVERED),  # no such delivery
+                one(second.id, S.NOTIFICATION_STATUS_FAILED),  # a terminal one stays
+            ]
+        ),
+        timeout=TIMEOUT,
+    )
+    assert [(r.found, r.delivery.status) for r in response.results] == [
+        (True, S.NOTIFICATION_STATUS_SENDING),
+        (True, S.NOTIFICATION_STATUS_DELIVERED),
+        (False, S.NOTIFICATION_STATUS_UNSPECIFIED),
+        (True, S.NOTIFICATION_STATUS_DELIVERED),
+    ]
+    got = await gateway.GetNotificationRecord(
+        pb.GetNotificationRecordRequest(id=first.id), timeout=TIMEOUT
+    )
+    assert got.notification.deliveries[0].status == S.NOTIFICATION_STATUS_DELIVERED
+
+
 async def test_invalid_status_report_is_rejected(gateway: Stub) -> None:
     user = await create_user(gateway)
     note = await record(gateway, notification(user.id))

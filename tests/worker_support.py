@@ -54,6 +54,7 @@ class RecordingUsers(user_service_pb2_grpc.UserServiceServicer):
 
     def __init__(self) -> None:
         self.updates: list[user_service_pb2.UpdateDeliveryStatusRequest] = []
+        self.batches: list[int] = []  # the size of each UpdateDeliveryStatuses call
         self.removed: list[tuple[str, str]] = []
         self.refuse: dict[int, int] = {}  # status -> how many reports of it to refuse
         self._changed = asyncio.Condition()
@@ -77,6 +78,26 @@ class RecordingUsers(user_service_pb2_grpc.UserServiceServicer):
                 attempts=request.attempt,
             )
         )
+
+    async def UpdateDeliveryStatuses(
+        self,
+        request: user_service_pb2.UpdateDeliveryStatusesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> user_service_pb2.UpdateDeliveryStatusesResponse:
+        """The batch as UserService applies it: each report in order (a refused status
+        fails the whole call, as a database outage would)."""
+        for report in request.reports:
+            if self.refuse.get(report.status, 0) > 0:
+                self.refuse[report.status] -= 1
+                raise Aborted("DB_DOWN", "simulated failure while reporting (not retried by gRPC)")
+        self.batches.append(len(request.reports))
+        results = []
+        for report in request.reports:
+            answer = await self.UpdateDeliveryStatus(report, context)
+            results.append(
+                user_service_pb2.DeliveryStatusResult(delivery=answer.delivery, found=True)
+            )
+        return user_service_pb2.UpdateDeliveryStatusesResponse(results=results)
 
     async def RemoveDeviceToken(
         self,

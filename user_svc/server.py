@@ -184,6 +184,21 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             )
         return pb.UpdateDeliveryStatusResponse(delivery=stored)
 
+    async def UpdateDeliveryStatuses(  # noqa: N802
+        self, request: pb.UpdateDeliveryStatusesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateDeliveryStatusesResponse:
+        """Apply a worker's batch of reports in order, one connection for all of them."""
+        reports = [validation.status_report(r) for r in request.reports]
+        stored = await self._store.update_deliveries(reports)
+        return pb.UpdateDeliveryStatusesResponse(
+            results=[
+                pb.DeliveryStatusResult(delivery=d, found=True)
+                if d is not None
+                else pb.DeliveryStatusResult(found=False)
+                for d in stored
+            ]
+        )
+
     async def RemoveDeviceToken(  # noqa: N802
         self, request: pb.RemoveDeviceTokenRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveDeviceTokenResponse:

@@ -396,21 +396,35 @@ class UserStore:
 
     async def update_delivery(self, report: StatusReport) -> common_pb2.Delivery | None:
         """Apply the report unless the delivery is terminal; the stored row, or None."""
+        [stored] = await self.update_deliveries([report])
+        return stored
+
+    async def update_deliveries(
+        self, reports: Sequence[StatusReport]
+    ) -> list[common_pb2.Delivery | None]:
+        """Apply each report as ``update_delivery`` does, in order, on one connection.
+
+        Each report stands alone (no transaction around them): a report that finds no
+        delivery is answered None and the others still apply.
+        """
+        stored: list[common_pb2.Delivery | None] = []
         async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
-            row = await conn.fetchrow(
-                UPDATE_DELIVERY,
-                report.notification_id,
-                report.channel,
-                report.status,
-                report.detail,
-                report.attempt,
-                sorted(TERMINAL),
-                QUEUED,
-                ACCEPTED,
-                report.replay,
-                common_pb2.NOTIFICATION_STATUS_DELIVERED,
-            )
-        return None if row is None else _delivery(row)
+            for report in reports:
+                row = await conn.fetchrow(
+                    UPDATE_DELIVERY,
+                    report.notification_id,
+                    report.channel,
+                    report.status,
+                    report.detail,
+                    report.attempt,
+                    sorted(TERMINAL),
+                    QUEUED,
+                    ACCEPTED,
+                    report.replay,
+                    common_pb2.NOTIFICATION_STATUS_DELIVERED,
+                )
+                stored.append(None if row is None else _delivery(row))
+        return stored
 
 
 def _user_not_found(user_id: uuid.UUID) -> NotFound:

@@ -23,7 +23,7 @@ from notify_kit.jobs.ledger import MIGRATIONS, DeliveryLog
 from notify_kit.jobs.runner import JobHandler, JobRunner
 from notify_kit.jobs.settings import WorkerSettings
 from notify_kit.jobs.templates import Templates
-from notify_kit.jobs.upstream import status_reporter
+from notify_kit.jobs.upstream import StatusReporter
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings
 from notify_kit.templating.renderer import Renderer
@@ -90,7 +90,9 @@ class WorkerApp:
             )
             upstreams = Upstreams(rendering, users_stub)
             handler = await build(upstreams, stack)
-            report = status_reporter(users_stub, handler.channel, timeout=settings.rpc_timeout)
+            report = StatusReporter(users_stub, handler.channel, timeout=settings.rpc_timeout)
+            report.start()
+            stack.push_async_callback(report.close)
 
             # Publishing (retries, dead letters) has a connection of its own: a broker
             # that blocks publishers (flow control, a resource alarm) must never stop

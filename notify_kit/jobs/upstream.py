@@ -7,8 +7,11 @@ is down or slow is ``Blocked`` (our outage: no attempt is spent on it).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from google.protobuf import struct_pb2
@@ -62,39 +65,108 @@ async def render(
     return response
 
 
-def status_reporter(
-    users: user_service_pb2_grpc.UserServiceStub,
-    channel: common_pb2.Channel.ValueType,
-    *,
-    timeout: float = 5.0,
-) -> StatusReport:
-    """The runner's ``report`` callback: UserService.UpdateDeliveryStatus over mTLS.
+class StatusReporter:
+    """The runner's ``report`` callback: status reports to UserService, in batches.
 
-    A report UserService can never accept (unknown notification, invalid request) is
-    logged and dropped so the job is not held forever; any other failure is our
-    outage (``Blocked``): the runner holds the job and reports again later.
+    Reports arriving within ``window`` seconds of the first one (at most ``max_batch``)
+    go out as one ``UpdateDeliveryStatuses`` call, applied in order: a busy worker makes
+    one RPC for many deliveries instead of one each. Every caller still learns the fate
+    of its own report: a report UserService can never accept (no such delivery, an
+    invalid request) is logged and dropped so the job is not held forever; any other
+    failure of the call is our outage (``Blocked``) for every report in it, and each
+    caller's runner holds its job and reports again.
     """
 
-    async def report(
-        notification_id: str, status: Status, detail: str, attempt: int, replay: int
+    def __init__(
+        self,
+        users: user_service_pb2_grpc.UserServiceStub,
+        channel: common_pb2.Channel.ValueType,
+        *,
+        timeout: float = 5.0,
+        window: float = 0.002,
+        max_batch: int = 128,
+    ) -> None:
+        self._users = users
+        self._channel = channel
+        self._timeout = timeout
+        self._window = window
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._flusher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start sending batches."""
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def close(self) -> None:
+        """Stop sending; reports still queued fail as our outage (their jobs are held)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.answer.done():
+                pending.answer.set_exception(Blocked("status reporter stopped"))
+
+    async def __call__(
+        self, notification_id: str, status: Status, detail: str, attempt: int, replay: int
     ) -> None:
         request = user_service_pb2.UpdateDeliveryStatusRequest(
             notification_id=notification_id,
-            channel=channel,
+            channel=self._channel,
             status=status,
             detail=detail,
             attempt=attempt,
             replay=replay,
         )
-        try:
-            await rpc.unary(users.UpdateDeliveryStatus, request, timeout=timeout)
-        except PERMANENT_UPSTREAM as exc:
-            log.warning(
-                "status report rejected: %s",
-                exc.reason,
-                extra={"notification_id": notification_id},
-            )
-        except ServiceError as exc:
-            raise Blocked(f"user service: {exc.reason}") from exc
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(request, answer))
+        await answer
 
-    return report
+    async def _flush_forever(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            deadline = asyncio.get_running_loop().time() + self._window
+            while len(batch) < self._max_batch:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            await self._send(batch)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        request = user_service_pb2.UpdateDeliveryStatusesRequest(reports=[p.request for p in batch])
+        try:
+            response: user_service_pb2.UpdateDeliveryStatusesResponse = await rpc.unary(
+                self._users.UpdateDeliveryStatuses, request, timeout=self._timeout
+            )
+        except PERMANENT_UPSTREAM as exc:
+            log.warning("status reports rejected: %s", exc.reason, extra={"reports": len(batch)})
+            outcomes: list[BaseException | None] = [None] * len(batch)
+        except ServiceError as exc:
+            outcomes = [Blocked(f"user service: {exc.reason}")] * len(batch)
+        else:
+            outcomes = [None] * len(batch)
+            for pending, result in zip(batch, response.results, strict=True):
+                if not result.found:
+                    log.warning(
+                        "status report rejected: DELIVERY_NOT_FOUND",
+                        extra={"notification_id": pending.request.notification_id},
+                    )
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.answer.done():
+                continue  # its caller was cancelled
+            if outcome is None:
+                pending.answer.set_result(None)
+            else:
+                pending.answer.set_exception(outcome)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    request: user_service_pb2.UpdateDeliveryStatusRequest
+    answer: asyncio.Future[None]

@@ -901,6 +901,82 @@ class UpdateDeliveryStatusResponse(_message.Message):
 Global___UpdateDeliveryStatusResponse: _TypeAlias = UpdateDeliveryStatusResponse  # noqa: Y015
 
 @_typing.final
+class UpdateDeliveryStatusesRequest(_message.Message):
+    """Request for UpdateDeliveryStatuses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateDeliveryStatusRequest]:
+        """The reports, applied in this order (two of one delivery: the later one last)."""
+
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[Global___UpdateDeliveryStatusRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDeliveryStatusesRequest: _TypeAlias = UpdateDeliveryStatusesRequest  # noqa: Y015
+
+@_typing.final
+class UpdateDeliveryStatusesResponse(_message.Message):
+    """Response of UpdateDeliveryStatuses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryStatusResult]:
+        """One per report, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___DeliveryStatusResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDeliveryStatusesResponse: _TypeAlias = UpdateDeliveryStatusesResponse  # noqa: Y015
+
+@_typing.final
+class DeliveryStatusResult(_message.Message):
+    """How one report of a batch was applied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    FOUND_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """False when the notification has no delivery on that channel (NOT_FOUND alone)."""
+    @_builtins.property
+    def delivery(self) -> _common_pb2.Delivery:
+        """The delivery as stored after the update; unset when there is no such delivery."""
+
+    def __init__(
+        self,
+        *,
+        delivery: _common_pb2.Delivery | None = ...,
+        found: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "found", b"found"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryStatusResult: _TypeAlias = DeliveryStatusResult  # noqa: Y015
+
+@_typing.final
 class RemoveDeviceTokenRequest(_message.Message):
     """Request for RemoveDeviceToken."""
 

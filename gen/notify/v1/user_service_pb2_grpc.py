@@ -89,6 +89,11 @@ class UserServiceStub:
                 request_serializer=notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusRequest.SerializeToString,
                 response_deserializer=notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusResponse.FromString,
                 _registered_method=True)
+        self.UpdateDeliveryStatuses = channel.unary_unary(
+                '/notify.v1.UserService/UpdateDeliveryStatuses',
+                request_serializer=notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusesRequest.SerializeToString,
+                response_deserializer=notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusesResponse.FromString,
+                _registered_method=True)
         self.RemoveDeviceToken = channel.unary_unary(
                 '/notify.v1.UserService/RemoveDeviceToken',
                 request_serializer=notify_dot_v1_dot_user__service__pb2.RemoveDeviceTokenRequest.SerializeToString,
@@ -181,6 +186,14 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateDeliveryStatuses(self, request, context):
+        """Internal: several reports at once (a worker collects them over a few milliseconds),
+        each applied as UpdateDeliveryStatus applies it, in order, and answered in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RemoveDeviceToken(self, request, context):
         """Internal: removes a push token the provider reported as no longer registered.
         """
@@ -248,6 +261,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.UpdateDeliveryStatus,
                     request_deserializer=notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusRequest.FromString,
                     response_serializer=notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusResponse.SerializeToString,
+            ),
+            'UpdateDeliveryStatuses': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDeliveryStatuses,
+                    request_deserializer=notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusesRequest.FromString,
+                    response_serializer=notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusesResponse.SerializeToString,
             ),
             'RemoveDeviceToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveDeviceToken,
@@ -535,6 +553,33 @@ class UserService:
             '/notify.v1.UserService/UpdateDeliveryStatus',
             notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusRequest.SerializeToString,
             notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDeliveryStatuses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/notify.v1.UserService/UpdateDeliveryStatuses',
+            notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusesRequest.SerializeToString,
+            notify_dot_v1_dot_user__service__pb2.UpdateDeliveryStatusesResponse.FromString,
             options,
             channel_credentials,
             insecure,

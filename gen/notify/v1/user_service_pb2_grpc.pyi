@@ -62,6 +62,10 @@ class UserServiceStub:
     """Internal: a worker reports the progress of one delivery. Terminal statuses are
     never overwritten.
     """
+    UpdateDeliveryStatuses: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusesRequest, _user_service_pb2.UpdateDeliveryStatusesResponse]
+    """Internal: several reports at once (a worker collects them over a few milliseconds),
+    each applied as UpdateDeliveryStatus applies it, in order, and answered in order.
+    """
     RemoveDeviceToken: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RemoveDeviceTokenRequest, _user_service_pb2.RemoveDeviceTokenResponse]
     """Internal: removes a push token the provider reported as no longer registered."""
     ClaimStaleDeliveries: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ClaimStaleDeliveriesRequest, _user_service_pb2.ClaimStaleDeliveriesResponse]
@@ -102,6 +106,10 @@ class UserServiceAsyncStub(UserServiceStub):
     UpdateDeliveryStatus: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusRequest, _user_service_pb2.UpdateDeliveryStatusResponse]  # type: ignore[assignment]
     """Internal: a worker reports the progress of one delivery. Terminal statuses are
     never overwritten.
+    """
+    UpdateDeliveryStatuses: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusesRequest, _user_service_pb2.UpdateDeliveryStatusesResponse]  # type: ignore[assignment]
+    """Internal: several reports at once (a worker collects them over a few milliseconds),
+    each applied as UpdateDeliveryStatus applies it, in order, and answered in order.
     """
     RemoveDeviceToken: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RemoveDeviceTokenRequest, _user_service_pb2.RemoveDeviceTokenResponse]  # type: ignore[assignment]
     """Internal: removes a push token the provider reported as no longer registered."""
@@ -200,6 +208,16 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.UpdateDeliveryStatusResponse, _abc.Awaitable[_user_service_pb2.UpdateDeliveryStatusResponse]]:
         """Internal: a worker reports the progress of one delivery. Terminal statuses are
         never overwritten.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateDeliveryStatuses(
+        self,
+        request: _user_service_pb2.UpdateDeliveryStatusesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.UpdateDeliveryStatusesResponse, _abc.Awaitable[_user_service_pb2.UpdateDeliveryStatusesResponse]]:
+        """Internal: several reports at once (a worker collects them over a few milliseconds),
+        each applied as UpdateDeliveryStatus applies it, in order, and answered in order.
         """
 
     @_abc_1.abstractmethod
