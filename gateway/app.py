@@ -85,6 +85,7 @@ class App:
                 IdempotencyCache(redis, ttl=config.idempotency_ttl),
                 upstream_timeout=config.upstream_timeout,
                 template_cache_ttl=config.template_cache_ttl,
+                profiles=redis,
             )
             dead_letters = DeadLetterStore(pool)
             dead_letter_admin = DeadLetterServicer(

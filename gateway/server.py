@@ -14,6 +14,7 @@ import logging
 import uuid
 
 import grpc
+import redis.asyncio as aioredis
 from google.protobuf import duration_pb2, timestamp_pb2
 from notify.v1 import (
     common_pb2,
@@ -34,6 +35,7 @@ from notify_kit.cache import LruCache
 from notify_kit.context import get_correlation_id
 from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from notify_kit.interceptors import metadata_value
+from notify_kit.profiles import cached_profile
 from notify_kit.rpc import clamp_timeout, unary
 from notify_kit.telemetry import inject_trace_context
 
@@ -100,8 +102,10 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         *,
         upstream_timeout: float,
         template_cache_ttl: float,
+        profiles: aioredis.Redis | None = None,
     ) -> None:
         self._users = users
+        self._profiles = profiles  # user_svc's profile cache (notify_kit.profiles)
         self._templates = templates
         self._publisher = publisher
         self._idempotency = idempotency
@@ -145,15 +149,9 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         idempotency_key: str,
         timeout: float,
     ) -> notification_service_pb2.SendNotificationResponse:
-        profile_task = unary(
-            self._users.GetDeliveryProfile,
-            user_service_pb2.GetDeliveryProfileRequest(user_id=request.user_id),
-            timeout=timeout,
+        profile, template = await asyncio.gather(
+            self._profile(request.user_id, timeout), self._template(request.template_id, timeout)
         )
-        profile_resp, template = await asyncio.gather(
-            profile_task, self._template(request.template_id, timeout)
-        )
-        profile = profile_resp.profile
         variables.check(template, request.variables)
         available = _template_channels(template)
         wanted = list(request.channels) or sorted(available)
@@ -244,6 +242,19 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             message_id=job.meta.notification_id,
             correlation_id=job.meta.correlation_id,
         )
+
+    async def _profile(self, user_id: str, timeout: float) -> user_service_pb2.DeliveryProfile:
+        """The recipient's profile: user_svc's cache entry (one Redis GET), else user_svc."""
+        if self._profiles is not None:
+            cached = await cached_profile(self._profiles, user_id)
+            if cached is not None:
+                return cached
+        response: user_service_pb2.GetDeliveryProfileResponse = await unary(
+            self._users.GetDeliveryProfile,
+            user_service_pb2.GetDeliveryProfileRequest(user_id=user_id),
+            timeout=timeout,
+        )
+        return response.profile
 
     async def _template(self, template_id: str, timeout: float) -> template_service_pb2.Template:
         """The template (cached briefly); while TemplateService is down, the last known one.

@@ -252,3 +252,56 @@ async def test_api_key_scopes_are_enforced(e2e: E2E) -> None:
     assert status == 403 and _reason(got) == "SCOPE_MISSING", got
     status, got = await e2e.api("GET", f"/v1/users/{user_id}", api_key="read-only-key")
     assert status == 200, got
+
+
+async def test_the_gateway_reads_profiles_from_cache_and_sees_every_change(e2e: E2E) -> None:
+    """A send reads user_svc's cached profile (no GetDeliveryProfile call on a hit), and a
+    change to preferences or devices is visible to the very next send."""
+
+    async def send(corr: str) -> dict[str, Any]:
+        status, got = await e2e.api(
+            "POST",
+            "/v1/notifications",
+            {"userId": user_id, "templateId": "welcome", "variables": {"name": "C"}},
+            headers={"x-correlation-id": corr},
+        )
+        assert status == 200, got
+        return {d["channel"]: d["status"] for d in got["notification"]["deliveries"]}
+
+    def profile_calls(corr: str) -> int:
+        lines = e2e.system.log_path("user_svc").read_text().splitlines()
+        return sum(
+            1
+            for line in lines
+            if line.startswith("{")
+            and (entry := json.loads(line)).get("correlation_id") == corr
+            and entry.get("method", "").endswith("/GetDeliveryProfile")
+        )
+
+    user_id = await e2e.new_user(devices=0)
+    first, second = (f"corr-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    no_devices = {
+        "CHANNEL_EMAIL": "NOTIFICATION_STATUS_QUEUED",
+        "CHANNEL_PUSH": "NOTIFICATION_STATUS_SUPPRESSED",
+    }
+    assert await send(first) == no_devices
+    assert await send(second) == no_devices
+    assert profile_calls(first) == 1  # a miss: user_svc read it and filled the cache
+    assert profile_calls(second) == 0  # a hit: one Redis GET at the gateway
+
+    status, got = await e2e.api("PUT", f"/v1/users/{user_id}/preferences", {"emailOptOut": True})
+    assert status == 200, got
+    assert await send(f"corr-{uuid.uuid4().hex[:12]}") == {
+        "CHANNEL_EMAIL": "NOTIFICATION_STATUS_SUPPRESSED",
+        "CHANNEL_PUSH": "NOTIFICATION_STATUS_SUPPRESSED",
+    }
+    status, got = await e2e.api(
+        "POST",
+        f"/v1/users/{user_id}/devices",
+        {"platform": "DEVICE_PLATFORM_ANDROID", "token": f"tok-{uuid.uuid4().hex}"},
+    )
+    assert status == 200, got
+    assert await send(f"corr-{uuid.uuid4().hex[:12]}") == {
+        "CHANNEL_EMAIL": "NOTIFICATION_STATUS_SUPPRESSED",
+        "CHANNEL_PUSH": "NOTIFICATION_STATUS_QUEUED",
+    }

@@ -26,11 +26,12 @@ from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 from email_worker import mime
 from notify_kit.errors import error_info, field_violations
 from notify_kit.kv import redis_client
+from notify_kit.profiles import profile_key
 from notify_kit.rpc import secure_channel
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
 from notify_kit.status import aggregate_status
 from user_svc.app import App
-from user_svc.cache import ProfileCache, profile_key
+from user_svc.cache import ProfileCache
 from user_svc.config import Config
 
 if TYPE_CHECKING:

@@ -1,7 +1,8 @@
 """Redis cache of delivery profiles (redis.asyncio only), best effort by design.
 
 Every send asks for a profile, so profiles are cached as serialized ``DeliveryProfile``
-messages with an explicit TTL, and every change to a user, its preferences or its
+messages with an explicit TTL (the layout is ``notify_kit.profiles``: the gateway reads
+the entries directly), and every change to a user, its preferences or its
 devices invalidates the entry right after the database commit.
 
 Deleting after the commit is not enough on its own: a reader that loaded the old row
@@ -26,6 +27,8 @@ from google.protobuf.message import DecodeError
 from notify.v1 import user_service_pb2
 from redis.exceptions import RedisError
 
+from notify_kit.profiles import generation_key, profile_key
+
 log = logging.getLogger(__name__)
 
 # KEYS[1] profile, KEYS[2] generation; ARGV[1] generation seen before the database read,
@@ -41,16 +44,6 @@ return 1
 
 # The counter must outlive any reader still in flight (bounded by RPC deadlines).
 _GENERATION_GRACE_SECONDS = 60
-
-
-def profile_key(user_id: str) -> str:
-    """Key of a user's cached ``DeliveryProfile``."""
-    return f"notify:user:{{{user_id}}}:profile"
-
-
-def generation_key(user_id: str) -> str:
-    """Key of a user's invalidation counter (same hash slot as the profile)."""
-    return f"notify:user:{{{user_id}}}:gen"
 
 
 @dataclass(frozen=True, slots=True)
