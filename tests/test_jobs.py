@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 import pytest
 from google.protobuf import timestamp_pb2
-from notify.v1 import common_pb2, jobs_pb2, template_service_pb2_grpc
+from notify.v1 import common_pb2, jobs_pb2, template_service_pb2_grpc, user_service_pb2_grpc
 
 from notify_kit import db
 from notify_kit.amqp import EMAIL, Topology
@@ -29,6 +29,9 @@ from notify_kit.jobs.errors import Blocked, OutcomeUnknown, PermanentError, Tran
 from notify_kit.jobs.ledger import MIGRATIONS, DeliveryLog
 from notify_kit.jobs.providers import ProviderChain, Sent
 from notify_kit.jobs.settings import RunnerSettings
+from notify_kit.jobs.upstream import StatusReporter
+from notify_kit.rpc import secure_channel
+from notify_kit.settings import TlsSettings
 from scripts.system import poll
 from tests import worker_support
 from tests.worker_support import (
@@ -252,6 +255,28 @@ async def test_reports_made_together_go_out_in_one_call(
     for nid in ids:
         assert statuses(await users.wait_status(nid, DELIVERED))[-1] == DELIVERED
     assert sum(users.batches) >= 20 and len(users.batches) < 20
+
+
+async def test_a_report_user_svc_refuses_is_dropped_alone(
+    upstreams: tuple[int, int], users: RecordingUsers, tls_for: Callable[[str], TlsSettings]
+) -> None:
+    """A report the contract refuses fails its whole batch; the others must still land."""
+    channel = secure_channel(f"127.0.0.1:{upstreams[0]}", tls_for("email_worker"))
+    reporter = StatusReporter(
+        user_service_pb2_grpc.UserServiceStub(channel), common_pb2.CHANNEL_EMAIL, window=0.05
+    )
+    reporter.start()
+    good, bad = str(uuid.uuid4()), str(uuid.uuid4())
+    try:
+        await asyncio.gather(
+            reporter(good, DELIVERED, "ok", 1, 0),
+            reporter(bad, DELIVERED, "ok", -1, 0),  # a negative attempt: INVALID_ARGUMENT
+        )
+    finally:
+        await reporter.close()
+        await channel.close()
+    assert statuses(users.of(good)) == [DELIVERED]
+    assert users.of(bad) == []
 
 
 @pytest.mark.parametrize("runner_settings", [FOLDING])

@@ -145,8 +145,18 @@ class StatusReporter:
                 self._users.UpdateDeliveryStatuses, request, timeout=self._timeout
             )
         except PERMANENT_UPSTREAM as exc:
-            log.warning("status reports rejected: %s", exc.reason, extra={"reports": len(batch)})
-            outcomes: list[BaseException | None] = [None] * len(batch)
+            if len(batch) > 1:
+                # One bad report refuses the whole call: send each alone, so only the
+                # bad one is dropped and the others are still applied.
+                for pending in batch:
+                    await self._send([pending])
+                return
+            log.warning(
+                "status report rejected: %s",
+                exc.reason,
+                extra={"notification_id": batch[0].request.notification_id},
+            )
+            outcomes: list[BaseException | None] = [None]
         except ServiceError as exc:
             outcomes = [Blocked(f"user service: {exc.reason}")] * len(batch)
         else:
