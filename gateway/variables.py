@@ -17,20 +17,13 @@ from notify_kit import formats
 from notify_kit.errors import InvalidArgument
 
 T = template_service_pb2
-# The JSON kind each declared type wants (Value's oneof name).
-_KINDS = {
-    T.VARIABLE_TYPE_STRING: "string_value",
-    T.VARIABLE_TYPE_NUMBER: "number_value",
-    T.VARIABLE_TYPE_BOOL: "bool_value",
-    T.VARIABLE_TYPE_LIST: "list_value",
-    T.VARIABLE_TYPE_OBJECT: "struct_value",
-}
-_TYPE_NAMES = {
-    T.VARIABLE_TYPE_STRING: "a string",
-    T.VARIABLE_TYPE_NUMBER: "a number",
-    T.VARIABLE_TYPE_BOOL: "true or false",
-    T.VARIABLE_TYPE_LIST: "a list",
-    T.VARIABLE_TYPE_OBJECT: "an object",
+# Each declared type: the JSON kind it wants (Value's oneof name), and its name in errors.
+_TYPES = {
+    T.VARIABLE_TYPE_STRING: ("string_value", "a string"),
+    T.VARIABLE_TYPE_NUMBER: ("number_value", "a number"),
+    T.VARIABLE_TYPE_BOOL: ("bool_value", "true or false"),
+    T.VARIABLE_TYPE_LIST: ("list_value", "a list"),
+    T.VARIABLE_TYPE_OBJECT: ("struct_value", "an object"),
 }
 
 
@@ -50,9 +43,9 @@ def check(template: template_service_pb2.Template, variables: struct_pb2.Struct)
             if variable.required:
                 problems.append((path, f"required by template {template.id}"))
             continue
-        kind = _KINDS.get(variable.type)
-        if kind is not None and value.WhichOneof("kind") != kind:
-            problems.append((path, f"must be {_TYPE_NAMES[variable.type]}"))
+        wanted = _TYPES.get(variable.type)
+        if wanted is not None and value.WhichOneof("kind") != wanted[0]:
+            problems.append((path, f"must be {wanted[1]}"))
         elif variable.single_line and _has_line_break(value):
             problems.append((path, "reaches a one-line field (subject, title): no line breaks"))
     if declares:

@@ -377,13 +377,6 @@ def printed_size(value: Any) -> int:
     return total
 
 
-def _printed_length(value: Any) -> int:
-    """Length of ``str(value)`` (an upper bound for containers), without printing it."""
-    if isinstance(value, str | bytes):
-        return len(value)
-    return printed_size(value)
-
-
 def _percent_size(template: str | bytes, values: Any) -> int:
     """Upper bound on ``len(template % values)``: every conversion prints the longest value,
     padded to its width or precision (a ``*`` takes the largest integer given)."""
@@ -394,7 +387,7 @@ def _percent_size(template: str | bytes, values: Any) -> int:
     else:
         given = list(values) if isinstance(values, tuple) else [values]
     longest = max(
-        (_FLOAT_DIGITS if isinstance(v, float) else _printed_length(v) for v in given), default=0
+        (_FLOAT_DIGITS if isinstance(v, float) else printed_size(v) for v in given), default=0
     )
     star = max((v for v in given if _int(v)), default=0)
     size = len(template)
@@ -427,7 +420,7 @@ def _replace_size(text: Any, old: Any, new: Any, count: Any = -1) -> int:
 
 def _join_size(separator: Any, items: list[Any]) -> int:
     """The items printed, with a separator between each two."""
-    return len(separator) * max(len(items) - 1, 0) + sum(map(_printed_length, items))
+    return len(separator) * max(len(items) - 1, 0) + sum(map(printed_size, items))
 
 
 def _translate_size(text: Any, table: Any, *_: Any, **__: Any) -> int:
