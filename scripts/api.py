@@ -41,11 +41,27 @@ def call(
     timeout: float = 10.0,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
-    """Send one request; return (HTTP status, decoded JSON body or raw text)."""
+    """Send one JSON request; return (HTTP status, decoded JSON body or raw text)."""
     data = None if body is None else json.dumps(body).encode()
+    return call_raw(method, url, data, api_key=api_key, timeout=timeout, headers=headers)
+
+
+def call_raw(
+    method: str,
+    url: str,
+    data: bytes | None,
+    *,
+    api_key: str | None = None,
+    timeout: float = 10.0,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """Send ``data`` as it is (malformed JSON, invalid UTF-8: what tests of bad input need),
+    as JSON; return (HTTP status, decoded JSON body or raw text)."""
     request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 (http only)
-    request.add_header("x-api-key", api_key)
-    request.add_header("content-type", "application/json")
+    if api_key is not None:
+        request.add_header("x-api-key", api_key)
+    if data is not None:
+        request.add_header("content-type", "application/json")
     for key, value in (headers or {}).items():
         request.add_header(key, value)
     try:

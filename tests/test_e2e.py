@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from gateway.store import KeyStore
 from notify_kit import db
-from scripts.api import DEMO_TEMPLATE
+from scripts.api import DEMO_TEMPLATE, call_raw
 from tests.e2e_support import API_KEY, E2E
 
 pytestmark = pytest.mark.timeout(300)
@@ -127,18 +127,7 @@ async def test_bad_input_is_rejected_and_nothing_queued(
 
 
 def _post_raw(url: str, raw: str) -> tuple[int, Any]:
-    import json  # noqa: PLC0415
-    import urllib.error  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
-
-    req = urllib.request.Request(url, data=raw.encode(), method="POST")
-    req.add_header("x-api-key", API_KEY)
-    req.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return call_raw("POST", url, raw.encode(), api_key=API_KEY)
 
 
 async def test_missing_or_unknown_api_key_is_401(e2e: E2E) -> None:

@@ -38,6 +38,7 @@ from gateway.store import KeyStore
 from notify_kit import db
 from notify_kit.settings import TlsSettings
 from notify_kit.tls import channel_credentials, server_credentials
+from scripts.api import call_raw
 from scripts.system import LocalSystem, Ports, SystemConfig, poll
 from tests.e2e_support import API_KEY, E2E
 
@@ -89,7 +90,9 @@ class StandIn:
 
     async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
         """One HTTP GET through Envoy (off the event loop); JSON body decoded."""
-        return await asyncio.to_thread(_request, "GET", self.base + path, None, headers or {})
+        return await asyncio.to_thread(
+            lambda: call_raw("GET", self.base + path, None, timeout=30, headers=headers)
+        )
 
 
 class _Recorder(grpc.aio.ServerInterceptor):
@@ -161,21 +164,6 @@ async def stand_in(
     finally:
         await system.stop()
         await server.stop(None)
-
-
-def _request(method: str, url: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=data, method=method)
-    for key, value in headers.items():
-        request.add_header(key, value)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        return status, raw.decode(errors="replace")
 
 
 @contextlib.asynccontextmanager
@@ -333,7 +321,7 @@ def _reason(body: Any) -> str:
 
 
 def _post_bytes(url: str, data: bytes, api_key: str = API_KEY) -> tuple[int, Any]:
-    return _request("POST", url, data, {"x-api-key": api_key, "content-type": "application/json"})
+    return call_raw("POST", url, data, api_key=api_key, timeout=30)
 
 
 def _send_body(user_id: str, **extra: Any) -> dict[str, Any]:
