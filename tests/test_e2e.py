@@ -294,3 +294,36 @@ async def test_the_gateway_reads_profiles_from_cache_and_sees_every_change(e2e: 
         "CHANNEL_EMAIL": "NOTIFICATION_STATUS_SUPPRESSED",
         "CHANNEL_PUSH": "NOTIFICATION_STATUS_QUEUED",
     }
+
+
+async def test_a_template_bomb_costs_the_worker_one_render_process_not_its_queue(
+    e2e: E2E,
+) -> None:
+    """The sandbox's limits hold in the workers too: a bomb hidden from the save-time
+    test render fails its own delivery (once, no retry), and the next send goes out."""
+    bomb = "{% if name == 'boom' %}{{ ([[1]] * 200000)|sum(start=[])|length }}{% endif %}ok"
+    template_id = f"bomb-{uuid.uuid4().hex[:8]}"
+    body = {
+        "id": template_id,
+        "contents": [{"language": "en", "email": {"subject": "Hi", "textBody": bomb}}],
+    }
+    status, got = await e2e.api("POST", "/v1/templates", body)
+    assert status == 200, got
+    user_id = await e2e.new_user(devices=0)
+
+    async def send(name: str) -> dict[str, Any]:
+        status, got = await e2e.api(
+            "POST",
+            "/v1/notifications",
+            {"userId": user_id, "templateId": template_id, "variables": {"name": name}},
+        )
+        assert status == 200, got
+        settled = await e2e.settle(got["notification"]["id"])
+        delivery: dict[str, Any] = settled["notification"]["deliveries"][0]
+        return delivery
+
+    failed = await send("boom")
+    assert failed["status"] == "NOTIFICATION_STATUS_FAILED", failed
+    assert "RENDER_TIMEOUT" in failed["detail"] and failed["attempts"] == 1, failed
+    delivered = await send("Ada")
+    assert delivered["status"] == "NOTIFICATION_STATUS_DELIVERED", delivered
