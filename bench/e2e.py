@@ -1,18 +1,26 @@
-"""End-to-end benchmark: N notifications posted as JSON through Envoy, timed until every
-e-mail has arrived at a real SMTP server.
+"""End-to-end benchmark: JSON posted through Envoy until every e-mail is at the SMTP sink
+and every status reads DELIVERED, at saturation and at half of it, with the baselines
+measured in the same run.
 
 The system runs exactly as ``make run`` runs it (the five services and Envoy as
-processes, via ``scripts.system``), on free ports with throwaway databases and a private
-RabbitMQ prefix. The SMTP server (aiosmtpd) runs in this process and counts arrivals.
+processes, via ``scripts.harness``), on free ports with throwaway databases and a private
+RabbitMQ prefix, sending its mail to Postfix's ``smtp-sink``. The load generator is
+``wrk`` (saturation: fixed connections, as fast as answers come) and ``hey`` (half load:
+a fixed request rate), each in its own process with its CPU reported. Per run:
 
-Reported per run: the API latency at a paced (open-loop) load, by default the seed's
-target of 1,000 notifications/minute; then, at saturation with a fixed number of
-concurrent clients, accepted/s (all POSTs answered), delivered/s (first POST to last
-e-mail), and the client-observed API latency through Envoy (p50/p95/p99). The baseline,
-measured in the same run against the same SMTP server, is the floor of any pipeline:
-the same number of messages sent directly with one aiosmtplib connection.
+1. **saturation**: ``wrk`` for ``--seconds`` with ``--connections`` connections, each
+   request a new notification for one of the users. accepted/s is wrk's answered/s (each
+   answer came after the broker's confirm); delivered/s counts the records created from
+   the first request to the last e-mail at the sink; then every delivery's status is read
+   from user_svc's database and must be DELIVERED. CPU per notification for every process
+   (services with their render processes, Envoy, PostgreSQL, RabbitMQ, Redis, the sink,
+   the load generator) over the same span; RSS and PSS of every service, peak;
+2. **half load**: ``hey`` at half of that run's accepted/s, the API latency a client sees;
+3. **baselines**: the same sink fed directly over one SMTP connection (the floor of any
+   pipeline), and a Celery 5 worker (threads, ``acks_late``) draining the same number of
+   render + send tasks from the same RabbitMQ (``bench.delivery.celery``).
 
-    python -m bench.e2e --count 2000 --concurrency 32 --runs 3
+    python -m bench.e2e --seconds 10 --connections 32 --runs 3
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import asyncio
 import json
 import os
 import platform
+import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -32,180 +42,338 @@ from typing import Any
 
 import aiohttp
 import aiosmtplib
+import asyncpg
+from notify.v1 import common_pb2
 
-from bench.peers import cpu_seconds
+from bench.delivery import celery
+from bench.peers import Sink, cpu_seconds, ensure_tools
 from scripts import gen_certs
 from scripts.api import DEMO_TEMPLATE
-from scripts.harness import running_system
-from scripts.mailcatcher import MailCatcher
+from scripts.harness import Running, running_system
+from scripts.system import poll
 
 API_KEY = "bench-key"
+BACKING = ("postgres", "beam.smp", "redis-server")
+SERVICES = ("gateway", "user_svc", "template_svc", "email_worker", "push_worker", "envoy")
+
+# wrk's script: each request a new notification, spread over the users; one JSON line out.
+_WRK_SCRIPT = """
+local users = {%(users)s}
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-api-key"] = "%(key)s"
+request = function()
+  i = i + 1
+  local body = string.format(
+    '{"userId":"%%s","templateId":"welcome","channels":["CHANNEL_EMAIL"],'
+    .. '"variables":{"name":"n%%d"}}', users[(i %% #users) + 1], i)
+  return wrk.format(nil, "/v1/notifications", nil, body)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%%d,"duration_us":%%d,"non2xx":%%d,"socket_errors":%%d,'
+    .. '"p50_us":%%d,"p90_us":%%d,"p99_us":%%d}\\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end
+"""
+_HEY_PERCENTILE = re.compile(r"^\s+(\d+)%+ in ([\d.]+) secs", re.MULTILINE)
+_HEY_STATUS = re.compile(r"\[(\d{3})\]\s+(\d+) responses")
 
 
-def _percentiles(seconds: list[float]) -> dict[str, float]:
-    """p50/p95/p99 in milliseconds."""
-    ordered = sorted(seconds)
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped children (the load generators, once done)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process and its descendants in kB; PSS shares pages fairly, so a
+    forked render process is not counted twice."""
+    rss = pss = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue  # exited while we looked
+        pending.extend(int(c) for c in children)
+    return rss, pss
+
+
+class MemoryPeaks:
+    """Samples every service's memory (with its children) while the load runs."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.rss_mb: dict[str, float] = dict.fromkeys(pids, 0.0)
+        self.pss_mb: dict[str, float] = dict.fromkeys(pids, 0.0)
+        self._pids = pids
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start sampling every 250 ms."""
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+
+    async def stop(self) -> None:
+        """Stop sampling (one last sample first)."""
+        self._take()
+        if self._task is not None:
+            self._task.cancel()
+
+    def _take(self) -> None:
+        for name, pid in self._pids.items():
+            rss, pss = _memory_kb(pid)
+            self.rss_mb[name] = max(self.rss_mb[name], round(rss / 1024, 1))
+            self.pss_mb[name] = max(self.pss_mb[name], round(pss / 1024, 1))
+
+    async def _sample(self) -> None:
+        while True:
+            self._take()
+            await asyncio.sleep(0.25)  # the sampling interval
+
+
+class Deliveries:
+    """user_svc's deliveries table, read directly: the truth about what was accepted."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def counts(self) -> tuple[int, int]:
+        """(deliveries recorded, deliveries DELIVERED) so far."""
+        row = await self._conn.fetchrow(
+            "SELECT count(*), count(*) FILTER (WHERE status = $1) FROM deliveries",
+            common_pb2.NOTIFICATION_STATUS_DELIVERED,
+        )
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def all_delivered(self, recorded: int) -> None:
+        """Until every one of ``recorded`` deliveries reads DELIVERED."""
+        await poll(
+            self.counts,
+            lambda c: c == (recorded, recorded),
+            timeout=120,
+            what="every delivery DELIVERED",
+        )
+
+
+async def saturation(
+    running: Running, sink: Sink, deliveries: Deliveries, script: Path, args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, float], MemoryPeaks]:
+    """One wrk run as fast as answers come, drained to the sink and read back."""
+    system = running.system
+    pids = {name: system.procs[name].pid for name in SERVICES} | {"sink": sink.pid}
+    memory = MemoryPeaks({name: system.procs[name].pid for name in SERVICES})
+    recorded_before, _ = await deliveries.counts()
+    sunk_before = sink.count
+    memory.start()
+    cpu_before, load_before = cpu_seconds(pids, BACKING), _children_cpu()
+    t0 = time.perf_counter()
+    wrk = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--timeout", "10s",
+        "-s", str(script), running.base,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await wrk.communicate()
+    load_cpu = _children_cpu() - load_before
+    got: dict[str, int] = json.loads(out.decode().strip().splitlines()[-1])
+    # Requests in flight when wrk stopped were answered to nobody but may be recorded:
+    # the database, not wrk, says how many notifications there are to deliver.
+    recorded, _ = await deliveries.counts()
+    count = recorded - recorded_before
+    await sink.wait_for(sunk_before + count, timeout=300)
+    delivered_at = sink.last
+    cpu_after = cpu_seconds(pids, BACKING)
+    await memory.stop()
+    await deliveries.all_delivered(recorded)
+    if sink.count != sunk_before + count:
+        raise RuntimeError(f"{sink.count - sunk_before} e-mails for {count} notifications")
+    answered = got["requests"] - got["non2xx"]
+    result = {
+        "accepted_per_s": answered / (got["duration_us"] / 1e6),
+        "delivered_per_s": count / (delivered_at - t0),
+        "notifications": float(count),
+        "p50_ms": got["p50_us"] / 1000,
+        "p90_ms": got["p90_us"] / 1000,
+        "p99_ms": got["p99_us"] / 1000,
+        "errors": float(got["non2xx"] + got["socket_errors"]),
+    }
+    cpu = {k: (cpu_after[k] - cpu_before[k]) * 1000 / count for k in cpu_after}
+    cpu["load generator (wrk)"] = load_cpu * 1000 / count
+    return result, cpu, memory
+
+
+async def half_load(
+    running: Running, sink: Sink, deliveries: Deliveries, users: list[str], rate: float,
+    seconds: int,
+) -> dict[str, float]:  # fmt: skip
+    """hey at a fixed ``rate``: the latency a client sees below saturation."""
+    workers = 8
+    recorded_before, _ = await deliveries.counts()
+    sunk_before = sink.count
+    body = json.dumps(
+        {
+            "userId": users[0],
+            "templateId": "welcome",
+            "channels": ["CHANNEL_EMAIL"],
+            "variables": {"name": "half"},
+        }
+    )
+    load_before = _children_cpu()
+    hey = await asyncio.create_subprocess_exec(
+        "hey", "-z", f"{seconds}s", "-c", str(workers), "-q", f"{rate / workers:.2f}",
+        "-m", "POST", "-T", "application/json", "-H", f"x-api-key: {API_KEY}", "-d", body,
+        f"{running.base}/v1/notifications",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await hey.communicate()
+    load_cpu = _children_cpu() - load_before
+    text = out.decode()
+    percentiles = {int(p): float(s) * 1000 for p, s in _HEY_PERCENTILE.findall(text)}
+    statuses = {int(code): int(n) for code, n in _HEY_STATUS.findall(text)}
+    answered = sum(statuses.values())
+    recorded, _ = await deliveries.counts()
+    await sink.wait_for(sunk_before + recorded - recorded_before, timeout=300)
+    await deliveries.all_delivered(recorded)
     return {
-        f"p{p}_ms": ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
-        for p in (50, 95, 99)
+        "rate_per_s": answered / seconds,
+        "p50_ms": percentiles[50],
+        "p90_ms": percentiles[90],
+        "p99_ms": percentiles[99],
+        "errors": float(answered - statuses.get(200, 0)),
+        "cpu_ms_load_generator_hey": load_cpu * 1000 / max(answered, 1),
     }
 
 
-def _email(users: list[str], i: int) -> dict[str, Any]:
-    """The i-th benchmark notification: e-mail only, spread over the users."""
-    return {
-        "userId": users[i % len(users)],
-        "templateId": "welcome",
-        "channels": ["CHANNEL_EMAIL"],
-        "variables": {"name": f"n{i}"},
-    }
-
-
-async def _post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
-    async with session.post(url, json=body, headers={"x-api-key": API_KEY}) as resp:
-        return resp.status, await resp.json(content_type=None)
-
-
-async def baseline(mail: MailCatcher, port: int, count: int) -> float:
-    """Messages/s sent straight to the SMTP server over one connection."""
-    start_count = len(mail.messages)
+async def direct_smtp(sink: Sink, count: int) -> float:
+    """Messages/s sent straight to the sink over one connection."""
+    start = sink.count
     body = b"Subject: baseline\r\nFrom: a@example.com\r\nTo: b@example.com\r\n\r\nhello\r\n"
     t0 = time.perf_counter()
-    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=10)
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, timeout=10)
     await smtp.connect()
     for _ in range(count):
         await smtp.sendmail("a@example.com", ["b@example.com"], body)
     await smtp.quit()
-    await mail.wait_for(start_count + count, timeout=120)
+    await sink.wait_for(start + count, timeout=120)
     return count / (time.perf_counter() - t0)
 
 
-async def one_run(
-    base: str, mail: MailCatcher, users: list[str], count: int, concurrency: int
-) -> dict[str, float]:
-    """Post ``count`` notifications with ``concurrency`` clients; wait for every e-mail."""
-    start_count = len(mail.messages)
-    latencies: list[float] = []
-    errors = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(count):
-        queue.put_nowait(i)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def client() -> None:
-            nonlocal errors
-            while not queue.empty():
-                i = queue.get_nowait()
-                t = time.perf_counter()
-                status, _ = await _post(session, f"{base}/v1/notifications", _email(users, i))
-                latencies.append(time.perf_counter() - t)
-                if status != 200:
-                    errors += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        accepted = time.perf_counter() - t0
-    await mail.wait_for(start_count + count - errors, timeout=600)
-    delivered = time.perf_counter() - t0
-    return {
-        "accepted_per_s": count / accepted,
-        "delivered_per_s": (count - errors) / delivered,
-        **_percentiles(latencies),
-        "errors": float(errors),
-    }
+def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
 
 
-async def paced_run(
-    base: str, mail: MailCatcher, users: list[str], rate: float, count: int
-) -> dict[str, float]:
-    """Open-loop load at ``rate`` requests/s: the API latency a client sees at that load."""
-    start_count = len(mail.messages)
-    latencies: list[float] = []
-    async with aiohttp.ClientSession() as session:
-
-        async def send(i: int, at: float) -> None:
-            await asyncio.sleep(max(0.0, at - time.perf_counter()))  # the pacing schedule
-            t = time.perf_counter()
-            status, got = await _post(session, f"{base}/v1/notifications", _email(users, i))
-            latencies.append(time.perf_counter() - t)
-            if status != 200:
-                raise RuntimeError(f"paced request failed: {status} {got}")
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(send(i, t0 + i / rate) for i in range(count)))
-    await mail.wait_for(start_count + count, timeout=120)
-    return {
-        "rate_per_s": rate,
-        **_percentiles(latencies),
-    }
+async def _setup(running: Running, users: int, run_id: str) -> list[str]:
+    async with aiohttp.ClientSession(headers={"x-api-key": API_KEY}) as session:
+        async with session.post(f"{running.base}/v1/templates", json=DEMO_TEMPLATE) as resp:
+            resp.raise_for_status()
+        ids = []
+        for i in range(users):
+            body = {"email": f"bench{i}-{run_id}@example.com"}
+            async with session.post(f"{running.base}/v1/users", json=body) as resp:
+                resp.raise_for_status()
+                ids.append((await resp.json())["user"]["id"])
+    return ids
 
 
 async def amain(args: argparse.Namespace) -> None:
     """Start the system, warm up, run, print a JSON summary."""
+    ensure_tools()
     run_id = uuid.uuid4().hex[:8]
     var = Path(tempfile.mkdtemp(prefix="notify-bench-"))
     gen_certs.generate(var / "certs")
-    async with running_system(
-        var, var / "certs", tag=f"bench{run_id}", api_key=API_KEY, log_level="WARNING"
-    ) as running:
-        base, mail = running.base, running.mail
-        async with aiohttp.ClientSession() as session:
-            await _post(session, f"{base}/v1/templates", DEMO_TEMPLATE)
-            users = []
-            for i in range(args.users):
-                _, got = await _post(
-                    session, f"{base}/v1/users", {"email": f"bench{i}-{run_id}@example.com"}
-                )
-                users.append(got["user"]["id"])
-        await one_run(base, mail, users, min(200, args.count), args.concurrency)  # warm-up
-        runs, paced, base_rates = [], [], []
-        pids = {name: proc.pid for name, proc in running.system.procs.items()}
-        pids["bench (client + SMTP server)"] = os.getpid()
-        cpu_ms: dict[str, list[float]] = {name: [] for name in pids}
-        for _ in range(args.runs):
-            paced.append(
-                await paced_run(base, mail, users, args.paced_rate, int(args.paced_rate * 15))
+    sink = Sink()
+    await sink.start()
+    try:
+        async with running_system(
+            var, var / "certs", tag=f"bench{run_id}", api_key=API_KEY, log_level="WARNING",
+            extra_env={"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(sink.port)},
+        ) as running:  # fmt: skip
+            users = await _setup(running, args.users, run_id)
+            script = var / "bench.lua"
+            script.write_text(
+                _WRK_SCRIPT % {"users": ",".join(f'"{u}"' for u in users), "key": API_KEY}
             )
-            base_rates.append(await baseline(mail, running.cfg.ports.smtp, args.count))
-            before = cpu_seconds(pids)
-            runs.append(await one_run(base, mail, users, args.count, args.concurrency))
-            after = cpu_seconds(pids)
-            for name in pids:
-                cpu_ms[name].append((after[name] - before[name]) * 1000 / args.count)
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        direct = statistics.median(base_rates)
-        summary = {
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "python": f"{platform.python_implementation()} {platform.python_version()} "
-            f"({sys.executable}), uvloop in services",
-            "count": args.count,
-            "concurrency": args.concurrency,
-            "runs": runs,
-            "median": med,
-            "median_per_minute": med["delivered_per_s"] * 60,
-            "cpu_ms_per_notification": {
-                name: round(statistics.median(v), 3) for name, v in cpu_ms.items()
-            },
-            "paced": paced,
-            "paced_median": {k: statistics.median(r[k] for r in paced) for k in paced[0]},
-            "baseline_direct_smtp_per_s": direct,
-            "ratio_pipeline_to_direct_smtp": med["delivered_per_s"] / direct,
-        }
-        print(json.dumps(summary, indent=2))
+            conn = await asyncpg.connect(f"{running.cfg.pg_base}/{running.cfg.db_prefix}user")
+            try:
+                summary = await _measure(running, sink, Deliveries(conn), users, script, args)
+            finally:
+                await conn.close()
+    finally:
+        await sink.stop()
+    print(json.dumps(summary, indent=2))
+
+
+async def _measure(
+    running: Running,
+    sink: Sink,
+    deliveries: Deliveries,
+    users: list[str],
+    script: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    warm = argparse.Namespace(**{**vars(args), "seconds": 3})
+    await saturation(running, sink, deliveries, script, warm)
+    runs, cpus, halves, directs, celeries = [], [], [], [], []
+    rss: dict[str, list[float]] = {}
+    pss: dict[str, list[float]] = {}
+    for _ in range(args.runs):
+        result, cpu, memory = await saturation(running, sink, deliveries, script, args)
+        runs.append(result)
+        cpus.append(cpu)
+        for name in memory.rss_mb:
+            rss.setdefault(name, []).append(memory.rss_mb[name])
+            pss.setdefault(name, []).append(memory.pss_mb[name])
+        halves.append(
+            await half_load(
+                running, sink, deliveries, users, result["accepted_per_s"] / 2, args.seconds
+            )
+        )
+        directs.append(await direct_smtp(sink, 2000))
+        celeries.append(await celery(running.cfg.amqp_url, 2000))
+    med = _medians(runs)
+    direct = statistics.median(directs)
+    celery_rate = statistics.median(c["delivered_per_s"] for c in celeries)
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": f"{platform.python_implementation()} {platform.python_version()} "
+        f"({sys.executable}), uvloop in services",
+        "seconds": args.seconds,
+        "connections": args.connections,
+        "saturation": runs,
+        "saturation_median": med,
+        "cpu_ms_per_notification": _medians(cpus),
+        "services_cpu_ms_per_notification": round(
+            sum(v for k, v in _medians(cpus).items() if k in SERVICES and k != "envoy"), 3
+        ),
+        "peak_rss_mb": {k: max(v) for k, v in rss.items()},
+        "peak_pss_mb": {k: max(v) for k, v in pss.items()},
+        "half_load": halves,
+        "half_load_median": _medians(halves),
+        "direct_smtp_per_s": round(direct, 1),
+        "celery_worker_only": celeries,
+        "celery_worker_only_per_s": round(celery_rate, 1),
+        "ratio_delivered_to_celery": round(med["delivered_per_s"] / celery_rate, 3),
+        "ratio_delivered_to_direct_smtp": round(med["delivered_per_s"] / direct, 3),
+    }
 
 
 def main() -> None:
     """CLI."""
     parser = argparse.ArgumentParser(description="end-to-end benchmark through Envoy")
-    parser.add_argument("--count", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=int, default=10, help="length of each load phase")
+    parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--users", type=int, default=50)
-    parser.add_argument(
-        "--paced-rate", type=float, default=1000 / 60, help="open-loop requests/s for latency"
-    )
     asyncio.run(amain(parser.parse_args()))
 
 

@@ -25,6 +25,7 @@ from gateway.dead_letter_server import DeadLetterConsumer, DeadLetterServicer
 from gateway.dead_letters import DeadLetterStore
 from gateway.proxy import ForwardingHandler
 from gateway.reconciler import Reconciler
+from gateway.records import RecordWriter
 from gateway.server import NotificationServicer
 from gateway.store import KeyStore
 from notify_kit import amqp, db
@@ -78,8 +79,13 @@ class App:
                 config.template_svc_addr, tls, default_timeout=config.upstream_timeout
             )
             stack.push_async_callback(template_channel.close)
+            users = user_service_pb2_grpc.UserServiceStub(user_channel)
+            records = RecordWriter(users, timeout=config.upstream_timeout)
+            records.start()
+            stack.push_async_callback(records.close)
             servicer = NotificationServicer(
-                user_service_pb2_grpc.UserServiceStub(user_channel),
+                users,
+                records,
                 template_service_pb2_grpc.TemplateServiceStub(template_channel),
                 publisher,
                 IdempotencyCache(redis, ttl=config.idempotency_ttl),

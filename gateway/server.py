@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -30,6 +31,7 @@ from notify.v1 import (
 from gateway import variables
 from gateway.auth import current_api_key
 from gateway.cache import IdempotencyCache
+from gateway.records import RecordWriter
 from notify_kit.amqp import EMAIL, PUSH, JobKind, Publisher
 from notify_kit.cache import LruCache
 from notify_kit.context import get_correlation_id
@@ -96,6 +98,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
     def __init__(
         self,
         users: user_service_pb2_grpc.UserServiceStub,
+        records: RecordWriter,
         templates: template_service_pb2_grpc.TemplateServiceStub,
         publisher: Publisher,
         idempotency: IdempotencyCache,
@@ -105,6 +108,8 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         profiles: aioredis.Redis | None = None,
     ) -> None:
         self._users = users
+        self._records = records
+        self._accepting: set[asyncio.Future[Any]] = set()  # held until they finish
         self._profiles = profiles  # user_svc's profile cache (notify_kit.profiles)
         self._templates = templates
         self._publisher = publisher
@@ -119,10 +124,31 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         request: notification_service_pb2.SendNotificationRequest,
         context: grpc.aio.ServicerContext,
     ) -> notification_service_pb2.SendNotificationResponse:
-        """Accept, route and durably queue one notification (see module docstring)."""
+        """Accept, route and durably queue one notification (see module docstring).
+
+        A send whose caller goes away (its deadline, a closed connection) still runs to
+        its end: once its record may be stored, publishing the job now beats leaving it
+        to the reconciler's sweep, and a retry with the same key converges on it.
+        """
         key = request.idempotency_key or metadata_value(context, IDEMPOTENCY_HEADER) or ""
         _validate(request, key)
         timeout = clamp_timeout(context.time_remaining(), self._timeout)
+        work = asyncio.ensure_future(self._accept(request, key, timeout))
+        self._accepting.add(work)
+        work.add_done_callback(self._settled)
+        return await asyncio.shield(work)
+
+    def _settled(self, work: asyncio.Future[Any]) -> None:
+        self._accepting.discard(work)
+        if not work.cancelled():
+            work.exception()  # retrieved: a send whose caller left fails unseen
+
+    async def _accept(
+        self,
+        request: notification_service_pb2.SendNotificationRequest,
+        key: str,
+        timeout: float,
+    ) -> notification_service_pb2.SendNotificationResponse:
         if not key:
             return await self._send(request, str(uuid.uuid4()), "", timeout)
         api_key = current_api_key()
@@ -189,8 +215,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             for d in deliveries
             if d.status == S.NOTIFICATION_STATUS_QUEUED
         }
-        created = await unary(
-            self._users.CreateNotificationRecord,
+        stored = await self._records.create(
             user_service_pb2.CreateNotificationRecordRequest(
                 notification=record,
                 outbox=[
@@ -199,16 +224,15 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
                     )
                     for c, job in jobs.items()
                 ],
-            ),
-            timeout=timeout,
+            )
         )
         to_queue = [
             d.channel
-            for d in created.notification.deliveries
+            for d in stored.deliveries
             if d.status == S.NOTIFICATION_STATUS_QUEUED and d.channel in jobs
         ]
         await asyncio.gather(*(self._publish(c, jobs[c]) for c in to_queue))
-        return notification_service_pb2.SendNotificationResponse(notification=created.notification)
+        return notification_service_pb2.SendNotificationResponse(notification=stored)
 
     def _meta(
         self,

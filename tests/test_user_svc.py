@@ -24,7 +24,8 @@ import redis.asyncio as aioredis
 from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 
 from email_worker import mime
-from notify_kit.errors import error_info, field_violations
+from gateway.records import RecordWriter
+from notify_kit.errors import InvalidArgument, NotFound, error_info, field_violations
 from notify_kit.kv import redis_client
 from notify_kit.profiles import profile_key
 from notify_kit.rpc import secure_channel
@@ -747,6 +748,83 @@ async def test_a_batch_of_reports_applies_each_in_order(gateway: Stub) -> None:
         pb.GetNotificationRecordRequest(id=first.id), timeout=TIMEOUT
     )
     assert got.notification.deliveries[0].status == S.NOTIFICATION_STATUS_DELIVERED
+
+
+async def test_a_batch_of_records_is_recorded_each_as_alone(gateway: Stub) -> None:
+    """CreateNotificationRecords: new records inserted with their deliveries and outbox,
+    an id recorded before (or twice in the batch) answered with what is stored, a record
+    of an unknown user answered on its own while the others still land."""
+    user = await create_user(gateway)
+    earlier = await record(gateway, notification(user.id))
+    await report(gateway, earlier.id, S.NOTIFICATION_STATUS_DELIVERED)
+    fresh = notification(user.id, S.CHANNEL_EMAIL, S.CHANNEL_PUSH)
+    fresh.deliveries[1].status = S.NOTIFICATION_STATUS_SUPPRESSED
+    fresh.deliveries[1].detail = "user opted out of push"
+    again = common_pb2.Notification()
+    again.CopyFrom(fresh)
+    again.deliveries[0].status = S.NOTIFICATION_STATUS_FAILED  # the first one wins
+    orphan = notification(str(uuid.uuid4()))
+    outbox = pb.OutboxJob(channel=S.CHANNEL_EMAIL, job=b"job bytes")
+
+    def create(
+        note: common_pb2.Notification, *jobs: pb.OutboxJob
+    ) -> pb.CreateNotificationRecordRequest:
+        return pb.CreateNotificationRecordRequest(notification=note, outbox=jobs)
+
+    response = await gateway.CreateNotificationRecords(
+        pb.CreateNotificationRecordsRequest(
+            records=[create(fresh, outbox), create(earlier), create(orphan), create(again)]
+        ),
+        timeout=TIMEOUT,
+    )
+    got = [(r.user_found, r.notification.id) for r in response.results]
+    assert got == [(True, fresh.id), (True, earlier.id), (False, ""), (True, fresh.id)]
+    new, old, _, same = (r.notification for r in response.results)
+    assert [(d.channel, d.status, d.detail) for d in new.deliveries] == [
+        (S.CHANNEL_EMAIL, S.NOTIFICATION_STATUS_ACCEPTED, ""),
+        (S.CHANNEL_PUSH, S.NOTIFICATION_STATUS_SUPPRESSED, "user opted out of push"),
+    ]
+    assert new.user_id == user.id and new.HasField("create_time")
+    assert same == new
+    assert old.deliveries[0].status == S.NOTIFICATION_STATUS_DELIVERED  # not reset
+    stored = await gateway.GetNotificationRecord(
+        pb.GetNotificationRecordRequest(id=fresh.id), timeout=TIMEOUT
+    )
+    assert stored.notification == new
+    err = await failure(
+        gateway.GetNotificationRecord(
+            pb.GetNotificationRecordRequest(id=orphan.id), timeout=TIMEOUT
+        )
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_gateway_record_writer_answers_each_send_on_its_own(gateway: Stub) -> None:
+    """Concurrent sends share CreateNotificationRecords calls; a record user_svc refuses
+    as invalid (which refuses its whole batch) and a record of an unknown user fail alone
+    while the others are stored."""
+    user = await create_user(gateway)
+    writer = RecordWriter(gateway, timeout=TIMEOUT)
+    writer.start()
+    try:
+        good = [notification(user.id) for _ in range(6)]
+        bad = notification(user.id)
+        bad.correlation_id = "has spaces"
+        orphan = notification(str(uuid.uuid4()))
+        got = await asyncio.gather(
+            *(
+                writer.create(pb.CreateNotificationRecordRequest(notification=n))
+                for n in (*good[:3], bad, orphan, *good[3:])
+            ),
+            return_exceptions=True,
+        )
+    finally:
+        await writer.close()
+    stored = [g for g in got if isinstance(g, common_pb2.Notification)]
+    assert [n.id for n in stored] == [n.id for n in good]
+    invalid, unknown = got[3], got[4]
+    assert isinstance(invalid, InvalidArgument) and invalid.reason == "INVALID_REQUEST"
+    assert isinstance(unknown, NotFound) and unknown.reason == "USER_NOT_FOUND"
 
 
 async def test_invalid_status_report_is_rejected(gateway: Stub) -> None:

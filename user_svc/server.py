@@ -122,6 +122,25 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         stored = await self._store.create_notification(record)
         return pb.CreateNotificationRecordResponse(notification=stored)
 
+    async def CreateNotificationRecords(  # noqa: N802
+        self, request: pb.CreateNotificationRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateNotificationRecordsResponse:
+        """Record a batch of the gateway's notifications in one statement."""
+        correlation_id = get_correlation_id()
+        records = [
+            validation.new_notification(r.notification, correlation_id, r.outbox)
+            for r in request.records
+        ]
+        stored = await self._store.create_notifications(records)
+        return pb.CreateNotificationRecordsResponse(
+            results=[
+                pb.NotificationRecordResult(user_found=False)
+                if isinstance(s, NotFound)
+                else pb.NotificationRecordResult(notification=s, user_found=True)
+                for s in stored
+            ]
+        )
+
     async def ClaimStaleDeliveries(  # noqa: N802
         self, request: pb.ClaimStaleDeliveriesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClaimStaleDeliveriesResponse:

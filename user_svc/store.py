@@ -65,15 +65,35 @@ DELETE_DEVICE = "DELETE FROM devices WHERE id = $1 AND user_id = $2 RETURNING id
 
 DELETE_REGISTRATION = "DELETE FROM devices WHERE user_id = $1 AND token = $2 RETURNING id"
 
-INSERT_NOTIFICATION = """
-INSERT INTO notifications (id, user_id, template_id, correlation_id) VALUES ($1, $2, $3, $4)
-ON CONFLICT (id) DO NOTHING
-RETURNING id
+# Many records in one statement (atomic on its own, no transaction round trips): the
+# notifications not recorded before, then their deliveries; the foreign keys are checked
+# at the statement's end, so a delivery may point at a notification inserted beside it.
+# Answers the inserted records' rows with their deliveries; an id already recorded
+# inserts nothing and is read afterwards.
+INSERT_NOTIFICATIONS = """
+WITH n AS (
+    INSERT INTO notifications (id, user_id, template_id, correlation_id)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[])
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, user_id, template_id, correlation_id, created_at
+), d AS (
+    INSERT INTO deliveries (notification_id, channel, status, detail, attempts, job, expire_at)
+    SELECT * FROM unnest(
+        $5::uuid[], $6::smallint[], $7::smallint[], $8::text[], $9::integer[], $10::bytea[],
+        $11::timestamptz[]
+    ) AS x (notification_id, channel, status, detail, attempts, job, expire_at)
+    WHERE x.notification_id IN (SELECT id FROM n)
+    RETURNING notification_id, channel, status, detail, attempts, updated_at
+)
+SELECT n.id, n.user_id, n.template_id, n.correlation_id, n.created_at,
+       d.channel, d.status, d.detail, d.attempts, d.updated_at
+FROM n JOIN d ON d.notification_id = n.id
+ORDER BY n.id, d.channel
 """
 
-INSERT_DELIVERY = """
-INSERT INTO deliveries (notification_id, channel, status, detail, attempts, job, expire_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+SELECT_NOTIFICATIONS = """
+SELECT id, user_id, template_id, correlation_id, created_at FROM notifications
+WHERE id = ANY($1::uuid[])
 """
 
 # Deliveries in flight (ACCEPTED, QUEUED, SENDING, RETRYING: $3) untouched for $1
@@ -316,36 +336,62 @@ class UserStore:
         A repeated id (the gateway retrying) inserts nothing and returns the first record,
         so retries never duplicate or reset deliveries.
         """
-        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn, conn.transaction():
-            try:
-                inserted = await conn.fetchval(
-                    INSERT_NOTIFICATION,
-                    record.id,
-                    record.user_id,
-                    record.template_id,
-                    record.correlation_id,
-                )
-            except asyncpg.ForeignKeyViolationError as exc:
-                raise _user_not_found(record.user_id) from exc
-            if inserted is not None:
-                await conn.executemany(
-                    INSERT_DELIVERY,
-                    [
-                        (
-                            record.id,
-                            d.channel,
-                            d.status,
-                            d.detail,
-                            d.attempts,
-                            d.job,
-                            d.expire_at,
-                        )
-                        for d in record.deliveries
-                    ],
-                )
-            row = await conn.fetchrow(SELECT_NOTIFICATION, record.id)
-            found = await _notifications(conn, [row])
-        return found[0]
+        [stored] = await self.create_notifications([record])
+        if isinstance(stored, NotFound):
+            raise stored
+        return stored
+
+    async def create_notifications(
+        self, records: Sequence[NewNotification]
+    ) -> list[common_pb2.Notification | NotFound]:
+        """``create_notification`` for many records in one statement, answered in order.
+
+        A record whose user does not exist is answered USER_NOT_FOUND on its own: the
+        statement fails as a whole, so the records are then inserted one by one.
+        """
+        try:
+            return await self._insert_notifications(records)
+        except asyncpg.ForeignKeyViolationError:
+            if len(records) == 1:
+                return [_user_not_found(records[0].user_id)]
+        return [(await self.create_notifications([r]))[0] for r in records]
+
+    async def _insert_notifications(
+        self, records: Sequence[NewNotification]
+    ) -> list[common_pb2.Notification | NotFound]:
+        first: dict[uuid.UUID, NewNotification] = {}
+        for record in records:
+            first.setdefault(record.id, record)  # an id twice: the first one wins
+        unique = list(first.values())
+        deliveries = [(r.id, d) for r in unique for d in r.deliveries]
+        async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            rows = await conn.fetch(
+                INSERT_NOTIFICATIONS,
+                [r.id for r in unique],
+                [r.user_id for r in unique],
+                [r.template_id for r in unique],
+                [r.correlation_id for r in unique],
+                [nid for nid, _ in deliveries],
+                [d.channel for _, d in deliveries],
+                [d.status for _, d in deliveries],
+                [d.detail for _, d in deliveries],
+                [d.attempts for _, d in deliveries],
+                [d.job for _, d in deliveries],
+                [d.expire_at for _, d in deliveries],
+            )
+            by_id: dict[uuid.UUID, list[Any]] = {}
+            for row in rows:
+                by_id.setdefault(row["id"], []).append(row)
+            stored = {
+                nid: _notification(group[0], [_delivery(row) for row in group])
+                for nid, group in by_id.items()
+            }
+            earlier = [nid for nid in first if nid not in stored]
+            if earlier:
+                found = await conn.fetch(SELECT_NOTIFICATIONS, earlier)
+                for note in await _notifications(conn, found):
+                    stored[uuid.UUID(note.id)] = note
+        return [stored.get(r.id) or _user_not_found(r.user_id) for r in records]
 
     async def claim_stale(
         self, older_than: float, limit: int

@@ -7,11 +7,8 @@ is down or slow is ``Blocked`` (our outage: no attempt is spent on it).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from google.protobuf import struct_pb2
@@ -24,6 +21,7 @@ from notify.v1 import (
 )
 
 from notify_kit import rpc
+from notify_kit.batching import Batcher
 from notify_kit.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from notify_kit.jobs.errors import Blocked, PermanentError
 
@@ -89,94 +87,57 @@ class StatusReporter:
         self._users = users
         self._channel = channel
         self._timeout = timeout
-        self._window = window
-        self._max_batch = max_batch
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._flusher: asyncio.Task[None] | None = None
+        self._batcher: Batcher[user_service_pb2.UpdateDeliveryStatusRequest, None] = Batcher(
+            self._send, window=window, max_batch=max_batch
+        )
 
     def start(self) -> None:
         """Start sending batches."""
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+        self._batcher.start()
 
     async def close(self) -> None:
         """Stop sending; reports still queued fail as our outage (their jobs are held)."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.answer.done():
-                pending.answer.set_exception(Blocked("status reporter stopped"))
+        await self._batcher.close(Blocked("status reporter stopped"))
 
     async def __call__(
         self, notification_id: str, status: Status, detail: str, attempt: int, replay: int
     ) -> None:
-        request = user_service_pb2.UpdateDeliveryStatusRequest(
-            notification_id=notification_id,
-            channel=self._channel,
-            status=status,
-            detail=detail,
-            attempt=attempt,
-            replay=replay,
+        await self._batcher.submit(
+            user_service_pb2.UpdateDeliveryStatusRequest(
+                notification_id=notification_id,
+                channel=self._channel,
+                status=status,
+                detail=detail,
+                attempt=attempt,
+                replay=replay,
+            )
         )
-        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(request, answer))
-        await answer
 
-    async def _flush_forever(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            deadline = asyncio.get_running_loop().time() + self._window
-            while len(batch) < self._max_batch:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            await self._send(batch)
-
-    async def _send(self, batch: list[_Pending]) -> None:
-        request = user_service_pb2.UpdateDeliveryStatusesRequest(reports=[p.request for p in batch])
+    async def _send(
+        self, reports: list[user_service_pb2.UpdateDeliveryStatusRequest]
+    ) -> list[BaseException | None]:
+        request = user_service_pb2.UpdateDeliveryStatusesRequest(reports=reports)
         try:
             response: user_service_pb2.UpdateDeliveryStatusesResponse = await rpc.unary(
                 self._users.UpdateDeliveryStatuses, request, timeout=self._timeout
             )
         except PERMANENT_UPSTREAM as exc:
-            if len(batch) > 1:
+            if len(reports) > 1:
                 # One bad report refuses the whole call: send each alone, so only the
                 # bad one is dropped and the others are still applied.
-                for pending in batch:
-                    await self._send([pending])
-                return
+                return [(await self._send([report]))[0] for report in reports]
             log.warning(
                 "status report rejected: %s",
                 exc.reason,
-                extra={"notification_id": batch[0].request.notification_id},
+                extra={"notification_id": reports[0].notification_id},
             )
-            outcomes: list[BaseException | None] = [None]
+            return [None]
         except ServiceError as exc:
-            outcomes = [Blocked(f"user service: {exc.reason}")] * len(batch)
-        else:
-            outcomes = [None] * len(batch)
-            for pending, result in zip(batch, response.results, strict=True):
-                if not result.found:
-                    log.warning(
-                        "status report rejected: DELIVERY_NOT_FOUND",
-                        extra={"notification_id": pending.request.notification_id},
-                    )
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if pending.answer.done():
-                continue  # its caller was cancelled
-            if outcome is None:
-                pending.answer.set_result(None)
-            else:
-                pending.answer.set_exception(outcome)
-
-
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    request: user_service_pb2.UpdateDeliveryStatusRequest
-    answer: asyncio.Future[None]
+            return [Blocked(f"user service: {exc.reason}")] * len(reports)
+        for report, result in zip(reports, response.results, strict=True):
+            if not result.found:
+                log.warning(
+                    "status report rejected: DELIVERY_NOT_FOUND",
+                    extra={"notification_id": report.notification_id},
+                )
+        return [None] * len(reports)

@@ -728,6 +728,84 @@ class CreateNotificationRecordResponse(_message.Message):
 Global___CreateNotificationRecordResponse: _TypeAlias = CreateNotificationRecordResponse  # noqa: Y015
 
 @_typing.final
+class CreateNotificationRecordsRequest(_message.Message):
+    """Request for CreateNotificationRecords."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateNotificationRecordRequest]:
+        """The records; a notification id given twice is recorded once (the first wins)."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___CreateNotificationRecordRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateNotificationRecordsRequest: _TypeAlias = CreateNotificationRecordsRequest  # noqa: Y015
+
+@_typing.final
+class CreateNotificationRecordsResponse(_message.Message):
+    """Response of CreateNotificationRecords."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___NotificationRecordResult]:
+        """One per record, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___NotificationRecordResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateNotificationRecordsResponse: _TypeAlias = CreateNotificationRecordsResponse  # noqa: Y015
+
+@_typing.final
+class NotificationRecordResult(_message.Message):
+    """How one record of a batch was recorded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTIFICATION_FIELD_NUMBER: _builtins.int
+    USER_FOUND_FIELD_NUMBER: _builtins.int
+    user_found: _builtins.bool
+    """False when the record's user does not exist (NOT_FOUND alone)."""
+    @_builtins.property
+    def notification(self) -> _common_pb2.Notification:
+        """The stored record (the existing one when the id was already recorded); unset when
+        its user does not exist.
+        """
+
+    def __init__(
+        self,
+        *,
+        notification: _common_pb2.Notification | None = ...,
+        user_found: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification", "user_found", b"user_found"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NotificationRecordResult: _TypeAlias = NotificationRecordResult  # noqa: Y015
+
+@_typing.final
 class GetNotificationRecordRequest(_message.Message):
     """Request for GetNotificationRecord."""
 

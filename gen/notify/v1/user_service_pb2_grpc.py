@@ -74,6 +74,11 @@ class UserServiceStub:
                 request_serializer=notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordRequest.SerializeToString,
                 response_deserializer=notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordResponse.FromString,
                 _registered_method=True)
+        self.CreateNotificationRecords = channel.unary_unary(
+                '/notify.v1.UserService/CreateNotificationRecords',
+                request_serializer=notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordsRequest.SerializeToString,
+                response_deserializer=notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordsResponse.FromString,
+                _registered_method=True)
         self.GetNotificationRecord = channel.unary_unary(
                 '/notify.v1.UserService/GetNotificationRecord',
                 request_serializer=notify_dot_v1_dot_user__service__pb2.GetNotificationRecordRequest.SerializeToString,
@@ -164,6 +169,15 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateNotificationRecords(self, request, context):
+        """Internal: several records at once (the gateway groups concurrent sends while its
+        previous call is out), each recorded as CreateNotificationRecord records it, in one
+        statement, and answered in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetNotificationRecord(self, request, context):
         """Internal: reads one notification record.
         """
@@ -246,6 +260,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.CreateNotificationRecord,
                     request_deserializer=notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordRequest.FromString,
                     response_serializer=notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordResponse.SerializeToString,
+            ),
+            'CreateNotificationRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateNotificationRecords,
+                    request_deserializer=notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordsRequest.FromString,
+                    response_serializer=notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordsResponse.SerializeToString,
             ),
             'GetNotificationRecord': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNotificationRecord,
@@ -472,6 +491,33 @@ class UserService:
             '/notify.v1.UserService/CreateNotificationRecord',
             notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordRequest.SerializeToString,
             notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateNotificationRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/notify.v1.UserService/CreateNotificationRecords',
+            notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordsRequest.SerializeToString,
+            notify_dot_v1_dot_user__service__pb2.CreateNotificationRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,11 @@ class UserServiceStub:
     """Internal: everything a sender needs to reach a user, in one call."""
     CreateNotificationRecord: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordRequest, _user_service_pb2.CreateNotificationRecordResponse]
     """Internal: records a notification accepted by the gateway. Idempotent on the id."""
+    CreateNotificationRecords: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordsRequest, _user_service_pb2.CreateNotificationRecordsResponse]
+    """Internal: several records at once (the gateway groups concurrent sends while its
+    previous call is out), each recorded as CreateNotificationRecord records it, in one
+    statement, and answered in order.
+    """
     GetNotificationRecord: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetNotificationRecordRequest, _user_service_pb2.GetNotificationRecordResponse]
     """Internal: reads one notification record."""
     ListNotificationRecords: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListNotificationRecordsRequest, _user_service_pb2.ListNotificationRecordsResponse]
@@ -99,6 +104,11 @@ class UserServiceAsyncStub(UserServiceStub):
     """Internal: everything a sender needs to reach a user, in one call."""
     CreateNotificationRecord: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordRequest, _user_service_pb2.CreateNotificationRecordResponse]  # type: ignore[assignment]
     """Internal: records a notification accepted by the gateway. Idempotent on the id."""
+    CreateNotificationRecords: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordsRequest, _user_service_pb2.CreateNotificationRecordsResponse]  # type: ignore[assignment]
+    """Internal: several records at once (the gateway groups concurrent sends while its
+    previous call is out), each recorded as CreateNotificationRecord records it, in one
+    statement, and answered in order.
+    """
     GetNotificationRecord: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetNotificationRecordRequest, _user_service_pb2.GetNotificationRecordResponse]  # type: ignore[assignment]
     """Internal: reads one notification record."""
     ListNotificationRecords: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListNotificationRecordsRequest, _user_service_pb2.ListNotificationRecordsResponse]  # type: ignore[assignment]
@@ -183,6 +193,17 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.CreateNotificationRecordResponse, _abc.Awaitable[_user_service_pb2.CreateNotificationRecordResponse]]:
         """Internal: records a notification accepted by the gateway. Idempotent on the id."""
+
+    @_abc_1.abstractmethod
+    def CreateNotificationRecords(
+        self,
+        request: _user_service_pb2.CreateNotificationRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.CreateNotificationRecordsResponse, _abc.Awaitable[_user_service_pb2.CreateNotificationRecordsResponse]]:
+        """Internal: several records at once (the gateway groups concurrent sends while its
+        previous call is out), each recorded as CreateNotificationRecord records it, in one
+        statement, and answered in order.
+        """
 
     @_abc_1.abstractmethod
     def GetNotificationRecord(
