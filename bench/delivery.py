@@ -123,7 +123,9 @@ async def celery(amqp_url: str, count: int) -> dict[str, float]:
             for i in range(count)
         ]
     )
-    worker = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.celery_app", env=env)
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.celery_app", env=env, stdout=sys.stderr.fileno()
+    )  # its banner is not part of the summary
     try:
         pids = {"celery": worker.pid, "sink": sink.pid}
         await sink.wait_for(1, timeout=120)  # start-up is nobody's per-message cost

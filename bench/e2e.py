@@ -5,8 +5,9 @@ measured in the same run.
 The system runs exactly as ``make run`` runs it (the five services and Envoy as
 processes, via ``scripts.harness``), on free ports with throwaway databases and a private
 RabbitMQ prefix, sending its mail to Postfix's ``smtp-sink``. The load generator is
-``wrk`` (saturation: fixed connections, as fast as answers come) and ``hey`` (half load:
-a fixed request rate), each in its own process with its CPU reported. Per run:
+``wrk`` (saturation: fixed connections, as fast as answers come) and ``bench.paced``
+(half load: open-loop Poisson arrivals at a fixed rate), each in its own process with its
+CPU reported. Per run:
 
 1. **saturation**: ``wrk`` for ``--seconds`` with ``--connections`` connections, each
    request a new notification for one of the users. accepted/s is wrk's answered/s (each
@@ -15,7 +16,8 @@ a fixed request rate), each in its own process with its CPU reported. Per run:
    from user_svc's database and must be DELIVERED. CPU per notification for every process
    (services with their render processes, Envoy, PostgreSQL, RabbitMQ, Redis, the sink,
    the load generator) over the same span; RSS and PSS of every service, peak;
-2. **half load**: ``hey`` at half of that run's accepted/s, the API latency a client sees;
+2. **half load**: ``bench.paced`` at half of that run's accepted/s, the API latency a
+   client sees;
 3. **baselines**: the same sink fed directly over one SMTP connection (the floor of any
    pipeline), and a Celery 5 worker (threads, ``acks_late``) draining the same number of
    render + send tasks from the same RabbitMQ (``bench.delivery.celery``).
@@ -30,7 +32,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import sys
@@ -79,8 +80,6 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(90), latency:percentile(99)))
 end
 """
-_HEY_PERCENTILE = re.compile(r"^\s+(\d+)%+ in ([\d.]+) secs", re.MULTILINE)
-_HEY_STATUS = re.compile(r"\[(\d{3})\]\s+(\d+) responses")
 
 
 def _children_cpu() -> float:
@@ -155,14 +154,13 @@ class Deliveries:
         assert row is not None
         return int(row[0]), int(row[1])
 
-    async def all_delivered(self, recorded: int) -> None:
-        """Until every one of ``recorded`` deliveries reads DELIVERED."""
-        await poll(
-            self.counts,
-            lambda c: c == (recorded, recorded),
-            timeout=120,
-            what="every delivery DELIVERED",
+    async def all_delivered(self, since: int) -> int:
+        """Until every delivery recorded reads DELIVERED; how many were recorded after the
+        first ``since``."""
+        recorded, _ = await poll(
+            self.counts, lambda c: c[0] == c[1], timeout=300, what="every delivery DELIVERED"
         )
+        return recorded - since
 
 
 async def saturation(
@@ -185,15 +183,14 @@ async def saturation(
     out, _ = await wrk.communicate()
     load_cpu = _children_cpu() - load_before
     got: dict[str, int] = json.loads(out.decode().strip().splitlines()[-1])
-    # Requests in flight when wrk stopped were answered to nobody but may be recorded:
-    # the database, not wrk, says how many notifications there are to deliver.
-    recorded, _ = await deliveries.counts()
-    count = recorded - recorded_before
-    await sink.wait_for(sunk_before + count, timeout=300)
+    # Requests in flight when wrk stopped were answered to nobody but still complete
+    # (the gateway finishes a send whose caller left): the database, not wrk, says how
+    # many notifications there are to deliver.
+    count = await deliveries.all_delivered(recorded_before)
+    await sink.wait_for(sunk_before + count, timeout=60)
     delivered_at = sink.last
     cpu_after = cpu_seconds(pids, BACKING)
     await memory.stop()
-    await deliveries.all_delivered(recorded)
     if sink.count != sunk_before + count:
         raise RuntimeError(f"{sink.count - sunk_before} e-mails for {count} notifications")
     answered = got["requests"] - got["non2xx"]
@@ -215,41 +212,25 @@ async def half_load(
     running: Running, sink: Sink, deliveries: Deliveries, users: list[str], rate: float,
     seconds: int,
 ) -> dict[str, float]:  # fmt: skip
-    """hey at a fixed ``rate``: the latency a client sees below saturation."""
-    workers = 8
+    """Open-loop load at ``rate`` (``bench.paced``): the latency a client sees below
+    saturation."""
     recorded_before, _ = await deliveries.counts()
     sunk_before = sink.count
-    body = json.dumps(
-        {
-            "userId": users[0],
-            "templateId": "welcome",
-            "channels": ["CHANNEL_EMAIL"],
-            "variables": {"name": "half"},
-        }
-    )
     load_before = _children_cpu()
-    hey = await asyncio.create_subprocess_exec(
-        "hey", "-z", f"{seconds}s", "-c", str(workers), "-q", f"{rate / workers:.2f}",
-        "-m", "POST", "-T", "application/json", "-H", f"x-api-key: {API_KEY}", "-d", body,
-        f"{running.base}/v1/notifications",
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.paced", f"{running.base}/v1/notifications",
+        "--rate", f"{rate:.1f}", "--seconds", str(seconds), "--users", ",".join(users),
+        "--api-key", API_KEY,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, _ = await hey.communicate()
+    out, _ = await client.communicate()
     load_cpu = _children_cpu() - load_before
-    text = out.decode()
-    percentiles = {int(p): float(s) * 1000 for p, s in _HEY_PERCENTILE.findall(text)}
-    statuses = {int(code): int(n) for code, n in _HEY_STATUS.findall(text)}
-    answered = sum(statuses.values())
-    recorded, _ = await deliveries.counts()
-    await sink.wait_for(sunk_before + recorded - recorded_before, timeout=300)
-    await deliveries.all_delivered(recorded)
+    got: dict[str, float] = json.loads(out)
+    count = await deliveries.all_delivered(recorded_before)
+    await sink.wait_for(sunk_before + count, timeout=60)
     return {
-        "rate_per_s": answered / seconds,
-        "p50_ms": percentiles[50],
-        "p90_ms": percentiles[90],
-        "p99_ms": percentiles[99],
-        "errors": float(answered - statuses.get(200, 0)),
-        "cpu_ms_load_generator_hey": load_cpu * 1000 / max(answered, 1),
+        **got,
+        "cpu_ms_load_generator_python": load_cpu * 1000 / count,
     }
 
 
@@ -295,7 +276,11 @@ async def amain(args: argparse.Namespace) -> None:
     try:
         async with running_system(
             var, var / "certs", tag=f"bench{run_id}", api_key=API_KEY, log_level="WARNING",
-            extra_env={"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(sink.port)},
+            extra_env={
+                "NOTIFY_SMTP_HOST": "127.0.0.1",
+                "NOTIFY_SMTP_PORT": str(sink.port),
+                **dict(kv.split("=", 1) for kv in args.env),
+            },
         ) as running:  # fmt: skip
             users = await _setup(running, args.users, run_id)
             script = var / "bench.lua"
@@ -347,6 +332,7 @@ async def _measure(
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": f"{platform.python_implementation()} {platform.python_version()} "
         f"({sys.executable}), uvloop in services",
+        "env": args.env,
         "seconds": args.seconds,
         "connections": args.connections,
         "saturation": runs,
@@ -374,6 +360,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--users", type=int, default=50)
+    parser.add_argument(
+        "--env", action="append", default=[], help="NAME=VALUE for every service (an A/B knob)"
+    )
     asyncio.run(amain(parser.parse_args()))
 
 

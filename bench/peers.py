@@ -27,16 +27,16 @@ BACKING = {"postgres": "PostgreSQL", "beam.smp": "RabbitMQ", "redis-server": "Re
 
 
 def ensure_tools() -> None:
-    """Install smtp-sink, wrk and hey from Debian when they are missing (needs root)."""
-    missing = [tool for tool in ("wrk", "hey") if shutil.which(tool) is None]
+    """Install smtp-sink and wrk from Debian when they are missing (needs root)."""
+    missing = [tool for tool in ("wrk",) if shutil.which(tool) is None]
     if Path(SMTP_SINK).exists() and not missing:
         return
     if os.geteuid() != 0:
-        raise SystemExit("the benchmark needs postfix (smtp-sink), wrk and hey: apt-get install")
+        raise SystemExit("the benchmark needs postfix (smtp-sink) and wrk: apt-get install")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
     subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postfix", "wrk", "hey"],
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postfix", "wrk"],
         check=True,
         env=env,
         timeout=600,

@@ -80,7 +80,9 @@ class App:
             )
             stack.push_async_callback(template_channel.close)
             users = user_service_pb2_grpc.UserServiceStub(user_channel)
-            records = RecordWriter(users, timeout=config.upstream_timeout)
+            records = RecordWriter(
+                users, timeout=config.upstream_timeout, max_batch=config.record_batch_max
+            )
             records.start()
             stack.push_async_callback(records.close)
             servicer = NotificationServicer(

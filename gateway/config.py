@@ -35,8 +35,9 @@ class Config:
     # add up; none comes out of one shared deadline). Worst case with the defaults: API
     # key 4 s (KeyStore: acquire 2 + query 2) + idempotency claim 15 s (up to 3 Redis
     # commands, each up to 5 x the 1 s Redis timeout) + profile || template 5 s
-    # (upstream_timeout) + CreateNotificationRecord 5 s (upstream_timeout) + confirms 5 s
-    # (publish_timeout) + idempotency record 5 s (1 Redis command) = 39 s, 41 s with
+    # (upstream_timeout) + the record 10 s (its batch waits for the one out, then its own
+    # CreateNotificationRecords: upstream_timeout each) + confirms 5 s (publish_timeout)
+    # + idempotency record 5 s (1 Redis command) = 44 s, 46 s with
     # Envoy's 2 s connect. Envoy's route timeout (envoy/envoy.yaml, 50 s) must stay above
     # it, or a client gets a 504 for a notification the gateway went on to accept: raise
     # it with either value here. tests/test_reconnect.py recomputes the sum and fails first.
@@ -48,6 +49,9 @@ class Config:
     # ``reconcile_after`` seconds are resolved, checked every ``reconcile_interval``.
     reconcile_after: float = 900.0
     reconcile_interval: float = 60.0
+    # The most records one CreateNotificationRecords call carries (gateway/records.py);
+    # 1 turns grouping off.
+    record_batch_max: int = 64
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -66,4 +70,5 @@ class Config:
             publish_timeout=env_float("NOTIFY_PUBLISH_TIMEOUT", 5.0, env),
             reconcile_after=env_float("NOTIFY_RECONCILE_AFTER", 900.0, env),
             reconcile_interval=env_float("NOTIFY_RECONCILE_INTERVAL", 60.0, env),
+            record_batch_max=env_int("NOTIFY_RECORD_BATCH_MAX", 64, env),
         )
