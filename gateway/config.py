@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from buf.validate import validate_pb2
+from notify.v1 import user_service_pb2
+
 from notify_kit.amqp import Topology
 from notify_kit.settings import (
     CommonSettings,
+    SettingsError,
     env_float,
     env_int,
     env_optional,
@@ -56,6 +60,10 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """Read ``NOTIFY_*`` variables; fail fast on malformed ones."""
+        record_batch_max = env_int("NOTIFY_RECORD_BATCH_MAX", 64, env)
+        most = _records_per_call()
+        if not 1 <= record_batch_max <= most:
+            raise SettingsError(f"environment variable NOTIFY_RECORD_BATCH_MAX must be 1..{most}")
         return cls(
             common=CommonSettings.from_env("gateway", 50051, env),
             dsn=env_str("NOTIFY_GATEWAY_DSN", postgres_dsn("notify_gateway", env), env),
@@ -70,5 +78,11 @@ class Config:
             publish_timeout=env_float("NOTIFY_PUBLISH_TIMEOUT", 5.0, env),
             reconcile_after=env_float("NOTIFY_RECONCILE_AFTER", 900.0, env),
             reconcile_interval=env_float("NOTIFY_RECONCILE_INTERVAL", 60.0, env),
-            record_batch_max=env_int("NOTIFY_RECORD_BATCH_MAX", 64, env),
+            record_batch_max=record_batch_max,
         )
+
+
+def _records_per_call() -> int:
+    """The contract's bound on the records of one CreateNotificationRecords call."""
+    field = user_service_pb2.CreateNotificationRecordsRequest.DESCRIPTOR.fields_by_name["records"]
+    return int(field.GetOptions().Extensions[validate_pb2.field].repeated.max_items)

@@ -10,6 +10,8 @@ waits for the broker's confirm.
 
 from __future__ import annotations
 
+import asyncio
+
 from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 
 from notify_kit.batching import Batcher
@@ -46,8 +48,14 @@ class RecordWriter:
         await self._batcher.close(Unavailable("SHUTTING_DOWN", "the gateway is stopping"))
 
     async def create(self, record: Record) -> common_pb2.Notification:
-        """The stored record (the existing one when its id was recorded before)."""
-        return await self._batcher.submit(record)
+        """The stored record (the existing one when its id was recorded before).
+
+        Bounded by two calls' timeouts (the batch out, then its own): past that the send
+        answers UNAVAILABLE (a timeout is our outage), and a record still written later
+        stays QUEUED with its outbox job for the reconciler.
+        """
+        async with asyncio.timeout(2 * self._timeout):
+            return await self._batcher.submit(record)
 
     async def _send(self, records: list[Record]) -> list[common_pb2.Notification | BaseException]:
         try:
@@ -59,7 +67,9 @@ class RecordWriter:
         except InvalidArgument as exc:
             if len(records) == 1:
                 return [exc]
-            return [(await self._send([record]))[0] for record in records]
+            # Records stand alone: resent each on its own, concurrently.
+            alone = await asyncio.gather(*(self._send([record]) for record in records))
+            return [outcomes[0] for outcomes in alone]
         return [
             result.notification
             if result.user_found

@@ -8,6 +8,7 @@ records. Every caller still learns the fate of its own item.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ class Batcher(Generic[T, R]):
     """Hands submitted items to ``flush`` in batches, one batch out at a time.
 
     A batch starts with the first waiting item and takes every item that arrives within
-    ``window`` seconds, at most ``max_batch``. With ``window`` 0 it takes whatever queued
+    ``window`` seconds of it, at most ``max_batch``. With ``window`` 0 it takes whatever queued
     up while the previous batch was out: an idle system adds no latency and a busy one
     makes one call for many items (the batch size follows the load). A cancelled caller
     leaves its item in its batch, where it may still be applied; nobody waits for it.
@@ -41,8 +42,12 @@ class Batcher(Generic[T, R]):
         self._flush = flush
         self._window = window
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
+        # An item is always in exactly one of these until it is answered, so close()
+        # finds every caller still waiting.
+        self._waiting: collections.deque[_Pending[T, R]] = collections.deque()
         self._out: list[_Pending[T, R]] = []
+        self._arrived = asyncio.Event()
+        self._closed: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -50,46 +55,44 @@ class Batcher(Generic[T, R]):
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self, error: BaseException) -> None:
-        """Stop; every item not answered yet fails with ``error``."""
+        """Stop; every item not answered yet, and every later one, fails with ``error``."""
+        self._closed = error
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        waiting = self._out + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
-        for pending in waiting:
+        for pending in [*self._out, *self._waiting]:
             if not pending.answer.done():
                 pending.answer.set_exception(error)
+        self._out, self._waiting = [], collections.deque()
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` for the next batch and wait for its own answer."""
+        if self._closed is not None:
+            raise self._closed
         answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(item, answer))
+        self._waiting.append(_Pending(item, answer))
+        self._arrived.set()
         return await answer
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self._window
-            while len(batch) < self._max_batch:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            self._out = batch
-            await self._apply(batch)
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self._window > 0 and len(self._waiting) < self._max_batch:
+                await asyncio.sleep(self._window)  # the window: let more reports join
+            take = min(self._max_batch, len(self._waiting))
+            self._out = [self._waiting.popleft() for _ in range(take)]
+            await self._apply(self._out)
             self._out = []
 
     async def _apply(self, batch: list[_Pending[T, R]]) -> None:
         outcomes: Sequence[R | BaseException]
         try:
             outcomes = await self._flush([p.item for p in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{len(outcomes)} answers for a batch of {len(batch)}")
         except Exception as exc:  # the call failed: every caller of the batch learns why
             outcomes = [exc] * len(batch)
         for pending, outcome in zip(batch, outcomes, strict=True):

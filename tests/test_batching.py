@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import pytest
 
+from gateway.config import Config
 from notify_kit.batching import Batcher
+from notify_kit.settings import SettingsError
 
 
 class Flush:
@@ -96,3 +99,32 @@ async def test_close_fails_every_item_not_answered() -> None:
     for future in (out, waiting):
         with pytest.raises(RuntimeError, match="closed"):
             await future
+    with pytest.raises(RuntimeError, match="closed"):
+        await b.submit(6)  # and every later one, at once
+
+
+async def test_a_flush_answering_the_wrong_count_fails_its_batch_not_the_batcher() -> None:
+    calls = 0
+
+    async def short(items: list[int]) -> list[int | BaseException]:
+        nonlocal calls
+        calls += 1
+        return [] if calls == 1 else [i for i in items]
+
+    b: Batcher[int, int] = Batcher(short, window=0.0, max_batch=8)
+    b.start()
+    try:
+        with pytest.raises(RuntimeError, match="0 answers for a batch of 1"):
+            await b.submit(1)
+        assert await b.submit(2) == 2
+    finally:
+        await b.close(RuntimeError("closed"))
+
+
+def test_the_gateway_batch_bound_is_the_contracts(certs_dir: Path) -> None:
+    """NOTIFY_RECORD_BATCH_MAX above the contract's max_items would make every batch
+    invalid: refused at start-up."""
+    tls = {"NOTIFY_TLS_DIR": str(certs_dir)}
+    assert Config.from_env({**tls, "NOTIFY_RECORD_BATCH_MAX": "500"}).record_batch_max == 500
+    with pytest.raises(SettingsError, match=r"1\.\.500"):
+        Config.from_env({**tls, "NOTIFY_RECORD_BATCH_MAX": "501"})

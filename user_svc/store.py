@@ -362,7 +362,8 @@ class UserStore:
         first: dict[uuid.UUID, NewNotification] = {}
         for record in records:
             first.setdefault(record.id, record)  # an id twice: the first one wins
-        unique = list(first.values())
+        # In id order, so two batches sharing ids lock their rows in the same order.
+        unique = sorted(first.values(), key=lambda r: r.id)
         deliveries = [(r.id, d) for r in unique for d in r.deliveries]
         async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
             rows = await conn.fetch(
