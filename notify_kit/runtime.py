@@ -41,7 +41,7 @@ def main(load: Callable[[], C], start: Callable[[C], Awaitable[Stoppable]]) -> N
     """The body of every ``__main__``: config once, logs, tracing, serve until SIGTERM."""
     config = load()
     setup_logging(config.common.service, config.common.log_level)
-    setup_tracing(config.common.service)
+    setup_tracing(config.common.service, config.common.tracing)
     run(lambda: serve_until_signal(start(config)))
 
 

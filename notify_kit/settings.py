@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+# NOTIFY_TRACING values (notify_kit.telemetry).
+TRACING_MODES = ("off", "console")
+
 
 class SettingsError(RuntimeError):
     """A required environment variable is missing or malformed."""
@@ -84,19 +87,25 @@ class CommonSettings:
     tls: TlsSettings
     log_level: str
     shutdown_grace: float
+    # NOTIFY_TRACING: where spans go, off (no instrumentation at all) or console.
+    tracing: str = "off"
 
     @classmethod
     def from_env(
         cls, service: str, default_port: int, env: Mapping[str, str] | None = None
     ) -> CommonSettings:
-        """Read ``NOTIFY_<SERVICE>_LISTEN``, TLS paths, ``NOTIFY_LOG_LEVEL``, grace."""
+        """Read ``NOTIFY_<SERVICE>_LISTEN``, TLS paths, ``NOTIFY_LOG_LEVEL``, grace, tracing."""
         key = service.upper()
+        tracing = env_str("NOTIFY_TRACING", "off", env)
+        if tracing not in TRACING_MODES:
+            raise SettingsError(f"NOTIFY_TRACING must be one of {', '.join(TRACING_MODES)}")
         return cls(
             service=service,
             listen=env_str(f"NOTIFY_{key}_LISTEN", f"127.0.0.1:{default_port}", env),
             tls=TlsSettings.for_service(service, env),
             log_level=env_str("NOTIFY_LOG_LEVEL", "INFO", env),
             shutdown_grace=env_float("NOTIFY_SHUTDOWN_GRACE", 5.0, env),
+            tracing=tracing,
         )
 
 

@@ -19,9 +19,8 @@ from notify_kit.templating.content import (
     PUSH_TITLE,
     Content,
     canonical_language,
-    email_message,
-    push_message,
 )
+from notify_kit.templating.messages import email_message, push_message
 from template_svc.model import Template, Variable, Version
 
 MAX_FIELD_BYTES = 64 * 1024

@@ -8,7 +8,12 @@ from notify.v1 import common_pb2, template_service_pb2, template_service_pb2_grp
 from notify_kit.cache import LruCache
 from notify_kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from notify_kit.rpc import clamp_timeout
-from notify_kit.templating.content import email_message, push_message, variables_from_struct
+from notify_kit.templating.messages import (
+    email_message,
+    has_channel,
+    push_message,
+    variables_from_struct,
+)
 from notify_kit.templating.renderer import Renderer
 from template_svc import messages
 from template_svc.model import Version
@@ -89,7 +94,7 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
         version = await self._version(request.template_id, request.version)
         content = version.content_for(request.language)
         channel = request.channel
-        if not content.has_channel(channel):
+        if not has_channel(content, channel):
             raise FailedPrecondition(
                 "CHANNEL_NOT_IN_TEMPLATE",
                 f"template {version.template_id} v{version.number} ({content.language}) "

@@ -229,6 +229,22 @@ def test_settings_fail_fast_with_the_variable_name() -> None:
         TlsSettings.for_service("gateway", env={"NOTIFY_TLS_DIR": "/nonexistent"})
 
 
+def test_tracing_is_off_unless_spans_have_somewhere_to_go(certs_dir: Path) -> None:
+    """Off installs nothing (no provider, no grpc interceptors); an unknown mode is refused."""
+    from opentelemetry import trace  # noqa: PLC0415
+
+    from notify_kit.telemetry import inject_trace_context, setup_tracing  # noqa: PLC0415
+
+    env = {"NOTIFY_TLS_DIR": str(certs_dir)}
+    assert CommonSettings.from_env("gateway", 1, env).tracing == "off"
+    with pytest.raises(SettingsError, match="NOTIFY_TRACING must be one of off, console"):
+        CommonSettings.from_env("gateway", 1, {**env, "NOTIFY_TRACING": "jaeger"})
+    before = trace.get_tracer_provider()
+    assert setup_tracing("gateway", "off") is None
+    assert trace.get_tracer_provider() is before
+    assert inject_trace_context() == {}  # no span, nothing for a job to carry
+
+
 def test_json_logs_carry_the_correlation_id() -> None:
     set_correlation_id("corr-123")
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello %s", ("you",), None)

@@ -26,11 +26,11 @@ from notify_kit.errors import ServiceError
 from notify_kit.jobs.errors import Blocked, PermanentError
 from notify_kit.jobs.upstream import PERMANENT_UPSTREAM
 from notify_kit.jobs.upstream import render as render_remotely
-from notify_kit.templating.content import (
-    Content,
+from notify_kit.templating.content import Content, pick_language
+from notify_kit.templating.messages import (
     content_fields,
     email_message,
-    pick_language,
+    has_channel,
     push_message,
     variables_from_struct,
 )
@@ -75,7 +75,7 @@ class Templates:
         template = await self._version(template_id, version)
         content = _content_for(template, language)
         field: Literal["email", "push"] = "email" if channel == common_pb2.CHANNEL_EMAIL else "push"
-        if not content.has_channel(channel):
+        if not has_channel(content, channel):
             raise PermanentError(f"template {template_id!r} v{version} has no {field} content")
         try:
             rendered = await self._renderer.render(

@@ -1,7 +1,9 @@
 """What a template is made of, as every renderer sees it: fields, contents, languages.
 
 Shared by TemplateService (which stores and test-renders templates) and the workers
-(which render the versions they fetched). A content's parts are kept as a mapping from
+(which render the versions they fetched), and read by the render processes, so it
+imports nothing but the standard library and ``formats``: a render process stays small
+(the protobuf side is ``messages``). A content's parts are kept as a mapping from
 the field's path inside a ``TemplateContent`` message ("email.subject", "push.body",
 ...) to its source, so validation, the store, the sandbox and error messages all name a
 field the same way a caller sees it.
@@ -11,10 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from google.protobuf import json_format, struct_pb2
-from notify.v1 import common_pb2, template_service_pb2
 
 from notify_kit import formats
 
@@ -24,17 +22,14 @@ EMAIL_HTML = "email.html_body"
 PUSH_TITLE = "push.title"
 PUSH_BODY = "push.body"
 
-# Every field a channel can have, in render order; the first one is required, so its
+# Every field a channel has, in render order; the first one is required, so its
 # presence says whether the content has the channel at all.
-CHANNEL_FIELDS: Mapping[common_pb2.Channel.ValueType, tuple[str, ...]] = {
-    common_pb2.CHANNEL_EMAIL: (EMAIL_SUBJECT, EMAIL_TEXT, EMAIL_HTML),
-    common_pb2.CHANNEL_PUSH: (PUSH_TITLE, PUSH_BODY),
-}
+EMAIL_FIELDS = (EMAIL_SUBJECT, EMAIL_TEXT, EMAIL_HTML)
+PUSH_FIELDS = (PUSH_TITLE, PUSH_BODY)
 # Rendered with HTML autoescape.
 HTML_FIELDS = frozenset({EMAIL_HTML})
 # Become mail headers / notification titles: stripped, and a line break is an injection.
 SINGLE_LINE_FIELDS = frozenset({EMAIL_SUBJECT, PUSH_TITLE})
-_MAX_SAFE_INTEGER = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,25 +43,6 @@ class Content:
     # Those of them that a one-line field reads: a line break in their value could only
     # end as an unsafe header, so a send carrying one is refused at accept.
     line_variables: frozenset[str] = field(default=frozenset())
-
-    def has_channel(self, channel: common_pb2.Channel.ValueType) -> bool:
-        """Whether this content can be sent through ``channel``."""
-        return CHANNEL_FIELDS[channel][0] in self.fields
-
-
-def content_fields(message: template_service_pb2.TemplateContent) -> dict[str, str]:
-    """A ``TemplateContent`` message's sources by field path (absent parts left out)."""
-    fields: dict[str, str] = {}
-    if message.HasField("email"):
-        email = message.email
-        fields[EMAIL_SUBJECT] = email.subject
-        fields[EMAIL_TEXT] = email.text_body
-        if email.html_body:
-            fields[EMAIL_HTML] = email.html_body
-    if message.HasField("push"):
-        fields[PUSH_TITLE] = message.push.title
-        fields[PUSH_BODY] = message.push.body
-    return fields
 
 
 def canonical_language(tag: str) -> str | None:
@@ -103,36 +79,3 @@ def pick_language(requested: str, available: Collection[str], default: str) -> s
             if candidate in available:
                 return candidate
     return default
-
-
-def email_message(fields: Mapping[str, str]) -> template_service_pb2.EmailContent:
-    """Email parts (sources or renderings) keyed by field path, as a message."""
-    return template_service_pb2.EmailContent(
-        subject=fields[EMAIL_SUBJECT],
-        text_body=fields[EMAIL_TEXT],
-        html_body=fields.get(EMAIL_HTML, ""),
-    )
-
-
-def push_message(fields: Mapping[str, str]) -> template_service_pb2.PushContent:
-    """Push parts (sources or renderings) keyed by field path, as a message."""
-    return template_service_pb2.PushContent(title=fields[PUSH_TITLE], body=fields[PUSH_BODY])
-
-
-def variables_from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """Template variables as plain Python values.
-
-    A Struct has only doubles, so whole numbers come back as ints: "3 items", not "3.0 items".
-    """
-    values: dict[str, Any] = json_format.MessageToDict(struct)
-    return {key: _whole_numbers(value) for key, value in values.items()}
-
-
-def _whole_numbers(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole_numbers(v) for v in value]
-    return value

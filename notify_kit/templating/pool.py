@@ -8,9 +8,7 @@ still busy when its job's deadline passes is killed and replaced. The invariant:
 template costs at most one render process, for at most its deadline; the service's event
 loop, its health checks and the other children are never touched.
 
-The protocol is one frame per message, both ways: four bytes of big-endian length, then
-UTF-8 JSON. JSON rather than pickle, because the answers come from a process that runs
-untrusted code: whatever a child writes, the parent only ever decodes data from it.
+The protocol is one frame per message, both ways (``frames``).
 """
 
 from __future__ import annotations
@@ -21,15 +19,13 @@ import json
 import logging
 import sys
 from collections.abc import Mapping
-from typing import Any, BinaryIO
+from typing import Any
 
 from notify_kit.errors import Unavailable
+from notify_kit.templating.frames import HEADER, Message, encode
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, Any]
-
-_HEADER = 4
 # Time a child gets to stop at its own deadline (it checks as it goes) before it is killed.
 _GRACE = 0.05
 _RESPAWN_BACKOFF = (0.1, 5.0)
@@ -37,22 +33,6 @@ _RESPAWN_BACKOFF = (0.1, 5.0)
 
 class ProcessStopped(Exception):
     """The child died or broke the protocol while rendering (it has been replaced)."""
-
-
-def encode(message: Mapping[str, Any]) -> bytes:
-    """One frame."""
-    data = json.dumps(message, separators=(",", ":")).encode()
-    return len(data).to_bytes(_HEADER, "big") + data
-
-
-def read_frame(stream: BinaryIO) -> Message | None:
-    """The next frame from a blocking stream (the child's stdin); None at end of input."""
-    header = stream.read(_HEADER)
-    if len(header) < _HEADER:
-        return None
-    data = stream.read(int.from_bytes(header, "big"))
-    message: Message = json.loads(data)
-    return message
 
 
 class _Child:
@@ -74,7 +54,7 @@ class _Child:
     async def read(self, max_answer: int) -> Message:
         stdout = self.process.stdout
         assert stdout is not None
-        size = int.from_bytes(await stdout.readexactly(_HEADER), "big")
+        size = int.from_bytes(await stdout.readexactly(HEADER), "big")
         if size > max_answer:
             raise ValueError(f"answer of {size} bytes")
         answer = json.loads(await stdout.readexactly(size))

@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from notify_kit.templating import sandbox
 from notify_kit.templating.content import Content
-from notify_kit.templating.pool import Message, encode, read_frame
+from notify_kit.templating.frames import Message, encode, read_frame
 
 _COMPILED_ENTRIES = 512
 _PR_SET_PDEATHSIG = 1

@@ -22,8 +22,10 @@ from notify.v1 import common_pb2
 
 from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
 from notify_kit.settings import SettingsError, env_float, env_int
-from notify_kit.templating.content import CHANNEL_FIELDS, SINGLE_LINE_FIELDS, Content
-from notify_kit.templating.pool import Message, ProcessPool, ProcessStopped
+from notify_kit.templating.content import SINGLE_LINE_FIELDS, Content
+from notify_kit.templating.frames import Message
+from notify_kit.templating.messages import CHANNEL_FIELDS
+from notify_kit.templating.pool import ProcessPool, ProcessStopped
 
 log = logging.getLogger(__name__)
 
