@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
@@ -45,6 +46,18 @@ def main(load: Callable[[], C], start: Callable[[C], Awaitable[Stoppable]]) -> N
     run(lambda: serve_until_signal(start(config)))
 
 
+def freeze_startup_objects() -> None:
+    """Move everything alive after start-up out of the garbage collector's sight.
+
+    Modules, descriptors, stubs and settings made at start-up live as long as the process,
+    yet every full collection walked them all: 11-16 ms per collection with the gateway's
+    imports (measured 2026-12-03), a pause every in-flight call waits out. Frozen, they are
+    never scanned (0.0 ms), and what calls allocate is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class Stoppable(Protocol):
     """Anything a ``__main__`` starts and must stop on SIGTERM."""
 
@@ -55,6 +68,7 @@ class Stoppable(Protocol):
 async def serve_until_signal(starting: Awaitable[Stoppable]) -> None:
     """Start the app, wait for SIGTERM/SIGINT, stop it."""
     app = await starting
+    freeze_startup_objects()
     try:
         await wait_for_shutdown_signal()
     finally:
