@@ -18,7 +18,7 @@ from notify.v1 import (
     user_service_pb2_grpc,
 )
 
-from gateway.auth import ALL_SCOPES, ApiKeyInterceptor, Authenticator
+from gateway.auth import ApiKeyInterceptor, Authenticator
 from gateway.cache import IdempotencyCache
 from gateway.config import Config
 from gateway.dead_letter_server import DeadLetterConsumer, DeadLetterServicer
@@ -28,7 +28,7 @@ from gateway.reconciler import Reconciler
 from gateway.records import RecordWriter
 from gateway.server import NotificationServicer
 from gateway.store import KeyStore
-from notify_kit import amqp, db
+from notify_kit import acl, amqp, db
 from notify_kit.kv import redis_client
 from notify_kit.rpc import secure_channel
 from notify_kit.server import GrpcServer
@@ -62,7 +62,9 @@ class App:
             await db.migrate(pool, MIGRATIONS)
             keys = KeyStore(pool)
             if config.bootstrap_api_key:
-                await keys.ensure(config.bootstrap_api_key, "bootstrap", ALL_SCOPES)
+                await keys.ensure(
+                    config.bootstrap_api_key, "bootstrap", frozenset({acl.ADMIN_SCOPE})
+                )
             redis = redis_client(config.redis_url)
             stack.push_async_callback(redis.aclose)
             connection = await amqp.connect(config.amqp_url)

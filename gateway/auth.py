@@ -1,8 +1,11 @@
 """API-key authentication and scope checks for every external method.
 
 Runs as a server interceptor inside the shared one, so a call without a valid key, or
-with a key lacking the method's scope, never reaches a handler. Keys are looked up by
-hash and cached in-process for a short TTL (revocation takes effect within it).
+with a key lacking the method's scope, never reaches a handler. The scope each method
+needs is declared on the RPC in its proto (``notify.v1.access``, read by
+``notify_kit.acl``); a method without one is internal and no key opens it. Keys are
+looked up by hash and cached in-process for a short TTL (revocation takes effect within
+it).
 """
 
 from __future__ import annotations
@@ -14,32 +17,12 @@ from typing import Any
 import grpc
 
 from gateway.store import ApiKey, KeyStore
+from notify_kit import acl
 from notify_kit.cache import LruCache
 from notify_kit.errors import PermissionDenied, Unauthenticated
 from notify_kit.interceptors import metadata_value, wrap_unary
 
 API_KEY_HEADER = "x-api-key"
-SEND, READ, ADMIN = "send", "read", "admin"
-ALL_SCOPES = frozenset({SEND, READ, ADMIN})
-
-# Every external method and the scope it needs. A method missing here is refused.
-METHOD_SCOPES: dict[str, str] = {
-    "/notify.v1.NotificationService/SendNotification": SEND,
-    "/notify.v1.NotificationService/GetNotification": READ,
-    "/notify.v1.NotificationService/ListNotifications": READ,
-    "/notify.v1.UserService/CreateUser": ADMIN,
-    "/notify.v1.UserService/GetUser": READ,
-    "/notify.v1.UserService/UpdatePreferences": ADMIN,
-    "/notify.v1.UserService/RegisterDevice": ADMIN,
-    "/notify.v1.UserService/DeleteDevice": ADMIN,
-    "/notify.v1.TemplateService/CreateTemplate": ADMIN,
-    "/notify.v1.TemplateService/GetTemplate": READ,
-    "/notify.v1.TemplateService/CreateTemplateVersion": ADMIN,
-    "/notify.v1.DeadLetterService/ListDeadLetters": ADMIN,
-    "/notify.v1.DeadLetterService/GetDeadLetter": ADMIN,
-    "/notify.v1.DeadLetterService/ReplayDeadLetters": ADMIN,
-    "/notify.v1.DeadLetterService/PurgeDeadLetters": ADMIN,
-}
 
 _CALLER: ContextVar[ApiKey] = ContextVar("api_key")
 
@@ -82,13 +65,13 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or handler.unary_unary is None or not method.startswith("/notify."):
             return handler
-        scope = METHOD_SCOPES.get(method)
+        scope = acl.scope_of(method)
         inner = handler.unary_unary
         auth = self._auth
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             key = await auth.authenticate(metadata_value(context, API_KEY_HEADER))
-            if scope is None or scope not in key.scopes:
+            if scope is None or not acl.grants(key.scopes, scope):
                 raise PermissionDenied(
                     "SCOPE_MISSING",
                     f"this API key lacks the scope {scope or 'internal'!r}",

@@ -5,8 +5,10 @@ notifications (one API key, one Envoy route), but the data belongs to user_svc a
 template_svc. The gateway registers those methods as raw-bytes handlers and forwards
 each call over its pooled mTLS channel: no decode/encode, the owner validates, and the
 owner's status and error details reach the client unchanged (a transport failure, which
-has no details of ours, reaches it as its code and a generic message). Only the methods listed in
-``gateway.auth.METHOD_SCOPES`` are exposed; internal ones stay unreachable from outside.
+has no details of ours, reaches it as its code and a generic message). Exactly the public
+methods (those whose proto declares a scope) of services the gateway does not serve
+itself are forwarded, each to the process its service's ``served_by`` names; internal
+ones stay unreachable from outside.
 """
 
 from __future__ import annotations
@@ -15,16 +17,9 @@ from collections.abc import Mapping
 
 import grpc
 
-from gateway.auth import METHOD_SCOPES
+from notify_kit import acl
 from notify_kit.errors import DETAILS_KEY, from_rpc_error
 from notify_kit.rpc import clamp_timeout
-
-OWNERS = {"notify.v1.UserService": "user_svc", "notify.v1.TemplateService": "template_svc"}
-
-
-def _owner(method: str) -> str | None:
-    service = method.lstrip("/").split("/", 1)[0]
-    return OWNERS.get(service)
 
 
 class ForwardingHandler(grpc.GenericRpcHandler):
@@ -32,10 +27,11 @@ class ForwardingHandler(grpc.GenericRpcHandler):
 
     def __init__(self, channels: Mapping[str, grpc.aio.Channel], *, timeout: float) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-        for method in METHOD_SCOPES:
-            owner = _owner(method)
-            if owner is not None:
-                self._handlers[method] = self._forwarder(channels[owner], method, timeout)
+        for method in acl.public_methods():
+            if acl.GATEWAY in method.servers:
+                continue  # served here (NotificationService, DeadLetterService)
+            (owner,) = method.servers  # one owner per forwarded service
+            self._handlers[method.path] = self._forwarder(channels[owner], method.path, timeout)
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails

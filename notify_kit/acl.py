@@ -1,65 +1,161 @@
-"""The access-control matrix of the mesh: which caller may call which method of which server.
+"""The access-control matrix of the mesh, read from the contracts.
+
+Every RPC declares who may call it (``notify.v1.access`` in ``proto/notify/v1/access.proto``)
+and every service which processes serve it (``notify.v1.served_by``); this module turns
+those declarations into each server's policy, so the proto is the only place the matrix
+is written. The rules it applies:
+
+* a **public** method (one with a scope) is served by the gateway to the edge (Envoy and
+  operators), with an API key checked by the gateway; the process that owns its service,
+  when that is not the gateway, takes it from the gateway only (the gateway forwards it);
+* an **internal** method (one with callers) is served by the processes that serve its
+  service, to exactly the identities it names;
+* health and reflection are open to every certificate the mesh CA signed, so operators
+  and probes can use them.
 
 Identities come from the client certificate's common name (mTLS is mandatory on every
-hop), so a caller cannot claim to be someone else without the CA's key. The matrix is
-the seed's, extended where the design needs it (the gateway also manages templates for
-external admin clients; the workers remove dead push tokens). Health and reflection are
-open to every certificate the mesh CA signed, so operators and probes can use them.
+hop), so a caller cannot claim to be someone else without the CA's key. Anything not
+declared is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from google.protobuf.descriptor import EnumDescriptor, MethodDescriptor, ServiceDescriptor
+from notify.v1 import (
+    access_pb2,
+    dead_letter_service_pb2,
+    notification_service_pb2,
+    template_service_pb2,
+    user_service_pb2,
+    worker_admin_pb2,
+)
 
 from notify_kit.errors import PermissionDenied, Unauthenticated
 
-OPEN_TO_MESH = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-_WORKER_CALLS = (
-    "/notify.v1.TemplateService/GetTemplateVersion",
-    "/notify.v1.TemplateService/RenderTemplate",
-    "/notify.v1.UserService/UpdateDeliveryStatus",
-    "/notify.v1.UserService/UpdateDeliveryStatuses",
-    "/notify.v1.UserService/GetDeliveryProfile",
-)
+if TYPE_CHECKING:
+    from google.protobuf.descriptor_pb2 import EnumValueOptions
+    from google.protobuf.internal.extension_dict import _ExtensionFieldDescriptor
 
-# server -> caller -> method prefixes the caller may use.
-MATRIX: Mapping[str, Mapping[str, tuple[str, ...]]] = {
-    "gateway": {
-        "envoy": ("/notify.v1.",),
-        "operator": ("/notify.v1.",),
-    },
-    "user_svc": {
-        "gateway": ("/notify.v1.UserService/",),
-        "email_worker": _WORKER_CALLS,
-        "push_worker": (*_WORKER_CALLS, "/notify.v1.UserService/RemoveDeviceToken"),
-    },
-    "template_svc": {
-        "gateway": (
-            "/notify.v1.TemplateService/CreateTemplate",
-            "/notify.v1.TemplateService/GetTemplate",
-            "/notify.v1.TemplateService/CreateTemplateVersion",
-        ),
-        "email_worker": _WORKER_CALLS,
-        "push_worker": _WORKER_CALLS,
-    },
-    # Workers serve only their admin service, to operators.
-    "email_worker": {"operator": ("/notify.v1.WorkerAdminService/",)},
-    "push_worker": {"operator": ("/notify.v1.WorkerAdminService/",)},
-}
+OPEN_TO_MESH = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Every generated module that defines a service of ours.
+SERVICE_MODULES: tuple[ModuleType, ...] = (
+    notification_service_pb2,
+    user_service_pb2,
+    template_service_pb2,
+    dead_letter_service_pb2,
+    worker_admin_pb2,
+)
+GATEWAY = "gateway"
+# Who reaches the gateway's public methods: external clients through Envoy, operators.
+EDGE = frozenset({"envoy", "operator"})
+ADMIN_SCOPE = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class MethodAccess:
+    """One RPC's declaration."""
+
+    path: str  # "/notify.v1.Service/Method", as gRPC names it on the wire
+    servers: frozenset[str]  # the processes that serve its service
+    scope: str | None  # set for a public method
+    callers: frozenset[str]  # set for an internal method
+
+    def allowed_on(self, server: str) -> frozenset[str]:
+        """The identities that may call this method on ``server``."""
+        if self.scope is not None:
+            if server == GATEWAY:
+                return EDGE
+            return frozenset({GATEWAY}) if server in self.servers else frozenset()
+        return self.callers if server in self.servers else frozenset()
+
+
+def _option_names(
+    enum: EnumDescriptor, option: _ExtensionFieldDescriptor[EnumValueOptions, str]
+) -> dict[int, str]:
+    return {value.number: value.GetOptions().Extensions[option] for value in enum.values}
+
+
+def _services() -> Iterator[ServiceDescriptor]:
+    for module in SERVICE_MODULES:
+        yield from module.DESCRIPTOR.services_by_name.values()
+
+
+def _declaration(
+    service: ServiceDescriptor, method: MethodDescriptor, scopes: Mapping[int, str]
+) -> MethodAccess:
+    identities = _option_names(access_pb2.Identity.DESCRIPTOR, access_pb2.common_name)
+    path = f"/{service.full_name}/{method.name}"
+    servers = frozenset(
+        identities[s] for s in service.GetOptions().Extensions[access_pb2.served_by].servers
+    )
+    declared = method.GetOptions().Extensions[access_pb2.access]
+    callers = frozenset(identities[c] for c in declared.callers)
+    if not servers or (declared.scope == access_pb2.SCOPE_UNSPECIFIED) == (not callers):
+        # A contract without its declaration is a build error, caught by the tests and
+        # at start-up; it never becomes an open (or silently closed) method.
+        raise ValueError(f"{path}: declare exactly one of scope and callers, and served_by")
+    scope = scopes[declared.scope] if declared.scope else None
+    return MethodAccess(path=path, servers=servers, scope=scope, callers=callers)
+
+
+@functools.cache
+def declarations() -> Mapping[str, MethodAccess]:
+    """Every RPC of ours by its path, as the contracts declare it (read once)."""
+    scopes = scope_names()
+    return {
+        access.path: access
+        for service in _services()
+        for access in (_declaration(service, m, scopes) for m in service.methods)
+    }
+
+
+@functools.cache
+def scope_names() -> Mapping[int, str]:
+    """``Scope`` values by number, as keys and errors spell them ("notifications:send")."""
+    names = _option_names(access_pb2.Scope.DESCRIPTOR, access_pb2.scope_name)
+    del names[access_pb2.SCOPE_UNSPECIFIED]
+    return names
+
+
+def all_scopes() -> frozenset[str]:
+    """Every scope an API key can hold."""
+    return frozenset(scope_names().values())
+
+
+def scope_of(method: str) -> str | None:
+    """The scope a public method needs; None for an internal or unknown one."""
+    access = declarations().get(method)
+    return access.scope if access is not None else None
+
+
+def public_methods() -> tuple[MethodAccess, ...]:
+    """Every method external clients may call (through the gateway)."""
+    return tuple(a for a in declarations().values() if a.scope is not None)
+
+
+def grants(held: frozenset[str], needed: str) -> bool:
+    """Whether a key holding ``held`` may use a method that needs ``needed``."""
+    return needed in held or ADMIN_SCOPE in held
 
 
 @dataclass(frozen=True, slots=True)
 class AccessPolicy:
-    """The slice of the matrix that applies to one server."""
+    """The slice of the matrix that applies to one server: method → allowed callers."""
 
     server: str
-    rules: Mapping[str, tuple[str, ...]]
+    rules: Mapping[str, frozenset[str]]
 
     @classmethod
     def for_server(cls, server: str) -> AccessPolicy:
-        """The policy of ``server``; an unknown server name is a programming error."""
-        return cls(server=server, rules=MATRIX[server])
+        """The policy of ``server``, from the contracts' declarations."""
+        rules = {path: a.allowed_on(server) for path, a in declarations().items()}
+        return cls(server=server, rules={path: who for path, who in rules.items() if who})
 
     def check(self, caller: str | None, method: str) -> None:
         """Raise unless ``caller`` may call ``method`` on this server."""
@@ -67,8 +163,7 @@ class AccessPolicy:
             raise Unauthenticated("NO_PEER_IDENTITY", "a client certificate is required")
         if method.startswith(OPEN_TO_MESH):
             return
-        allowed = self.rules.get(caller, ())
-        if not method.startswith(allowed) or not allowed:
+        if caller not in self.rules.get(method, ()):
             raise PermissionDenied(
                 "ACCESS_DENIED",
                 f"{caller} may not call {method} on {self.server}",

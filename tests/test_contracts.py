@@ -3,6 +3,7 @@ the released ones (``proto/released.binpb``), every external RPC is routed."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -11,14 +12,11 @@ import sys
 from pathlib import Path
 
 from google.api import annotations_pb2
-from notify.v1 import (
-    dead_letter_service_pb2,
-    notification_service_pb2,
-    template_service_pb2,
-    user_service_pb2,
-)
+from notify.v1 import access_pb2
 
-from gateway.auth import METHOD_SCOPES
+from notify_kit import acl
+from scripts import access_matrix
+from scripts.gen_certs import IDENTITIES
 from scripts.system import ROOT
 
 BIN = Path(sys.executable).parent
@@ -72,17 +70,39 @@ def test_buf_lint_passes() -> None:
 
 def test_every_http_bound_rpc_is_exposed_with_a_scope_and_nothing_else() -> None:
     bound = set()
-    for module in (
-        notification_service_pb2,
-        user_service_pb2,
-        template_service_pb2,
-        dead_letter_service_pb2,
-    ):
+    for module in acl.SERVICE_MODULES:
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 if method.GetOptions().HasExtension(annotations_pb2.http):
                     bound.add(f"/{service.full_name}/{method.name}")
-    assert bound == set(METHOD_SCOPES)
+    assert bound == {method.path for method in acl.public_methods()}
+
+
+def test_every_service_and_rpc_declares_who_may_call_it() -> None:
+    """The matrix is read from every generated module that has a service, and each RPC
+    names exactly one of a scope and its callers (``declarations`` refuses otherwise)."""
+    with_services = set()
+    for path in sorted((ROOT / "gen" / "notify" / "v1").glob("*_pb2.py")):
+        module = importlib.import_module(f"notify.v1.{path.stem}")
+        if module.DESCRIPTOR.services_by_name:
+            with_services.add(module)
+    assert with_services == set(acl.SERVICE_MODULES)
+    methods = {
+        f"/{service.full_name}/{method.name}"
+        for module in with_services
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert set(acl.declarations()) == methods
+
+
+def test_every_identity_of_the_contracts_gets_a_certificate() -> None:
+    names = {
+        value.GetOptions().Extensions[access_pb2.common_name]
+        for value in access_pb2.Identity.DESCRIPTOR.values
+        if value.number
+    }
+    assert names == set(IDENTITIES)
 
 
 def test_make_buf_checks_against_the_committed_baseline() -> None:
@@ -120,3 +140,10 @@ def test_breaking_check_fails_on_a_deleted_field_and_a_renamed_rpc(tmp_path: Pat
     assert out.returncode != 0, out.stdout + out.stderr
     rules = {json.loads(line)["type"] for line in out.stdout.splitlines() if line.strip()}
     assert {"FIELD_NO_DELETE", "RPC_NO_DELETE"} <= rules, out.stdout + out.stderr
+
+
+def test_the_security_document_shows_the_matrix_the_protos_declare() -> None:
+    text = access_matrix.DOCUMENT.read_text()
+    assert access_matrix.document_with_table(text) == text, (
+        "docs/SECURITY.md is stale: run python -m scripts.access_matrix --write"
+    )

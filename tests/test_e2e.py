@@ -81,11 +81,19 @@ async def test_push_suppressed_without_devices(e2e: E2E) -> None:
     assert by_channel["CHANNEL_EMAIL"]["status"] == "NOTIFICATION_STATUS_QUEUED"
 
 
-def _reason(body: Any) -> str:
+def _error_info(body: Any) -> dict[str, Any]:
     for detail in body.get("details", []):
         if detail.get("@type", "").endswith("google.rpc.ErrorInfo"):
-            return str(detail["reason"])
-    return ""
+            return dict(detail)
+    return {}
+
+
+def _reason(body: Any) -> str:
+    return str(_error_info(body).get("reason", ""))
+
+
+def _metadata(body: Any) -> dict[str, str]:
+    return dict(_error_info(body).get("metadata", {}))
 
 
 @pytest.mark.parametrize(
@@ -228,19 +236,25 @@ async def test_api_key_scopes_are_enforced(e2e: E2E) -> None:
         f"{e2e.cfg.pg_base}/{e2e.cfg.db_prefix}gateway", application="test"
     )
     try:
-        await KeyStore(store_pool).ensure("read-only-key", "reader", frozenset({"read"}))
+        keys = KeyStore(store_pool)
+        await keys.ensure("read-only-key", "reader", frozenset({"users:read"}))
+        await keys.ensure("send-only-key", "sender", frozenset({"notifications:send"}))
     finally:
         await db.close_pool(store_pool)
     user_id = await e2e.new_user(devices=0)
-    status, got = await e2e.api(
-        "POST",
-        "/v1/notifications",
-        {"userId": user_id, "templateId": "welcome"},
-        api_key="read-only-key",
-    )
+    send = {"userId": user_id, "templateId": "welcome"}
+    status, got = await e2e.api("POST", "/v1/notifications", send, api_key="read-only-key")
     assert status == 403 and _reason(got) == "SCOPE_MISSING", got
+    assert _metadata(got)["required_scope"] == "notifications:send"
     status, got = await e2e.api("GET", f"/v1/users/{user_id}", api_key="read-only-key")
     assert status == 200, got
+    # A key that may send may not read what it sent, nor anything else.
+    status, got = await e2e.api("POST", "/v1/notifications", send, api_key="send-only-key")
+    assert status == 200, got
+    sent = got["notification"]["id"]
+    for path in (f"/v1/notifications/{sent}", f"/v1/users/{user_id}", "/v1/templates/welcome"):
+        status, got = await e2e.api("GET", path, api_key="send-only-key")
+        assert status == 403 and _reason(got) == "SCOPE_MISSING", (path, got)
 
 
 async def test_the_gateway_reads_profiles_from_cache_and_sees_every_change(e2e: E2E) -> None:

@@ -532,7 +532,7 @@ async def test_nul_in_a_one_line_variable_is_refused_at_accept(e2e: E2E) -> None
 OVERREACH = {
     "status": "NOTIFICATION_STATUS_DELIVERED",
     "owner": "mallory",
-    "scopes": ["admin", "send", "read"],
+    "scopes": ["admin", "notifications:send", "notifications:read"],
     "role": "admin",
     "apiKey": "x",
     "createTime": "2000-01-01T00:00:00Z",
@@ -620,11 +620,16 @@ async def test_output_only_and_unknown_fields_cannot_shape_a_template(e2e: E2E) 
 async def test_a_key_cannot_grant_itself_scopes(e2e: E2E) -> None:
     pool = await db.create_pool(f"{e2e.cfg.pg_base}/{e2e.cfg.db_prefix}gateway", application="test")
     try:
-        await KeyStore(pool).ensure("edge-read-only-key", "edge-reader", frozenset({"read"}))
+        await KeyStore(pool).ensure(
+            "edge-read-only-key", "edge-reader", frozenset({"notifications:read"})
+        )
     finally:
         await db.close_pool(pool)
     user_id = await e2e.new_user(devices=0)
-    for body in (_send_body(user_id, **OVERREACH), _send_body(user_id, key={"scopes": ["send"]})):
+    for body in (
+        _send_body(user_id, **OVERREACH),
+        _send_body(user_id, key={"scopes": ["notifications:send"]}),
+    ):
         status, got = await e2e.api("POST", "/v1/notifications", body, api_key="edge-read-only-key")
         assert status == 403 and _reason(got) == "SCOPE_MISSING", got
     await _still_serving(e2e, user_id)

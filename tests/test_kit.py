@@ -390,3 +390,41 @@ def test_email_address_rule_limits_and_idna(address: str, problem: str | None) -
         assert found is not None and problem in found
         # Reasons reach external clients: they never echo the address back.
         assert address not in found
+
+
+def test_an_rpc_without_its_access_declaration_is_refused_not_opened() -> None:
+    """A contract that forgets ``notify.v1.access`` fails loudly when the matrix is read."""
+    from google.protobuf import descriptor_pb2, descriptor_pool  # noqa: PLC0415
+    from notify.v1 import access_pb2  # noqa: PLC0415
+
+    from notify_kit import acl  # noqa: PLC0415
+
+    def service_with(options: descriptor_pb2.MethodOptions) -> Any:
+        proto = descriptor_pb2.FileDescriptorProto(
+            name=f"t{uuid.uuid4().hex}.proto", package="t", syntax="proto3"
+        )
+        proto.message_type.add(name="M")
+        service = proto.service.add(name="S")
+        service.options.Extensions[access_pb2.served_by].servers.append(
+            access_pb2.IDENTITY_USER_SVC
+        )
+        service.method.add(name="Call", input_type=".t.M", output_type=".t.M", options=options)
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(proto)
+        return pool.FindServiceByName("t.S")
+
+    undeclared = service_with(descriptor_pb2.MethodOptions())
+    with pytest.raises(ValueError, match=r"/t\.S/Call: declare exactly one of scope and callers"):
+        acl._declaration(undeclared, undeclared.methods[0], acl.scope_names())
+    both = descriptor_pb2.MethodOptions()
+    both.Extensions[access_pb2.access].scope = access_pb2.SCOPE_ADMIN
+    both.Extensions[access_pb2.access].callers.append(access_pb2.IDENTITY_GATEWAY)
+    service = service_with(both)
+    with pytest.raises(ValueError, match="declare exactly one"):
+        acl._declaration(service, service.methods[0], acl.scope_names())
+    internal = descriptor_pb2.MethodOptions()
+    internal.Extensions[access_pb2.access].callers.append(access_pb2.IDENTITY_PUSH_WORKER)
+    service = service_with(internal)
+    declared = acl._declaration(service, service.methods[0], acl.scope_names())
+    assert declared.allowed_on("user_svc") == {"push_worker"}
+    assert declared.allowed_on("gateway") == set()  # not served there: nobody

@@ -76,8 +76,16 @@ def _stub(channel: grpc.aio.Channel) -> Stub:
 
 @pytest.fixture(scope="module")
 async def gateway(user_app: App, tls_for: Callable[[str], TlsSettings]) -> AsyncIterator[Stub]:
-    """A stub calling as the gateway (allowed every UserService method)."""
+    """A stub calling as the gateway (public methods, records, its own status reports)."""
     channel = await _connect(user_app.port, tls_for("gateway"))
+    yield _stub(channel)
+    await channel.close()
+
+
+@pytest.fixture(scope="module")
+async def push_worker(user_app: App, tls_for: Callable[[str], TlsSettings]) -> AsyncIterator[Stub]:
+    """A stub calling as the push worker (batched status reports, dead device tokens)."""
+    channel = await _connect(user_app.port, tls_for("push_worker"))
     yield _stub(channel)
     await channel.close()
 
@@ -451,7 +459,7 @@ async def test_delete_device(gateway: Stub) -> None:
 
 
 async def test_profile_is_cached_and_invalidated_on_every_change(
-    gateway: Stub, redis: aioredis.Redis, user_dsn: str
+    gateway: Stub, push_worker: Stub, redis: aioredis.Redis, user_dsn: str
 ) -> None:
     user = await create_user(gateway, display_name="Ann")
     first = await profile(gateway, user.id)
@@ -479,12 +487,12 @@ async def test_profile_is_cached_and_invalidated_on_every_change(
     )
     assert (await profile(gateway, user.id)).preferences.push_opt_out
 
-    removed = await gateway.RemoveDeviceToken(
+    removed = await push_worker.RemoveDeviceToken(
         pb.RemoveDeviceTokenRequest(user_id=user.id, token=device.token), timeout=TIMEOUT
     )
     assert removed.removed == 1
     assert list((await profile(gateway, user.id)).devices) == []
-    again = await gateway.RemoveDeviceToken(
+    again = await push_worker.RemoveDeviceToken(
         pb.RemoveDeviceTokenRequest(user_id=user.id, token=device.token), timeout=TIMEOUT
     )
     assert again.removed == 0
@@ -713,7 +721,7 @@ async def test_update_of_unknown_delivery_is_not_found(gateway: Stub) -> None:
         assert reason(err) == "DELIVERY_NOT_FOUND"
 
 
-async def test_a_batch_of_reports_applies_each_in_order(gateway: Stub) -> None:
+async def test_a_batch_of_reports_applies_each_in_order(gateway: Stub, push_worker: Stub) -> None:
     """UpdateDeliveryStatuses: what UpdateDeliveryStatus does, report by report."""
     user = await create_user(gateway)
     first = await record(gateway, notification(user.id))
@@ -727,7 +735,7 @@ async def test_a_batch_of_reports_applies_each_in_order(gateway: Stub) -> None:
             notification_id=nid, channel=S.CHANNEL_EMAIL, status=status, attempt=1
         )
 
-    response = await gateway.UpdateDeliveryStatuses(
+    response = await push_worker.UpdateDeliveryStatuses(
         pb.UpdateDeliveryStatusesRequest(
             reports=[
                 one(first.id, S.NOTIFICATION_STATUS_SENDING),
@@ -894,17 +902,39 @@ async def test_bad_paging_is_invalid(
 async def test_worker_may_report_status_but_not_manage_users(
     gateway: Stub, user_app: App, tls_for: Callable[[str], TlsSettings]
 ) -> None:
+    """The matrix as access.proto declares it: a worker reports in batches and does
+    nothing else here; the gateway's single-report call is not a worker's."""
     user = await create_user(gateway)
     note = await record(gateway, notification(user.id))
     channel = await _connect(user_app.port, tls_for("email_worker"))
     async with channel:
         worker = _stub(channel)
-        err = await failure(create_user(worker))
-        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert reason(err) == "ACCESS_DENIED"
+        for denied in (
+            create_user(worker),
+            report(worker, note.id, S.NOTIFICATION_STATUS_DELIVERED),
+            profile(worker, user.id),
+            worker.RemoveDeviceToken(
+                pb.RemoveDeviceTokenRequest(user_id=user.id, token="t"), timeout=TIMEOUT
+            ),
+        ):
+            err = await failure(denied)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert reason(err) == "ACCESS_DENIED"
 
-        delivered = await report(worker, note.id, S.NOTIFICATION_STATUS_DELIVERED)
-        assert delivered.status == S.NOTIFICATION_STATUS_DELIVERED
+        response = await worker.UpdateDeliveryStatuses(
+            pb.UpdateDeliveryStatusesRequest(
+                reports=[
+                    pb.UpdateDeliveryStatusRequest(
+                        notification_id=note.id,
+                        channel=S.CHANNEL_EMAIL,
+                        status=S.NOTIFICATION_STATUS_DELIVERED,
+                        attempt=1,
+                    )
+                ]
+            ),
+            timeout=TIMEOUT,
+        )
+        assert response.results[0].delivery.status == S.NOTIFICATION_STATUS_DELIVERED
 
 
 # ------------------------------------------------------------------- pure pieces

@@ -23,23 +23,28 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from notify.v1 import access_pb2 as notify_dot_v1_dot_access__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnotify/v1/worker_admin.proto\x12\tnotify.v1\x1a\x1egoogle/protobuf/duration.proto\"\xb7\x01\n\x0eProviderStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.notify.v1.BreakerState\x12\x17\n\x0frecent_failures\x18\x03 \x01(\x05\x12\x14\n\x0clast_failure\x18\x04 \x01(\t\x12+\n\x08retry_in\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0btransitions\x18\x06 \x01(\x05\"\x1a\n\x18GetProviderStatusRequest\"\x83\x01\n\x19GetProviderStatusResponse\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x11\n\tconsuming\x18\x02 \x01(\x08\x12\x14\n\x0cpause_reason\x18\x03 \x01(\t\x12,\n\tproviders\x18\x04 \x03(\x0b\x32\x19.notify.v1.ProviderStatus*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32t\n\x12WorkerAdminService\x12^\n\x11GetProviderStatus\x12#.notify.v1.GetProviderStatusRequest\x1a$.notify.v1.GetProviderStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnotify/v1/worker_admin.proto\x12\tnotify.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16notify/v1/access.proto\"\xb7\x01\n\x0eProviderStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.notify.v1.BreakerState\x12\x17\n\x0frecent_failures\x18\x03 \x01(\x05\x12\x14\n\x0clast_failure\x18\x04 \x01(\t\x12+\n\x08retry_in\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0btransitions\x18\x06 \x01(\x05\"\x1a\n\x18GetProviderStatusRequest\"\x83\x01\n\x19GetProviderStatusResponse\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x11\n\tconsuming\x18\x02 \x01(\x08\x12\x14\n\x0cpause_reason\x18\x03 \x01(\t\x12,\n\tproviders\x18\x04 \x03(\x0b\x32\x19.notify.v1.ProviderStatus*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x32\x87\x01\n\x12WorkerAdminService\x12g\n\x11GetProviderStatus\x12#.notify.v1.GetProviderStatusRequest\x1a$.notify.v1.GetProviderStatusResponse\"\x07\xda\xf3\x18\x03\x12\x01\x02\x1a\x08\xe2\xf3\x18\x04\n\x02\x06\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'notify.v1.worker_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BREAKERSTATE']._serialized_start=423
-  _globals['_BREAKERSTATE']._serialized_end=547
-  _globals['_PROVIDERSTATUS']._serialized_start=76
-  _globals['_PROVIDERSTATUS']._serialized_end=259
-  _globals['_GETPROVIDERSTATUSREQUEST']._serialized_start=261
-  _globals['_GETPROVIDERSTATUSREQUEST']._serialized_end=287
-  _globals['_GETPROVIDERSTATUSRESPONSE']._serialized_start=290
-  _globals['_GETPROVIDERSTATUSRESPONSE']._serialized_end=421
-  _globals['_WORKERADMINSERVICE']._serialized_start=549
-  _globals['_WORKERADMINSERVICE']._serialized_end=665
+  _globals['_WORKERADMINSERVICE']._loaded_options = None
+  _globals['_WORKERADMINSERVICE']._serialized_options = b'\342\363\030\004\n\002\006\007'
+  _globals['_WORKERADMINSERVICE'].methods_by_name['GetProviderStatus']._loaded_options = None
+  _globals['_WORKERADMINSERVICE'].methods_by_name['GetProviderStatus']._serialized_options = b'\332\363\030\003\022\001\002'
+  _globals['_BREAKERSTATE']._serialized_start=447
+  _globals['_BREAKERSTATE']._serialized_end=571
+  _globals['_PROVIDERSTATUS']._serialized_start=100
+  _globals['_PROVIDERSTATUS']._serialized_end=283
+  _globals['_GETPROVIDERSTATUSREQUEST']._serialized_start=285
+  _globals['_GETPROVIDERSTATUSREQUEST']._serialized_end=311
+  _globals['_GETPROVIDERSTATUSRESPONSE']._serialized_start=314
+  _globals['_GETPROVIDERSTATUSRESPONSE']._serialized_end=445
+  _globals['_WORKERADMINSERVICE']._serialized_start=574
+  _globals['_WORKERADMINSERVICE']._serialized_end=709
 # @@protoc_insertion_point(module_scope)
