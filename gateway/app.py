@@ -8,6 +8,8 @@ from pathlib import Path
 
 import grpc
 from notify.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
     dead_letter_service_pb2,
     dead_letter_service_pb2_grpc,
     notification_service_pb2,
@@ -18,6 +20,7 @@ from notify.v1 import (
     user_service_pb2_grpc,
 )
 
+from gateway.admin_server import AdminServicer
 from gateway.auth import ApiKeyInterceptor, Authenticator
 from gateway.cache import IdempotencyCache
 from gateway.config import Config
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 SERVICE_NAMES = (
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name,
     user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
     template_service_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
@@ -115,6 +119,9 @@ class App:
                 )
                 dead_letter_service_pb2_grpc.add_DeadLetterServiceServicer_to_server(
                     dead_letter_admin, server
+                )
+                admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+                    AdminServicer(keys), server
                 )
                 server.add_generic_rpc_handlers((forwarding,))
 

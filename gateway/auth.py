@@ -4,19 +4,26 @@ Runs as a server interceptor inside the shared one, so a call without a valid ke
 with a key lacking the method's scope, never reaches a handler. The scope each method
 needs is declared on the RPC in its proto (``notify.v1.access``, read by
 ``notify_kit.acl``); a method without one is internal and no key opens it. Keys are
-looked up by hash and cached in-process for a short TTL (revocation takes effect within
-it).
+looked up by the SHA-256 of the presented secret and cached in-process under that digest
+(never the secret itself) for ``NOTIFY_AUTH_CACHE_TTL``, 2 s: a revocation, a rotation's
+end of grace or an expiry is refused by every gateway within it, for one database read
+per key per gateway every 2 s. A cached key is also dropped the moment its secret's
+validity ends. The key's last-used time is written at most once a minute, off the call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
-from gateway.store import ApiKey, KeyStore
+from gateway.store import ApiKey, KeyStore, hash_key
 from notify_kit import acl
 from notify_kit.cache import LruCache
 from notify_kit.errors import PermissionDenied, Unauthenticated
@@ -25,6 +32,8 @@ from notify_kit.interceptors import metadata_value, wrap_unary
 API_KEY_HEADER = "x-api-key"
 
 _CALLER: ContextVar[ApiKey] = ContextVar("api_key")
+_TOUCH_EVERY = 60.0
+log = logging.getLogger(__name__)
 
 
 class Authenticator:
@@ -32,7 +41,9 @@ class Authenticator:
 
     def __init__(self, store: KeyStore, *, ttl: float) -> None:
         self._store = store
-        self._cache: LruCache[str, ApiKey | None] = LruCache(4096, ttl=ttl)
+        self._cache: LruCache[bytes, ApiKey | None] = LruCache(4096, ttl=ttl)
+        self._touched: dict[str, float] = {}  # key id -> when its last use was written
+        self._touching: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, raw: str | None) -> ApiKey:
         """The key's owner, or ``Unauthenticated``."""
@@ -40,13 +51,37 @@ class Authenticator:
             raise Unauthenticated(
                 "API_KEY_MISSING", f"send an API key in the {API_KEY_HEADER} header"
             )
-        hit = self._cache.lookup(raw)
+        digest = hash_key(raw)
+        hit = self._cache.lookup(digest)
+        if hit is not None and hit[0] is not None and _ended(hit[0]):
+            hit = None  # its secret stopped working while cached
         key = hit[0] if hit is not None else await self._store.find(raw)
         if hit is None:
-            self._cache.put(raw, key)  # unknown keys too, so guessing costs no DB reads
+            self._cache.put(digest, key)  # unknown keys too: a burst of one costs one read
         if key is None:
-            raise Unauthenticated("API_KEY_INVALID", "the API key is unknown or revoked")
+            raise Unauthenticated("API_KEY_INVALID", "the API key is unknown, expired or revoked")
+        self._note_use(key.id)
         return key
+
+    def _note_use(self, key_id: str) -> None:
+        now = time.monotonic()
+        if now - self._touched.get(key_id, -_TOUCH_EVERY) < _TOUCH_EVERY:
+            return
+        self._touched[key_id] = now
+        task = asyncio.get_running_loop().create_task(self._touch(key_id))
+        self._touching.add(task)
+        task.add_done_callback(self._touching.discard)
+
+    async def _touch(self, key_id: str) -> None:
+        try:
+            await self._store.touch(key_id)
+        except Exception as exc:
+            log.warning("cannot record the last use of key %s: %r", key_id, exc)
+            self._touched.pop(key_id, None)
+
+
+def _ended(key: ApiKey) -> bool:
+    return key.valid_until is not None and key.valid_until <= datetime.now(UTC)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

@@ -47,7 +47,9 @@ class Config:
     # it with either value here. tests/test_reconnect.py recomputes the sum and fails first.
     upstream_timeout: float = 5.0
     publish_timeout: float = 5.0
-    auth_cache_ttl: float = 30.0
+    # How long a gateway trusts what it read about a key: a revocation, rotation or expiry
+    # is refused by every gateway within this.
+    auth_cache_ttl: float = 2.0
     template_cache_ttl: float = 10.0
     # The reconciler (gateway/reconciler.py): deliveries in flight and untouched for
     # ``reconcile_after`` seconds are resolved, checked every ``reconcile_interval``.

@@ -1,28 +1,84 @@
-"""The gateway's own data: API keys (hashed), in PostgreSQL."""
+"""The gateway's own data: API keys (hashed), in PostgreSQL.
+
+A key's secret is never stored: the row keeps its SHA-256, and a call's key is found by
+the digest of what it presents (a unique index), so no secret is ever compared byte by
+byte and the database never holds one. After a rotation the row also keeps the previous
+secret's digest until its grace period ends. A key works while it is neither revoked nor
+past its expiry.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
 from notify_kit.errors import Unavailable
+from notify_kit.paging import Cursor
 
+# The secret's shape: a prefix that secret scanners and people recognise, then 256
+# random bits.
+SECRET_PREFIX = "nfy_"  # noqa: S105 (a public prefix, not a secret)
+
+# A key authenticates with its current secret, or with the previous one during its grace.
 _FIND_KEY = """
-SELECT id, name, scopes FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL
+SELECT id, name, scopes, expires_at,
+       CASE WHEN key_hash = $1 THEN NULL ELSE previous_expires_at END AS secret_expires_at
+FROM api_keys
+WHERE (key_hash = $1 OR (previous_hash = $1 AND previous_expires_at > now()))
+  AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
 """
 # A revoked key stays revoked: re-running with the same bootstrap key does not revive it.
 _INSERT_KEY = """
 INSERT INTO api_keys (id, name, key_hash, scopes) VALUES ($1, $2, $3, $4)
 ON CONFLICT (key_hash) DO NOTHING
 """
+_CREATE = """
+INSERT INTO api_keys (id, name, key_hash, scopes, expires_at) VALUES ($1, $2, $3, $4, $5)
+RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+"""
+_GET = """
+SELECT id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+FROM api_keys WHERE id = $1
+"""
+_LIST = """
+SELECT id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+FROM api_keys
+WHERE ($1 OR revoked_at IS NULL)
+  AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+ORDER BY created_at DESC, id DESC
+LIMIT $4
+"""
+# The current secret becomes the previous one; an older previous secret ends at once.
+_ROTATE = """
+UPDATE api_keys
+SET previous_hash = key_hash, previous_expires_at = now() + $3::interval, key_hash = $2
+WHERE id = $1 AND revoked_at IS NULL
+RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+"""
+_REVOKE = """
+UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
+RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+"""
+_TOUCH = """
+UPDATE api_keys SET last_used_at = now()
+WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')
+"""
 
 
 def hash_key(raw: str) -> bytes:
     """SHA-256 of the raw key: what is stored and looked up."""
     return hashlib.sha256(raw.encode()).digest()
+
+
+def new_secret() -> str:
+    """A fresh secret: the prefix and 43 URL-safe characters (256 bits)."""
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +88,8 @@ class ApiKey:
     id: str
     name: str
     scopes: frozenset[str]
+    # The secret it presented stops working then (key expiry, or a rotated secret's grace).
+    valid_until: datetime | None = None
 
 
 class KeyStore:
@@ -42,7 +100,7 @@ class KeyStore:
         self._timeout = timeout
 
     async def find(self, raw: str) -> ApiKey | None:
-        """The active key whose hash matches ``raw``; ``Unavailable`` if the DB is not."""
+        """The working key whose secret is ``raw``; ``Unavailable`` if the DB is not."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 row = await conn.fetchrow(_FIND_KEY, hash_key(raw), timeout=self._timeout)
@@ -50,10 +108,65 @@ class KeyStore:
             raise Unavailable("AUTH_STORE_UNAVAILABLE", "cannot check API keys now") from exc
         if row is None:
             return None
-        return ApiKey(id=str(row["id"]), name=row["name"], scopes=frozenset(row["scopes"]))
+        ends = [t for t in (row["expires_at"], row["secret_expires_at"]) if t is not None]
+        return ApiKey(
+            id=str(row["id"]),
+            name=row["name"],
+            scopes=frozenset(row["scopes"]),
+            valid_until=min(ends) if ends else None,
+        )
 
     async def ensure(self, raw: str, name: str, scopes: frozenset[str]) -> None:
         """Create a key with ``scopes`` unless it exists (revoked or not)."""
         await self._pool.execute(
             _INSERT_KEY, uuid.uuid4(), name, hash_key(raw), sorted(scopes), timeout=self._timeout
         )
+
+    async def create(
+        self, name: str, scopes: frozenset[str], expires_at: datetime | None
+    ) -> tuple[Any, str]:
+        """A new key's row and its secret (the only time the secret exists outside a call)."""
+        secret = new_secret()
+        row = await self._pool.fetchrow(
+            _CREATE,
+            uuid.uuid4(),
+            name,
+            hash_key(secret),
+            sorted(scopes),
+            expires_at,
+            timeout=self._timeout,
+        )
+        return row, secret
+
+    async def get(self, ident: uuid.UUID) -> Any | None:
+        """One key's row, revoked or not."""
+        return await self._pool.fetchrow(_GET, ident, timeout=self._timeout)
+
+    async def page(self, show_revoked: bool, after: Cursor | None, limit: int) -> list[Any]:
+        """Keys newest first, strictly after ``after``."""
+        return list(
+            await self._pool.fetch(
+                _LIST,
+                show_revoked,
+                after.created_at if after else None,
+                after.id if after else None,
+                limit,
+                timeout=self._timeout,
+            )
+        )
+
+    async def rotate(self, ident: uuid.UUID, grace: timedelta) -> tuple[Any, str] | None:
+        """The key's row with a new secret, and the secret; None if no working key has it."""
+        secret = new_secret()
+        row = await self._pool.fetchrow(
+            _ROTATE, ident, hash_key(secret), grace, timeout=self._timeout
+        )
+        return (row, secret) if row is not None else None
+
+    async def revoke(self, ident: uuid.UUID) -> Any | None:
+        """The key's row, revoked (now, or when it first was); None if there is no such key."""
+        return await self._pool.fetchrow(_REVOKE, ident, timeout=self._timeout)
+
+    async def touch(self, ident: str) -> None:
+        """Record that the key authenticated a call (one write a minute at most)."""
+        await self._pool.execute(_TOUCH, uuid.UUID(ident), timeout=self._timeout)

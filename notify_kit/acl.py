@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from google.protobuf.descriptor import EnumDescriptor, MethodDescriptor, ServiceDescriptor
 from notify.v1 import (
     access_pb2,
+    admin_service_pb2,
     dead_letter_service_pb2,
     notification_service_pb2,
     template_service_pb2,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 OPEN_TO_MESH = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Every generated module that defines a service of ours.
 SERVICE_MODULES: tuple[ModuleType, ...] = (
+    admin_service_pb2,
     notification_service_pb2,
     user_service_pb2,
     template_service_pb2,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -32,6 +33,7 @@ from google.api import field_behavior_pb2
 from google.protobuf import descriptor
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from notify_kit.errors import InvalidArgument
 from notify_kit.interceptors import wrap_unary
@@ -295,6 +297,16 @@ def _duration_checks() -> dict[str, Callable[[Any], Check]]:
     }
 
 
+def _timestamp_checks() -> dict[str, Callable[[Any], Check]]:
+    def future(on: bool) -> Check:
+        def check(value: Timestamp) -> str | None:
+            return None if value.ToDatetime(UTC) > datetime.now(UTC) else "must be in the future"
+
+        return check if on else (lambda v: None)
+
+    return {"gt_now": future}
+
+
 _STRING: dict[str, Callable[[Any], Check]] = {
     "const": lambda c: lambda v: None if v == c else f"must be {c!r}",
     "min_len": lambda n: _at_least(n, len, f"at least {n} characters"),
@@ -318,6 +330,7 @@ _BUILDERS: dict[str, dict[str, Callable[[Any], Check]]] = {
     "int64": _number_checks(),
     "uint32": _number_checks(),
     "duration": _duration_checks(),
+    "timestamp": _timestamp_checks(),
 }
 
 

@@ -9,6 +9,7 @@ at fault must be the same.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,24 +19,16 @@ from google.protobuf import descriptor, duration_pb2, message_factory
 from google.protobuf.message import Message
 from notify.v1 import (
     common_pb2,
-    dead_letter_service_pb2,
     notification_service_pb2,
-    template_service_pb2,
     user_service_pb2,
-    worker_admin_pb2,
 )
 
+from notify_kit import acl
 from notify_kit.errors import InvalidArgument
 from notify_kit.validation import Validator
 
 FD = descriptor.FieldDescriptor
-MODULES = [
-    notification_service_pb2,
-    user_service_pb2,
-    template_service_pb2,
-    dead_letter_service_pb2,
-    worker_admin_pb2,
-]
+MODULES = acl.SERVICE_MODULES
 REQUESTS = [
     method.input_type
     for module in MODULES
@@ -109,7 +102,15 @@ def _cases(message_type: descriptor.Descriptor, depth: int = 0) -> Iterator[Mess
     """Messages with one field (or one element of a repeated field) set to each value."""
     cls = message_factory.GetMessageClass(message_type)
     for fd in message_type.fields:
-        if fd.message_type is not None and fd.message_type.full_name == "google.protobuf.Duration":
+        kind = fd.message_type.full_name if fd.message_type is not None else ""
+        if kind == "google.protobuf.Timestamp":
+            for offset in (-3600, 3600):  # in the past, in the future
+                msg = cls()
+                getattr(msg, fd.name).FromSeconds(int(time.time()) + offset)
+                yield msg
+        elif (
+            fd.message_type is not None and fd.message_type.full_name == "google.protobuf.Duration"
+        ):
             for seconds in SECONDS:
                 msg = cls()
                 getattr(msg, fd.name).CopyFrom(duration_pb2.Duration(seconds=seconds))
