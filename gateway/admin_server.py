@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from notify.v1 import access_pb2, admin_service_pb2, admin_service_pb2_grpc
 
+from gateway.limits import Rate
 from gateway.store import KeyStore
 from notify_kit import acl
 from notify_kit.errors import FailedPrecondition, NotFound
@@ -48,6 +49,11 @@ def to_message(row: Mapping[str, Any]) -> admin_service_pb2.ApiKey:
         last_used_time=_timestamp(row["last_used_at"]),
         revoke_time=_timestamp(row["revoked_at"]),
         previous_secret_expire_time=_timestamp(row["previous_expires_at"]),
+        rate_limit=(
+            pb.RateLimit(requests_per_second=row["rate_per_second"], burst=row["rate_burst"])
+            if row["rate_per_second"] is not None
+            else None
+        ),
     )
 
 
@@ -72,8 +78,12 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         """A new key; its secret is in this answer and nowhere else."""
         names = acl.scope_names()  # the contract checked that every scope is declared
         expires = request.expire_time.ToDatetime(UTC) if request.HasField("expire_time") else None
+        limit = request.rate_limit
+        rate = (
+            Rate(limit.requests_per_second, limit.burst) if request.HasField("rate_limit") else None
+        )
         row, secret = await self._keys.create(
-            request.name, frozenset(names[s] for s in request.scopes), expires
+            request.name, frozenset(names[s] for s in request.scopes), expires, rate
         )
         return pb.CreateApiKeyResponse(api_key=to_message(row), secret=secret)
 

@@ -26,6 +26,7 @@ from gateway.cache import IdempotencyCache
 from gateway.config import Config
 from gateway.dead_letter_server import DeadLetterConsumer, DeadLetterServicer
 from gateway.dead_letters import DeadLetterStore
+from gateway.limits import RateLimiter
 from gateway.proxy import ForwardingHandler
 from gateway.reconciler import Reconciler
 from gateway.records import RecordWriter
@@ -71,6 +72,7 @@ class App:
                 )
             redis = redis_client(config.redis_url)
             stack.push_async_callback(redis.aclose)
+            limiter = RateLimiter(redis)
             connection = await amqp.connect(config.amqp_url)
             stack.push_async_callback(connection.close)
             publisher = amqp.Publisher(connection, config.topology, timeout=config.publish_timeout)
@@ -100,6 +102,8 @@ class App:
                 upstream_timeout=config.upstream_timeout,
                 template_cache_ttl=config.template_cache_ttl,
                 profiles=redis,
+                limiter=limiter,
+                recipient_limits=config.recipient_limits,
             )
             dead_letters = DeadLetterStore(pool)
             dead_letter_admin = DeadLetterServicer(
@@ -130,7 +134,16 @@ class App:
                 [register],
                 SERVICE_NAMES,
                 extra_interceptors=[
-                    ApiKeyInterceptor(Authenticator(keys, ttl=config.auth_cache_ttl))
+                    ApiKeyInterceptor(
+                        Authenticator(
+                            keys,
+                            limiter,
+                            ttl=config.auth_cache_ttl,
+                            failure_rate=config.auth_failure_rate,
+                        ),
+                        limiter,
+                        default_rate=config.key_rate,
+                    )
                 ],
             )
             await server.start()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from buf.validate import validate_pb2
 from notify.v1 import user_service_pb2
 
-from notify_kit.amqp import Topology
+from gateway.limits import Rate, Window
+from notify_kit.amqp import EMAIL, PUSH, Topology
 from notify_kit.settings import (
     CommonSettings,
     SettingsError,
@@ -18,6 +19,9 @@ from notify_kit.settings import (
     env_str,
     postgres_dsn,
 )
+
+DEFAULT_KEY_RATE = Rate(1000.0, 2000)
+DEFAULT_AUTH_FAILURE_RATE = Rate(1.0, 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,14 @@ class Config:
     # The most records one CreateNotificationRecords call carries (gateway/records.py);
     # 1 turns grouping off.
     record_batch_max: int = 64
+    # Rate limits (gateway/limits.py). A key without its own: NOTIFY_KEY_RATE requests/s
+    # in bursts of NOTIFY_KEY_BURST (rate 0: none). Failed key lookups per client
+    # address: NOTIFY_AUTH_FAILURE_RATE / _BURST. Per recipient and channel:
+    # NOTIFY_RECIPIENT_LIMITS, "email=100/3600,push=10/3600" (at most N in any S seconds;
+    # empty: none).
+    key_rate: Rate | None = DEFAULT_KEY_RATE
+    auth_failure_rate: Rate = DEFAULT_AUTH_FAILURE_RATE
+    recipient_limits: Mapping[str, Window] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -81,7 +93,38 @@ class Config:
             reconcile_after=env_float("NOTIFY_RECONCILE_AFTER", 900.0, env),
             reconcile_interval=env_float("NOTIFY_RECONCILE_INTERVAL", 60.0, env),
             record_batch_max=record_batch_max,
+            auth_cache_ttl=env_float("NOTIFY_AUTH_CACHE_TTL", 2.0, env),
+            key_rate=_rate("NOTIFY_KEY", Rate(1000.0, 2000), env),
+            auth_failure_rate=_rate("NOTIFY_AUTH_FAILURE", Rate(1.0, 20), env) or Rate(1.0, 20),
+            recipient_limits=_recipient_limits(env_optional("NOTIFY_RECIPIENT_LIMITS", env)),
         )
+
+
+def _rate(prefix: str, default: Rate, env: Mapping[str, str] | None) -> Rate | None:
+    """``PREFIX_RATE`` per second in bursts of ``PREFIX_BURST``; a rate of 0 is no limit."""
+    per_second = env_float(f"{prefix}_RATE", default.per_second, env)
+    burst = env_int(f"{prefix}_BURST", default.burst, env)
+    if per_second < 0 or burst < 1:
+        raise SettingsError(f"{prefix}_RATE must be >= 0 and {prefix}_BURST >= 1")
+    return Rate(per_second, burst) if per_second > 0 else None
+
+
+def _recipient_limits(spec: str) -> dict[str, Window]:
+    """``"email=100/3600,push=10/3600"``: at most N per channel in any S seconds."""
+    limits: dict[str, Window] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            channel, _, rule = part.partition("=")
+            count, _, seconds = rule.partition("/")
+            window = Window(int(count), float(seconds))
+        except ValueError:
+            window = Window(0, 0.0)
+        if channel not in (EMAIL.key, PUSH.key) or window.limit < 1 or window.seconds <= 0:
+            raise SettingsError(
+                "NOTIFY_RECIPIENT_LIMITS must look like email=100/3600,push=10/3600"
+            )
+        limits[channel] = window
+    return limits
 
 
 def _records_per_call() -> int:

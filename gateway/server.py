@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -31,11 +32,18 @@ from notify.v1 import (
 from gateway import variables
 from gateway.auth import current_api_key
 from gateway.cache import IdempotencyCache
+from gateway.limits import RateLimiter, Window, recipient_log
 from gateway.records import RecordWriter
 from notify_kit.amqp import EMAIL, PUSH, JobKind, Publisher
 from notify_kit.cache import LruCache
 from notify_kit.context import get_correlation_id
-from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from notify_kit.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from notify_kit.interceptors import metadata_value
 from notify_kit.profiles import cached_profile
 from notify_kit.rpc import clamp_timeout, unary
@@ -106,8 +114,12 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         upstream_timeout: float,
         template_cache_ttl: float,
         profiles: aioredis.Redis | None = None,
+        limiter: RateLimiter | None = None,
+        recipient_limits: Mapping[str, Window] | None = None,
     ) -> None:
         self._users = users
+        self._limiter = limiter
+        self._recipient_limits = dict(recipient_limits or {})
         self._records = records
         self._accepting: set[asyncio.Future[Any]] = set()  # held until they finish
         self._profiles = profiles  # user_svc's profile cache (notify_kit.profiles)
@@ -194,6 +206,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             why = _suppression(channel, profile)
             status = S.NOTIFICATION_STATUS_SUPPRESSED if why else S.NOTIFICATION_STATUS_QUEUED
             deliveries.append(S.Delivery(channel=channel, status=status, detail=why))
+        await self._within_recipient_limits(request.user_id, deliveries, notification_id)
         record = S.Notification(
             id=notification_id,
             user_id=request.user_id,
@@ -233,6 +246,36 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         ]
         await asyncio.gather(*(self._publish(c, jobs[c]) for c in to_queue))
         return notification_service_pb2.SendNotificationResponse(notification=stored)
+
+    async def _within_recipient_limits(
+        self, user_id: str, deliveries: list[S.Delivery], notification_id: str
+    ) -> None:
+        """Count this notification against the user's limit on each queued channel, or
+        refuse it (RESOURCE_EXHAUSTED) if one is full; suppressed channels count nothing."""
+        if self._limiter is None or not self._recipient_limits:
+            return
+        windows = {
+            recipient_log(user_id, kind): self._recipient_limits[kind]
+            for kind in (
+                CHANNEL_KINDS[d.channel].key
+                for d in deliveries
+                if d.status == S.NOTIFICATION_STATUS_QUEUED
+            )
+            if kind in self._recipient_limits
+        }
+        wait = await self._limiter.admit(notification_id, windows)
+        if wait:
+            limits = ", ".join(
+                f"{w.limit} {kind} per {w.seconds:g}s"
+                for kind, w in self._recipient_limits.items()
+                if recipient_log(user_id, kind) in windows
+            )
+            raise ResourceExhausted(
+                "RECIPIENT_RATE_LIMITED",
+                f"this user has had the most notifications allowed ({limits}); retry later",
+                metadata={"user_id": user_id},
+                retry_after=wait,
+            )
 
     def _meta(
         self,

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from gateway.limits import Rate
 from notify_kit.errors import Unavailable
 from notify_kit.paging import Cursor
 
@@ -27,7 +28,7 @@ SECRET_PREFIX = "nfy_"  # noqa: S105 (a public prefix, not a secret)
 
 # A key authenticates with its current secret, or with the previous one during its grace.
 _FIND_KEY = """
-SELECT id, name, scopes, expires_at,
+SELECT id, name, scopes, expires_at, rate_per_second, rate_burst,
        CASE WHEN key_hash = $1 THEN NULL ELSE previous_expires_at END AS secret_expires_at
 FROM api_keys
 WHERE (key_hash = $1 OR (previous_hash = $1 AND previous_expires_at > now()))
@@ -39,15 +40,19 @@ INSERT INTO api_keys (id, name, key_hash, scopes) VALUES ($1, $2, $3, $4)
 ON CONFLICT (key_hash) DO NOTHING
 """
 _CREATE = """
-INSERT INTO api_keys (id, name, key_hash, scopes, expires_at) VALUES ($1, $2, $3, $4, $5)
-RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+INSERT INTO api_keys (id, name, key_hash, scopes, expires_at, rate_per_second, rate_burst)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
+          rate_per_second, rate_burst
 """
 _GET = """
-SELECT id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+SELECT id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
+       rate_per_second, rate_burst
 FROM api_keys WHERE id = $1
 """
 _LIST = """
-SELECT id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+SELECT id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
+       rate_per_second, rate_burst
 FROM api_keys
 WHERE ($1 OR revoked_at IS NULL)
   AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
@@ -59,11 +64,13 @@ _ROTATE = """
 UPDATE api_keys
 SET previous_hash = key_hash, previous_expires_at = now() + $3::interval, key_hash = $2
 WHERE id = $1 AND revoked_at IS NULL
-RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
+          rate_per_second, rate_burst
 """
 _REVOKE = """
 UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
-RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at
+RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
+          rate_per_second, rate_burst
 """
 _TOUCH = """
 UPDATE api_keys SET last_used_at = now()
@@ -90,6 +97,8 @@ class ApiKey:
     scopes: frozenset[str]
     # The secret it presented stops working then (key expiry, or a rotated secret's grace).
     valid_until: datetime | None = None
+    # Its own rate limit; None: the gateway's default for keys.
+    rate: Rate | None = None
 
 
 class KeyStore:
@@ -109,11 +118,13 @@ class KeyStore:
         if row is None:
             return None
         ends = [t for t in (row["expires_at"], row["secret_expires_at"]) if t is not None]
+        own = row["rate_per_second"]
         return ApiKey(
             id=str(row["id"]),
             name=row["name"],
             scopes=frozenset(row["scopes"]),
             valid_until=min(ends) if ends else None,
+            rate=Rate(own, row["rate_burst"]) if own is not None else None,
         )
 
     async def ensure(self, raw: str, name: str, scopes: frozenset[str]) -> None:
@@ -123,7 +134,7 @@ class KeyStore:
         )
 
     async def create(
-        self, name: str, scopes: frozenset[str], expires_at: datetime | None
+        self, name: str, scopes: frozenset[str], expires_at: datetime | None, rate: Rate | None
     ) -> tuple[Any, str]:
         """A new key's row and its secret (the only time the secret exists outside a call)."""
         secret = new_secret()
@@ -134,6 +145,8 @@ class KeyStore:
             hash_key(secret),
             sorted(scopes),
             expires_at,
+            rate.per_second if rate else None,
+            rate.burst if rate else None,
             timeout=self._timeout,
         )
         return row, secret

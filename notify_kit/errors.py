@@ -5,6 +5,10 @@ server interceptor turns it into a ``google.rpc.Status`` carrying an ``ErrorInfo
 (AIP-193), plus a ``BadRequest`` when fields are at fault. Clients call
 ``from_rpc_error`` so the raw ``grpc.aio.AioRpcError`` never leaks past a client module.
 
+An error that says when to come back (a rate limit, a claim in progress) carries a
+``RetryInfo`` and a ``retry-after`` header in whole seconds, which Envoy passes on as the
+HTTP ``Retry-After`` of the 429 or 409.
+
 A relayed error keeps the upstream's code and reason. Its message reaches our own
 callers only when an upstream of ours wrote it for them (it came with an ErrorInfo);
 a message made by the gRPC transport (peer addresses, TLS and socket errors) stays in
@@ -13,15 +17,17 @@ a message made by the gRPC transport (peer addresses, TLS and socket errors) sta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "notify.dev"
 DETAILS_KEY = "grpc-status-details-bin"
+RETRY_AFTER_KEY = "retry-after"
 
 
 class ServiceError(Exception):
@@ -38,8 +44,11 @@ class ServiceError(Exception):
         field_violations: Iterable[tuple[str, str]] = (),
         public: bool = True,
         forwarded: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds after which the same request may succeed (RetryInfo, Retry-After)."""
         self.reason = reason
         self.message = message
         self.metadata = dict(metadata or {})
@@ -169,9 +178,21 @@ def to_status(err: ServiceError) -> grpc.Status:
             )
         )
         details.append(bad)
+    if err.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(math.ceil(err.retry_after * 1000))
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
     code = err.code.value[0]
-    return rpc_status.to_status(
+    status = rpc_status.to_status(
         status_pb2.Status(code=code, message=public_message(err), details=details)
+    )
+    if err.retry_after is None:
+        return status
+    seconds = str(max(1, math.ceil(err.retry_after)))
+    return status._replace(  # grpc_status builds a namedtuple
+        trailing_metadata=(*status.trailing_metadata, (RETRY_AFTER_KEY, seconds))
     )
 
 

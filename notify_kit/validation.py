@@ -329,6 +329,7 @@ _BUILDERS: dict[str, dict[str, Callable[[Any], Check]]] = {
     "int32": _number_checks(),
     "int64": _number_checks(),
     "uint32": _number_checks(),
+    "double": _number_checks(),
     "duration": _duration_checks(),
     "timestamp": _timestamp_checks(),
 }

@@ -94,6 +94,8 @@ def _values(fd: descriptor.FieldDescriptor) -> Iterator[Any]:
         yield from (b"", b"x", b"x" * (1 << 20), b"x" * ((1 << 20) + 1))
     elif fd.type in (FD.TYPE_INT32, FD.TYPE_INT64, FD.TYPE_ENUM, FD.TYPE_UINT32):
         yield from (v for v in INTS if fd.type != FD.TYPE_UINT32 or v >= 0)
+    elif fd.type == FD.TYPE_DOUBLE:
+        yield from (-1.0, 0.0, 0.001, 1.0, 100000.0, 100000.5)
     elif fd.type == FD.TYPE_BOOL:
         yield from (False, True)
 

@@ -35,6 +35,7 @@ class ApiKey(_message.Message):
     LAST_USED_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     PREVIOUS_SECRET_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id."""
     name: _builtins.str
@@ -63,6 +64,12 @@ class ApiKey(_message.Message):
     def previous_secret_expire_time(self) -> _timestamp_pb2.Timestamp:
         """After a rotation: until when the previous secret is still accepted."""
 
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimit:
+        """The key's own rate limit; unset: the gateway's default for keys
+        (NOTIFY_KEY_RATE, NOTIFY_KEY_BURST).
+        """
+
     def __init__(
         self,
         *,
@@ -74,14 +81,44 @@ class ApiKey(_message.Message):
         last_used_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         previous_secret_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        rate_limit: Global___RateLimit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "previous_secret_expire_time", b"previous_secret_expire_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "previous_secret_expire_time", b"previous_secret_expire_time", "rate_limit", b"rate_limit", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "name", b"name", "previous_secret_expire_time", b"previous_secret_expire_time", "revoke_time", b"revoke_time", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "name", b"name", "previous_secret_expire_time", b"previous_secret_expire_time", "rate_limit", b"rate_limit", "revoke_time", b"revoke_time", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """RateLimit is a token bucket: requests_per_second on average, up to burst at once.
+    Over it, calls are refused with RESOURCE_EXHAUSTED (HTTP 429), a RetryInfo and a
+    Retry-After header.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    requests_per_second: _builtins.float
+    """The sustained rate (more than 0, at most 100,000)."""
+    burst: _builtins.int
+    """How many calls may come at once (1 to 1,000,000)."""
+    def __init__(
+        self,
+        *,
+        requests_per_second: _builtins.float = ...,
+        burst: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "requests_per_second", b"requests_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
 
 @_typing.final
 class CreateApiKeyRequest(_message.Message):
@@ -92,6 +129,7 @@ class CreateApiKeyRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people; required."""
     @_builtins.property
@@ -102,16 +140,21 @@ class CreateApiKeyRequest(_message.Message):
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the key stops working (in the future); unset: never."""
 
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimit:
+        """The key's own rate limit; unset: the gateway's default."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         scopes: _abc.Iterable[_access_pb2.Scope.ValueType] | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        rate_limit: Global___RateLimit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "rate_limit", b"rate_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "name", b"name", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "name", b"name", "rate_limit", b"rate_limit", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
