@@ -52,12 +52,34 @@ from notify_kit.telemetry import inject_trace_context
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "idempotency-key"
+REPLAYED_HEADER = "idempotent-replayed"
 _NAMESPACE = uuid.UUID("6f1c1c9e-4d0b-4f43-9a57-8f3e1f9d2a10")
 _DEFAULT_TTL = 24 * 3600  # the contract bounds a given ttl to 1 minute .. 7 days
 _MAX_VARIABLES_BYTES = 32 * 1024
 
 S = common_pb2
 CHANNEL_KINDS: dict[int, JobKind] = {S.CHANNEL_EMAIL: EMAIL, S.CHANNEL_PUSH: PUSH}
+
+
+def _idempotency_key(req: notification_service_pb2.SendNotificationRequest, header: str) -> str:
+    """The request's idempotency key, from the body or the header: one means the same as
+    the other, and two different ones are a contradiction the client must resolve."""
+    body = req.idempotency_key
+    if body and header and body != header:
+        raise InvalidArgument(
+            "IDEMPOTENCY_KEY_CONFLICT",
+            f"the body's idempotency_key and the {IDEMPOTENCY_HEADER} header differ",
+            field_violations=[("idempotency_key", f"must match the {IDEMPOTENCY_HEADER} header")],
+        )
+    return body or header
+
+
+def _fingerprint(req: notification_service_pb2.SendNotificationRequest) -> bytes:
+    """What makes two requests the same: every field but where the key was carried."""
+    body = notification_service_pb2.SendNotificationRequest()
+    body.CopyFrom(req)
+    body.ClearField("idempotency_key")
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).digest()
 
 
 def _validate(req: notification_service_pb2.SendNotificationRequest, key: str) -> None:
@@ -142,13 +164,16 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         its end: once its record may be stored, publishing the job now beats leaving it
         to the reconciler's sweep, and a retry with the same key converges on it.
         """
-        key = request.idempotency_key or metadata_value(context, IDEMPOTENCY_HEADER) or ""
+        key = _idempotency_key(request, metadata_value(context, IDEMPOTENCY_HEADER) or "")
         _validate(request, key)
         timeout = clamp_timeout(context.time_remaining(), self._timeout)
         work = asyncio.ensure_future(self._accept(request, key, timeout))
         self._accepting.add(work)
         work.add_done_callback(self._settled)
-        return await asyncio.shield(work)
+        response = await asyncio.shield(work)
+        if response.idempotent_replayed:
+            await context.send_initial_metadata(((REPLAYED_HEADER, "true"),))
+        return response
 
     def _settled(self, work: asyncio.Future[Any]) -> None:
         self._accepting.discard(work)
@@ -164,10 +189,12 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         if not key:
             return await self._send(request, str(uuid.uuid4()), "", timeout)
         api_key = current_api_key()
-        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        fingerprint = _fingerprint(request)
         claim = await self._idempotency.claim(api_key.id, key, fingerprint)
         if claim.response is not None:
-            return notification_service_pb2.SendNotificationResponse.FromString(claim.response)
+            replay = notification_service_pb2.SendNotificationResponse.FromString(claim.response)
+            replay.idempotent_replayed = True
+            return replay
         # The body's fingerprint is part of the name: reusing a key for another request
         # once the idempotency record is gone (24 h, or a Redis loss) makes a new
         # notification instead of silently answering with the old one.

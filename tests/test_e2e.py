@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
+import urllib.request
 import uuid
 from typing import Any
 
@@ -172,8 +174,19 @@ async def test_idempotent_send(e2e: E2E) -> None:
     again = await e2e.api("POST", "/v1/notifications", body)
     assert first[0] == again[0] == 200
     assert first[1]["notification"]["id"] == again[1]["notification"]["id"]
+    assert first[1]["idempotentReplayed"] is False and again[1]["idempotentReplayed"] is True
+    # The key in the header means what it means in the body.
+    in_header = {k: v for k, v in body.items() if k != "idempotencyKey"}
+    header = await e2e.api("POST", "/v1/notifications", in_header, headers={"Idempotency-Key": key})
+    assert header[0] == 200 and header[1]["idempotentReplayed"] is True, header
+    assert header[1]["notification"]["id"] == first[1]["notification"]["id"]
+    both = await e2e.api(
+        "POST", "/v1/notifications", body, headers={"Idempotency-Key": key + "-other"}
+    )
+    assert both[0] == 400 and _reason(both[1]) == "IDEMPOTENCY_KEY_CONFLICT", both
+    # Another body with the same key is a client bug, told apart from "wait and retry".
     other = await e2e.api("POST", "/v1/notifications", {**body, "variables": {"name": "Other"}})
-    assert other[0] == 409 and _reason(other[1]) == "IDEMPOTENCY_KEY_REUSED"
+    assert other[0] == 400 and _reason(other[1]) == "IDEMPOTENCY_KEY_REUSED", other
     await e2e.settle(first[1]["notification"]["id"])
     status, listed = await e2e.api("GET", f"/v1/users/{user_id}/notifications")
     assert status == 200 and len(listed["notifications"]) == 1
@@ -194,6 +207,49 @@ async def test_idempotent_send(e2e: E2E) -> None:
         if m["X-Notify-Notification-Id"] == first[1]["notification"]["id"]
     ]
     assert len(mails) == 1
+
+
+async def test_50_concurrent_sends_with_one_key_make_one_notification(e2e: E2E) -> None:
+    user_id = await e2e.new_user(devices=0)
+    body = {
+        "userId": user_id,
+        "templateId": "welcome",
+        "channels": ["CHANNEL_EMAIL"],
+        "idempotencyKey": uuid.uuid4().hex,
+    }
+    answers = await asyncio.gather(
+        *(asyncio.to_thread(_post_with_headers, e2e.base, body) for _ in range(50))
+    )
+    ids = set()
+    for status, got, headers in answers:
+        if status == 200:
+            ids.add(got["notification"]["id"])
+            assert (headers.get("idempotent-replayed") == "true") == bool(
+                got.get("idempotentReplayed")
+            ), (got, headers)
+        else:  # still being processed: a status of its own, with when to come back
+            assert status == 409 and _reason(got) == "REQUEST_IN_PROGRESS", got
+            assert int(headers["retry-after"]) >= 1, headers
+    assert len(ids) == 1, ids
+    fresh = [a for a in answers if a[0] == 200 and not a[1].get("idempotentReplayed")]
+    assert len(fresh) <= 1  # at most one answer is the one that created it
+    await e2e.settle(ids.pop())
+    status, listed = await e2e.api("GET", f"/v1/users/{user_id}/notifications")
+    assert status == 200 and len(listed["notifications"]) == 1, listed
+
+
+def _post_with_headers(base: str, body: Any) -> tuple[int, Any, dict[str, str]]:
+    request = urllib.request.Request(
+        f"{base}/v1/notifications", data=json.dumps(body).encode(), method="POST"
+    )
+    request.add_header("x-api-key", API_KEY)
+    request.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            status, raw, headers = resp.status, resp.read(), resp.headers
+    except urllib.error.HTTPError as err:
+        status, raw, headers = err.code, err.read(), err.headers
+    return status, json.loads(raw), {k.lower(): v for k, v in headers.items()}
 
 
 async def test_user_and_template_routes(e2e: E2E) -> None:

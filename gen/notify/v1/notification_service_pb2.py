@@ -30,7 +30,7 @@ from notify.v1 import access_pb2 as notify_dot_v1_dot_access__pb2
 from notify.v1 import common_pb2 as notify_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$notify/v1/notification_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16notify/v1/access.proto\x1a\x16notify/v1/common.proto\"\xfe\x02\n\x17SendNotificationRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x33\n\x0btemplate_id\x18\x02 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12\x39\n\x08\x63hannels\x18\x03 \x03(\x0e\x32\x12.notify.v1.ChannelB\x13\xbaH\x10\x92\x01\r\x10\x02\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12*\n\tvariables\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x0fidempotency_key\x18\x05 \x01(\tB\x12\xbaH\x0fr\r\x18\x80\x01\x32\x08^[ -~]*$\x12\x45\n\x08language\x18\x06 \x01(\tB3\xbaH0r+\x18#2\'^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,6}$\xd8\x01\x01\x12\x38\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x10\xbaH\r\xaa\x01\n\"\x04\x08\x80\xf5$2\x02\x08<\"I\n\x18SendNotificationResponse\x12-\n\x0cnotification\x18\x01 \x01(\x0b\x32\x17.notify.v1.Notification\".\n\x16GetNotificationRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"H\n\x17GetNotificationResponse\x12-\n\x0cnotification\x18\x01 \x01(\x0b\x32\x17.notify.v1.Notification\"g\n\x18ListNotificationsRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x1c\n\tpage_size\x18\x02 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x00\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x19ListNotificationsResponse\x12.\n\rnotifications\x18\x01 \x03(\x0b\x32\x17.notify.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb1\x03\n\x13NotificationService\x12\x7f\n\x10SendNotification\x12\".notify.v1.SendNotificationRequest\x1a#.notify.v1.SendNotificationResponse\"\"\xda\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x16\"\x11/v1/notifications:\x01*\x12~\n\x0fGetNotification\x12!.notify.v1.GetNotificationRequest\x1a\".notify.v1.GetNotificationResponse\"$\xda\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/notifications/{id}\x12\x8f\x01\n\x11ListNotifications\x12#.notify.v1.ListNotificationsRequest\x1a$.notify.v1.ListNotificationsResponse\"/\xda\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\x12!/v1/users/{user_id}/notifications\x1a\x07\xe2\xf3\x18\x03\n\x01\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$notify/v1/notification_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16notify/v1/access.proto\x1a\x16notify/v1/common.proto\"\xfe\x02\n\x17SendNotificationRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x33\n\x0btemplate_id\x18\x02 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12\x39\n\x08\x63hannels\x18\x03 \x03(\x0e\x32\x12.notify.v1.ChannelB\x13\xbaH\x10\x92\x01\r\x10\x02\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12*\n\tvariables\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x0fidempotency_key\x18\x05 \x01(\tB\x12\xbaH\x0fr\r\x18\x80\x01\x32\x08^[ -~]*$\x12\x45\n\x08language\x18\x06 \x01(\tB3\xbaH0r+\x18#2\'^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,6}$\xd8\x01\x01\x12\x38\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x10\xbaH\r\xaa\x01\n\"\x04\x08\x80\xf5$2\x02\x08<\"f\n\x18SendNotificationResponse\x12-\n\x0cnotification\x18\x01 \x01(\x0b\x32\x17.notify.v1.Notification\x12\x1b\n\x13idempotent_replayed\x18\x02 \x01(\x08\".\n\x16GetNotificationRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"H\n\x17GetNotificationResponse\x12-\n\x0cnotification\x18\x01 \x01(\x0b\x32\x17.notify.v1.Notification\"g\n\x18ListNotificationsRequest\x12\x19\n\x07user_id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12\x1c\n\tpage_size\x18\x02 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x00\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x19ListNotificationsResponse\x12.\n\rnotifications\x18\x01 \x03(\x0b\x32\x17.notify.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb1\x03\n\x13NotificationService\x12\x7f\n\x10SendNotification\x12\".notify.v1.SendNotificationRequest\x1a#.notify.v1.SendNotificationResponse\"\"\xda\xf3\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x16\"\x11/v1/notifications:\x01*\x12~\n\x0fGetNotification\x12!.notify.v1.GetNotificationRequest\x1a\".notify.v1.GetNotificationResponse\"$\xda\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/notifications/{id}\x12\x8f\x01\n\x11ListNotifications\x12#.notify.v1.ListNotificationsRequest\x1a$.notify.v1.ListNotificationsResponse\"/\xda\xf3\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\x12!/v1/users/{user_id}/notifications\x1a\x07\xe2\xf3\x18\x03\n\x01\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -66,15 +66,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SENDNOTIFICATIONREQUEST']._serialized_start=221
   _globals['_SENDNOTIFICATIONREQUEST']._serialized_end=603
   _globals['_SENDNOTIFICATIONRESPONSE']._serialized_start=605
-  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_end=678
-  _globals['_GETNOTIFICATIONREQUEST']._serialized_start=680
-  _globals['_GETNOTIFICATIONREQUEST']._serialized_end=726
-  _globals['_GETNOTIFICATIONRESPONSE']._serialized_start=728
-  _globals['_GETNOTIFICATIONRESPONSE']._serialized_end=800
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=802
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=905
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=907
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1007
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=1010
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=1443
+  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_end=707
+  _globals['_GETNOTIFICATIONREQUEST']._serialized_start=709
+  _globals['_GETNOTIFICATIONREQUEST']._serialized_end=755
+  _globals['_GETNOTIFICATIONRESPONSE']._serialized_start=757
+  _globals['_GETNOTIFICATIONRESPONSE']._serialized_end=829
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=831
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=934
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=936
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1036
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=1039
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=1472
 # @@protoc_insertion_point(module_scope)

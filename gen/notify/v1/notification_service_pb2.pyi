@@ -82,6 +82,11 @@ class SendNotificationResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NOTIFICATION_FIELD_NUMBER: _builtins.int
+    IDEMPOTENT_REPLAYED_FIELD_NUMBER: _builtins.int
+    idempotent_replayed: _builtins.bool
+    """True when this is the stored answer to an earlier request with the same
+    idempotency key (nothing was sent this time).
+    """
     @_builtins.property
     def notification(self) -> _common_pb2.Notification:
         """The accepted notification; its deliveries are QUEUED or SUPPRESSED."""
@@ -90,10 +95,11 @@ class SendNotificationResponse(_message.Message):
         self,
         *,
         notification: _common_pb2.Notification | None = ...,
+        idempotent_replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotent_replayed", b"idempotent_replayed", "notification", b"notification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,9 +60,12 @@ class NotificationServiceServicer:
 
     def SendNotification(self, request, context):
         """Accepts a notification for delivery. Returns only once every routed channel's
-        job is durably queued. Repeating a request with the same idempotency key and
-        body returns the first answer and sends nothing; the same key with another body
-        is rejected with ALREADY_EXISTS.
+        job is durably queued. Repeating a request with the same idempotency key (in the
+        body or the Idempotency-Key header: the same thing) and body returns the first
+        answer, marked idempotent_replayed (and the idempotent-replayed header), and sends
+        nothing. While the first is still being processed a repeat gets ABORTED
+        REQUEST_IN_PROGRESS (HTTP 409, Retry-After): wait and retry. The same key with
+        another body is FAILED_PRECONDITION IDEMPOTENCY_KEY_REUSED (HTTP 400): a bug.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

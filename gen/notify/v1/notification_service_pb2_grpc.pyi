@@ -37,9 +37,12 @@ class NotificationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> NotificationServiceAsyncStub: ...
     SendNotification: _grpc.UnaryUnaryMultiCallable[_notification_service_pb2.SendNotificationRequest, _notification_service_pb2.SendNotificationResponse]
     """Accepts a notification for delivery. Returns only once every routed channel's
-    job is durably queued. Repeating a request with the same idempotency key and
-    body returns the first answer and sends nothing; the same key with another body
-    is rejected with ALREADY_EXISTS.
+    job is durably queued. Repeating a request with the same idempotency key (in the
+    body or the Idempotency-Key header: the same thing) and body returns the first
+    answer, marked idempotent_replayed (and the idempotent-replayed header), and sends
+    nothing. While the first is still being processed a repeat gets ABORTED
+    REQUEST_IN_PROGRESS (HTTP 409, Retry-After): wait and retry. The same key with
+    another body is FAILED_PRECONDITION IDEMPOTENCY_KEY_REUSED (HTTP 400): a bug.
     """
     GetNotification: _grpc.UnaryUnaryMultiCallable[_notification_service_pb2.GetNotificationRequest, _notification_service_pb2.GetNotificationResponse]
     """Returns a notification with the status of each channel."""
@@ -55,9 +58,12 @@ class NotificationServiceAsyncStub(NotificationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SendNotification: _aio.UnaryUnaryMultiCallable[_notification_service_pb2.SendNotificationRequest, _notification_service_pb2.SendNotificationResponse]  # type: ignore[assignment]
     """Accepts a notification for delivery. Returns only once every routed channel's
-    job is durably queued. Repeating a request with the same idempotency key and
-    body returns the first answer and sends nothing; the same key with another body
-    is rejected with ALREADY_EXISTS.
+    job is durably queued. Repeating a request with the same idempotency key (in the
+    body or the Idempotency-Key header: the same thing) and body returns the first
+    answer, marked idempotent_replayed (and the idempotent-replayed header), and sends
+    nothing. While the first is still being processed a repeat gets ABORTED
+    REQUEST_IN_PROGRESS (HTTP 409, Retry-After): wait and retry. The same key with
+    another body is FAILED_PRECONDITION IDEMPOTENCY_KEY_REUSED (HTTP 400): a bug.
     """
     GetNotification: _aio.UnaryUnaryMultiCallable[_notification_service_pb2.GetNotificationRequest, _notification_service_pb2.GetNotificationResponse]  # type: ignore[assignment]
     """Returns a notification with the status of each channel."""
@@ -76,9 +82,12 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_notification_service_pb2.SendNotificationResponse, _abc.Awaitable[_notification_service_pb2.SendNotificationResponse]]:
         """Accepts a notification for delivery. Returns only once every routed channel's
-        job is durably queued. Repeating a request with the same idempotency key and
-        body returns the first answer and sends nothing; the same key with another body
-        is rejected with ALREADY_EXISTS.
+        job is durably queued. Repeating a request with the same idempotency key (in the
+        body or the Idempotency-Key header: the same thing) and body returns the first
+        answer, marked idempotent_replayed (and the idempotent-replayed header), and sends
+        nothing. While the first is still being processed a repeat gets ABORTED
+        REQUEST_IN_PROGRESS (HTTP 409, Retry-After): wait and retry. The same key with
+        another body is FAILED_PRECONDITION IDEMPOTENCY_KEY_REUSED (HTTP 400): a bug.
         """
 
     @_abc_1.abstractmethod
