@@ -14,13 +14,18 @@ is written. The rules it applies:
   and probes can use them.
 
 Identities come from the client certificate's common name (mTLS is mandatory on every
-hop), so a caller cannot claim to be someone else without the CA's key. Anything not
-declared is refused.
+hop), so a caller cannot claim to be someone else without the CA's key. The internal
+callers the contract marks ``presents_service_key`` (the gateway and the workers) must
+also present their service key with every call: a stolen certificate alone opens
+nothing, and a key alone reaches nothing without its certificate. Anything not declared
+is refused.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
     from google.protobuf.internal.extension_dict import _ExtensionFieldDescriptor
 
 OPEN_TO_MESH = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+SERVICE_KEY_HEADER = "x-service-key"
 # Every generated module that defines a service of ours.
 SERVICE_MODULES: tuple[ModuleType, ...] = (
     admin_service_pb2,
@@ -125,6 +131,16 @@ def scope_names() -> Mapping[int, str]:
     return names
 
 
+@functools.cache
+def service_key_holders() -> frozenset[str]:
+    """The identities whose calls must carry their service key (``presents_service_key``)."""
+    return frozenset(
+        value.GetOptions().Extensions[access_pb2.common_name]
+        for value in access_pb2.Identity.DESCRIPTOR.values
+        if value.GetOptions().Extensions[access_pb2.presents_service_key]
+    )
+
+
 def all_scopes() -> frozenset[str]:
     """Every scope an API key can hold."""
     return frozenset(scope_names().values())
@@ -152,15 +168,27 @@ class AccessPolicy:
 
     server: str
     rules: Mapping[str, frozenset[str]]
+    # SHA-256 of the service key of each identity that must present one.
+    service_keys: Mapping[str, bytes]
 
     @classmethod
-    def for_server(cls, server: str) -> AccessPolicy:
-        """The policy of ``server``, from the contracts' declarations."""
+    def for_server(cls, server: str, service_key_digests: Mapping[str, str]) -> AccessPolicy:
+        """The policy of ``server``, from the contracts' declarations, checking service
+        keys against ``service_key_digests`` (identity -> hex SHA-256, from gen_certs)."""
         rules = {path: a.allowed_on(server) for path, a in declarations().items()}
-        return cls(server=server, rules={path: who for path, who in rules.items() if who})
+        holders = service_key_holders()
+        return cls(
+            server=server,
+            rules={path: who for path, who in rules.items() if who},
+            service_keys={
+                who: bytes.fromhex(digest)
+                for who, digest in service_key_digests.items()
+                if who in holders
+            },
+        )
 
-    def check(self, caller: str | None, method: str) -> None:
-        """Raise unless ``caller`` may call ``method`` on this server."""
+    def check(self, caller: str | None, method: str, service_key: str | None = None) -> None:
+        """Raise unless ``caller``, presenting ``service_key``, may call ``method`` here."""
         if not caller:
             raise Unauthenticated("NO_PEER_IDENTITY", "a client certificate is required")
         if method.startswith(OPEN_TO_MESH):
@@ -171,3 +199,12 @@ class AccessPolicy:
                 f"{caller} may not call {method} on {self.server}",
                 metadata={"caller": caller, "method": method, "server": self.server},
             )
+        if caller in service_key_holders():
+            expected = self.service_keys.get(caller)
+            presented = hashlib.sha256((service_key or "").encode()).digest()
+            if expected is None or not hmac.compare_digest(presented, expected):
+                raise Unauthenticated(
+                    "SERVICE_KEY_INVALID",
+                    f"{caller}'s calls must carry its service key ({SERVICE_KEY_HEADER})",
+                    metadata={"caller": caller},
+                )

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from notify_kit.acl import OPEN_TO_MESH, AccessPolicy
+from notify_kit.acl import OPEN_TO_MESH, SERVICE_KEY_HEADER, AccessPolicy
 from notify_kit.context import (
     CORRELATION_HEADER,
     get_correlation_id,
@@ -139,7 +139,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             outcome, reason, forwarded = "OK", "", False
             try:
-                policy.check(peer_identity(context), method)
+                policy.check(
+                    peer_identity(context), method, metadata_value(context, SERVICE_KEY_HEADER)
+                )
                 if isinstance(request, Undecodable):
                     log.info("undecodable request: %s", request.error, extra={"method": method})
                     raise InvalidArgument(
@@ -239,10 +241,12 @@ def _log_cause(err: ServiceError, method: str) -> None:
 
 
 class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    """Adds the correlation id and a default deadline to every outbound unary call."""
+    """Adds the correlation id, this service's service key (when it has one) and a
+    default deadline to every outbound unary call."""
 
-    def __init__(self, default_timeout: float) -> None:
+    def __init__(self, default_timeout: float, service_key: str = "") -> None:
         self._default_timeout = default_timeout
+        self._service_key = service_key
 
     async def intercept_unary_unary(
         self,
@@ -254,6 +258,8 @@ class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
         if CORRELATION_HEADER not in metadata:
             metadata.add(CORRELATION_HEADER, get_correlation_id() or new_correlation_id())
+        if self._service_key and SERVICE_KEY_HEADER not in metadata:
+            metadata.add(SERVICE_KEY_HEADER, self._service_key)
         timeout = client_call_details.timeout
         details = grpc.aio.ClientCallDetails(
             method=client_call_details.method,

@@ -104,7 +104,7 @@ def secure_channel(
         channel_credentials(tls),
         options=options,
         # The first one is outermost: the deadline is set before the waiter reads it.
-        interceptors=[ClientInterceptor(default_timeout), waiter],
+        interceptors=[ClientInterceptor(default_timeout, tls.service_key), waiter],
     )
     waiter.channel = channel
     return channel

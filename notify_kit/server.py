@@ -45,7 +45,9 @@ class GrpcServer:
         # Outermost first: the access check and error mapping wrap the contract's field
         # rules, which wrap the handler.
         self._interceptors = (
-            ServerInterceptor(AccessPolicy.for_server(settings.service)),
+            ServerInterceptor(
+                AccessPolicy.for_server(settings.service, settings.tls.service_key_digests)
+            ),
             ValidationInterceptor(),
             *extra_interceptors,
         )

@@ -7,9 +7,10 @@ message instead of failing on the first request.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # NOTIFY_TRACING values (notify_kit.telemetry).
@@ -57,25 +58,39 @@ def env_float(
 
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
-    """Where this service's certificate, key and the CA that signs the mesh live."""
+    """This service's mesh credentials: its certificate and key, the CA that signs the
+    mesh, its service key, and the digests of every service key (to check callers')."""
 
     ca_file: Path
     cert_file: Path
     key_file: Path
+    service_key: str = field(default="", repr=False)
+    service_key_digests: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_service(cls, service: str, env: Mapping[str, str] | None = None) -> TlsSettings:
-        """``NOTIFY_TLS_DIR`` (default ``var/certs``) holds ``ca.pem``, ``NAME[-key].pem``."""
+        """``NOTIFY_TLS_DIR`` (default ``var/certs``) holds ``ca.pem``, ``NAME[-key].pem``,
+        ``NAME.service-key`` and ``service-keys.json`` (``scripts/gen_certs.py``)."""
         directory = Path(env_str("NOTIFY_TLS_DIR", "var/certs", env))
-        settings = cls(
-            ca_file=Path(env_str("NOTIFY_TLS_CA", str(directory / "ca.pem"), env)),
-            cert_file=Path(env_str("NOTIFY_TLS_CERT", str(directory / f"{service}.pem"), env)),
-            key_file=Path(env_str("NOTIFY_TLS_KEY", str(directory / f"{service}-key.pem"), env)),
+        own_key = directory / f"{service}.service-key"
+        digests = directory / "service-keys.json"
+        paths = (
+            Path(env_str("NOTIFY_TLS_CA", str(directory / "ca.pem"), env)),
+            Path(env_str("NOTIFY_TLS_CERT", str(directory / f"{service}.pem"), env)),
+            Path(env_str("NOTIFY_TLS_KEY", str(directory / f"{service}-key.pem"), env)),
         )
-        for path in (settings.ca_file, settings.cert_file, settings.key_file):
+        for path in (*paths, own_key, digests):
             if not path.is_file():
                 raise SettingsError(f"TLS file {path} is missing; run `make certs`")
-        return settings
+        try:
+            known = json.loads(digests.read_text())
+        except ValueError as exc:
+            raise SettingsError(f"{digests} is not JSON; run `make certs`") from exc
+        return cls(
+            *paths,
+            service_key=own_key.read_text().strip(),
+            service_key_digests={str(k): str(v) for k, v in known.items()},
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import ipaddress
+import json
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -18,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+SERVICE_KEY_PREFIX = "nsk_"
+SERVICE_KEYS_FILE = "service-keys.json"
 IDENTITIES = (
     "gateway",
     "user_svc",
@@ -121,10 +126,25 @@ def make_leaf(
 
 
 def generate(directory: Path, identities: tuple[str, ...] = IDENTITIES) -> None:
-    """A fresh CA and a certificate for every identity in ``directory``."""
+    """A fresh CA, a certificate and a service key for every identity in ``directory``."""
     ca_cert, ca_key = make_ca(directory)
     for identity in identities:
         make_leaf(directory, identity, ca_cert, ca_key)
+    ensure_service_keys(directory, identities)
+
+
+def ensure_service_keys(directory: Path, identities: tuple[str, ...] = IDENTITIES) -> None:
+    """Give every identity without one a service key (``IDENTITY.service-key``, 0600, 256
+    random bits) and write ``service-keys.json``: each identity's key as SHA-256, which
+    is all a server needs to check one (it never holds another's key)."""
+    digests: dict[str, str] = {}
+    for identity in identities:
+        path = directory / f"{identity}.service-key"
+        if not path.is_file():
+            path.touch(mode=0o600)
+            path.write_text(SERVICE_KEY_PREFIX + secrets.token_urlsafe(32))
+        digests[identity] = hashlib.sha256(path.read_text().strip().encode()).hexdigest()
+    (directory / SERVICE_KEYS_FILE).write_text(json.dumps(digests, indent=2, sort_keys=True))
 
 
 def main() -> int:
@@ -133,6 +153,7 @@ def main() -> int:
     parser.add_argument("--force", action="store_true", help="replace existing certificates")
     args = parser.parse_args()
     if (args.dir / "ca.pem").exists() and not args.force:
+        ensure_service_keys(args.dir)  # a directory from before service keys gets them
         print(f"certificates already in {args.dir} (use --force to replace)")
         return 0
     generate(args.dir)

@@ -192,6 +192,7 @@ async def amain() -> int:
     cfg = system_config(os.environ, VAR, pg_base)
     if not (cfg.certs / "ca.pem").exists():
         gen_certs.generate(cfg.certs)
+    gen_certs.ensure_service_keys(cfg.certs)  # certificates from before service keys
     system = LocalSystem(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

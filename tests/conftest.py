@@ -37,14 +37,10 @@ def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tls_for(certs_dir: Path) -> Callable[[str], TlsSettings]:
-    """TLS settings of one identity."""
+    """The mesh credentials of one identity (certificate, key, service key), as it loads them."""
 
     def make(identity: str) -> TlsSettings:
-        return TlsSettings(
-            ca_file=certs_dir / "ca.pem",
-            cert_file=certs_dir / f"{identity}.pem",
-            key_file=certs_dir / f"{identity}-key.pem",
-        )
+        return TlsSettings.for_service(identity, env={"NOTIFY_TLS_DIR": str(certs_dir)})
 
     return make
 

@@ -392,7 +392,13 @@ async def test_grpc_probe_passes_only_while_serving(
 ) -> None:
     """With nothing but what the container holds: the CA certificate and its own pair."""
     probe = services["user-svc"]["healthcheck"]["test"][1:4]
-    for name in ("ca.pem", "user_svc.pem", "user_svc-key.pem"):
+    for name in (
+        "ca.pem",
+        "user_svc.pem",
+        "user_svc-key.pem",
+        "user_svc.service-key",
+        "service-keys.json",
+    ):
         shutil.copy(certs_dir / name, tmp_path / name)
     env = {"NOTIFY_TLS_DIR": str(tmp_path)}
     server = GrpcServer(common_for("user_svc"), registrars=(), service_names=())
@@ -621,8 +627,9 @@ def _is_private_key(path: Path) -> bool:
 def test_each_container_sees_its_own_key_and_certificate_and_the_ca_certificate_only(
     services: dict[str, Service], certs_volume: Path
 ) -> None:
-    """Mounted (read-only) from the certs volume: exactly ca.pem, ID.pem and ID-key.pem,
-    the directory of the container's own identity; no other container holds a key."""
+    """Mounted (read-only) from the certs volume: exactly ca.pem, ID.pem, ID-key.pem,
+    ID.service-key and the keys' digests, the directory of the container's own identity;
+    no other container holds a key."""
     mounting = set()
     for name, service in services.items():
         for mount in _mount_list(service):
@@ -637,7 +644,13 @@ def test_each_container_sees_its_own_key_and_certificate_and_the_ca_certificate_
             assert mount.subpath == identity, f"{name} mounts {mount.subpath or 'the volume'}"
             visible = certs_volume / mount.subpath
             names = {p.name for p in visible.rglob("*")}
-            assert names == {"ca.pem", f"{identity}.pem", f"{identity}-key.pem"}, name
+            assert names == {
+                "ca.pem",
+                f"{identity}.pem",
+                f"{identity}-key.pem",
+                f"{identity}.service-key",  # its own service key, no other's
+                "service-keys.json",  # every key's SHA-256: what a server checks against
+            }, name
             assert [p.name for p in visible.iterdir() if _is_private_key(p)] == [
                 f"{identity}-key.pem"
             ]

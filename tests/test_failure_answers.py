@@ -32,6 +32,7 @@ from notify.v1 import user_service_pb2, user_service_pb2_grpc
 from gateway.proxy import ForwardingHandler
 from notify_kit.context import CORRELATION_HEADER, new_correlation_id
 from notify_kit.errors import DOMAIN, NotFound, Unavailable, error_info
+from notify_kit.interceptors import ClientInterceptor
 from notify_kit.logs import JsonFormatter
 from notify_kit.outage import DEPENDENCY_UNAVAILABLE, is_outage, outage_error
 from notify_kit.rpc import secure_channel, unary
@@ -131,9 +132,13 @@ async def _serving(
 
 
 def _raw_channel(port: int, tls: TlsSettings) -> grpc.aio.Channel:
-    """A channel without retries: every answer is seen exactly as the server gave it."""
+    """A channel without retries: every answer is seen exactly as the server gave it
+    (its only interceptor adds what every mesh call carries: the service key)."""
     return grpc.aio.secure_channel(
-        f"127.0.0.1:{port}", channel_credentials(tls), options=[("grpc.enable_retries", 0)]
+        f"127.0.0.1:{port}",
+        channel_credentials(tls),
+        options=[("grpc.enable_retries", 0)],
+        interceptors=[ClientInterceptor(10.0, tls.service_key)],
     )
 
 

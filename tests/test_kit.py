@@ -26,6 +26,7 @@ from notify_kit.errors import (
     error_info,
     from_rpc_error,
 )
+from notify_kit.interceptors import ClientInterceptor
 from notify_kit.logs import JsonFormatter
 from notify_kit.rpc import secure_channel, unary
 from notify_kit.server import GrpcServer
@@ -185,9 +186,12 @@ async def test_errors_travel_with_their_reason_and_metadata(
         ["notify.v1.UserService"],
     )
     port = await server.start()
+    gateway = tls_for("gateway")
     try:
         async with grpc.aio.secure_channel(
-            f"127.0.0.1:{port}", _creds(tls_for("gateway"))
+            f"127.0.0.1:{port}",
+            _creds(gateway),
+            interceptors=[ClientInterceptor(5.0, gateway.service_key)],  # what mesh calls carry
         ) as channel:
             stub = user_service_pb2_grpc.UserServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as raw:

@@ -25,12 +25,14 @@ from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
 
 from email_worker import mime
 from gateway.records import RecordWriter
+from notify_kit.acl import SERVICE_KEY_HEADER
 from notify_kit.errors import InvalidArgument, NotFound, error_info, field_violations
 from notify_kit.kv import redis_client
 from notify_kit.profiles import profile_key
 from notify_kit.rpc import secure_channel
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
 from notify_kit.status import aggregate_status
+from notify_kit.tls import channel_credentials
 from user_svc.app import App
 from user_svc.cache import ProfileCache
 from user_svc.config import Config
@@ -986,3 +988,45 @@ def test_config_from_env(certs_dir: Path) -> None:
     assert custom.profile_cache_ttl == 30
     with pytest.raises(SettingsError):
         Config.from_env({**env, "NOTIFY_PROFILE_CACHE_TTL": "0"})
+
+
+async def test_a_worker_certificate_without_its_service_key_is_refused_with_no_effect(
+    gateway: Stub, user_app: App, tls_for: Callable[[str], TlsSettings]
+) -> None:
+    """The certificate says who calls; the service key (access.proto's
+    presents_service_key) must come with it: none, or another identity's, opens nothing."""
+    user = await create_user(gateway)
+    note = await record(gateway, notification(user.id))
+    worker, other = tls_for("email_worker"), tls_for("push_worker")
+    report = pb.UpdateDeliveryStatusesRequest(
+        reports=[
+            pb.UpdateDeliveryStatusRequest(
+                notification_id=note.id,
+                channel=S.CHANNEL_EMAIL,
+                status=S.NOTIFICATION_STATUS_DELIVERED,
+                attempt=1,
+            )
+        ]
+    )
+    async with grpc.aio.secure_channel(
+        f"127.0.0.1:{user_app.port}", channel_credentials(worker)
+    ) as channel:
+        stub = _stub(channel)
+        for metadata in ((), ((SERVICE_KEY_HEADER, other.service_key),)):
+            err = await failure(
+                stub.UpdateDeliveryStatuses(report, timeout=TIMEOUT, metadata=metadata)
+            )
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert reason(err) == "SERVICE_KEY_INVALID"
+    got = await gateway.GetNotificationRecord(
+        pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
+    )
+    assert got.notification.deliveries[0].status == note.deliveries[0].status  # untouched
+    assert note.deliveries[0].status != S.NOTIFICATION_STATUS_DELIVERED
+    async with grpc.aio.secure_channel(
+        f"127.0.0.1:{user_app.port}", channel_credentials(worker)
+    ) as channel:
+        answer = await _stub(channel).UpdateDeliveryStatuses(
+            report, timeout=TIMEOUT, metadata=((SERVICE_KEY_HEADER, worker.service_key),)
+        )
+        assert answer.results[0].delivery.status == S.NOTIFICATION_STATUS_DELIVERED

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16notify/v1/access.proto\x12\tnotify.v1\x1a google/protobuf/descriptor.proto\"O\n\x06\x41\x63\x63\x65ss\x12\x1f\n\x05scope\x18\x01 \x01(\x0e\x32\x10.notify.v1.Scope\x12$\n\x07\x63\x61llers\x18\x02 \x03(\x0e\x32\x13.notify.v1.Identity\"/\n\x07Serving\x12$\n\x07servers\x18\x01 \x03(\x0e\x32\x13.notify.v1.Identity*\xd2\x02\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x34\n\x18SCOPE_NOTIFICATIONS_SEND\x10\x01\x1a\x16\xca\xf3\x18\x12notifications:send\x12\x34\n\x18SCOPE_NOTIFICATIONS_READ\x10\x02\x1a\x16\xca\xf3\x18\x12notifications:read\x12&\n\x11SCOPE_USERS_WRITE\x10\x03\x1a\x0f\xca\xf3\x18\x0busers:write\x12$\n\x10SCOPE_USERS_READ\x10\x04\x1a\x0e\xca\xf3\x18\nusers:read\x12.\n\x15SCOPE_TEMPLATES_WRITE\x10\x05\x1a\x13\xca\xf3\x18\x0ftemplates:write\x12,\n\x14SCOPE_TEMPLATES_READ\x10\x06\x1a\x12\xca\xf3\x18\x0etemplates:read\x12\x1a\n\x0bSCOPE_ADMIN\x10\x07\x1a\t\xca\xf3\x18\x05\x61\x64min*\xb5\x02\n\x08Identity\x12\x18\n\x14IDENTITY_UNSPECIFIED\x10\x00\x12\x1d\n\x0eIDENTITY_ENVOY\x10\x01\x1a\t\xd2\xf3\x18\x05\x65nvoy\x12#\n\x11IDENTITY_OPERATOR\x10\x02\x1a\x0c\xd2\xf3\x18\x08operator\x12!\n\x10IDENTITY_GATEWAY\x10\x03\x1a\x0b\xd2\xf3\x18\x07gateway\x12#\n\x11IDENTITY_USER_SVC\x10\x04\x1a\x0c\xd2\xf3\x18\x08user_svc\x12+\n\x15IDENTITY_TEMPLATE_SVC\x10\x05\x1a\x10\xd2\xf3\x18\x0ctemplate_svc\x12+\n\x15IDENTITY_EMAIL_WORKER\x10\x06\x1a\x10\xd2\xf3\x18\x0c\x65mail_worker\x12)\n\x14IDENTITY_PUSH_WORKER\x10\x07\x1a\x0f\xd2\xf3\x18\x0bpush_worker:7\n\nscope_name\x12!.google.protobuf.EnumValueOptions\x18\xb9\x8e\x03 \x01(\t:8\n\x0b\x63ommon_name\x12!.google.protobuf.EnumValueOptions\x18\xba\x8e\x03 \x01(\t:C\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xbb\x8e\x03 \x01(\x0b\x32\x11.notify.v1.Access:H\n\tserved_by\x12\x1f.google.protobuf.ServiceOptions\x18\xbc\x8e\x03 \x01(\x0b\x32\x12.notify.v1.Servingb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16notify/v1/access.proto\x12\tnotify.v1\x1a google/protobuf/descriptor.proto\"O\n\x06\x41\x63\x63\x65ss\x12\x1f\n\x05scope\x18\x01 \x01(\x0e\x32\x10.notify.v1.Scope\x12$\n\x07\x63\x61llers\x18\x02 \x03(\x0e\x32\x13.notify.v1.Identity\"/\n\x07Serving\x12$\n\x07servers\x18\x01 \x03(\x0e\x32\x13.notify.v1.Identity*\xd2\x02\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x34\n\x18SCOPE_NOTIFICATIONS_SEND\x10\x01\x1a\x16\xca\xf3\x18\x12notifications:send\x12\x34\n\x18SCOPE_NOTIFICATIONS_READ\x10\x02\x1a\x16\xca\xf3\x18\x12notifications:read\x12&\n\x11SCOPE_USERS_WRITE\x10\x03\x1a\x0f\xca\xf3\x18\x0busers:write\x12$\n\x10SCOPE_USERS_READ\x10\x04\x1a\x0e\xca\xf3\x18\nusers:read\x12.\n\x15SCOPE_TEMPLATES_WRITE\x10\x05\x1a\x13\xca\xf3\x18\x0ftemplates:write\x12,\n\x14SCOPE_TEMPLATES_READ\x10\x06\x1a\x12\xca\xf3\x18\x0etemplates:read\x12\x1a\n\x0bSCOPE_ADMIN\x10\x07\x1a\t\xca\xf3\x18\x05\x61\x64min*\xc1\x02\n\x08Identity\x12\x18\n\x14IDENTITY_UNSPECIFIED\x10\x00\x12\x1d\n\x0eIDENTITY_ENVOY\x10\x01\x1a\t\xd2\xf3\x18\x05\x65nvoy\x12#\n\x11IDENTITY_OPERATOR\x10\x02\x1a\x0c\xd2\xf3\x18\x08operator\x12%\n\x10IDENTITY_GATEWAY\x10\x03\x1a\x0f\xd2\xf3\x18\x07gateway\xe8\xf3\x18\x01\x12#\n\x11IDENTITY_USER_SVC\x10\x04\x1a\x0c\xd2\xf3\x18\x08user_svc\x12+\n\x15IDENTITY_TEMPLATE_SVC\x10\x05\x1a\x10\xd2\xf3\x18\x0ctemplate_svc\x12/\n\x15IDENTITY_EMAIL_WORKER\x10\x06\x1a\x14\xd2\xf3\x18\x0c\x65mail_worker\xe8\xf3\x18\x01\x12-\n\x14IDENTITY_PUSH_WORKER\x10\x07\x1a\x13\xd2\xf3\x18\x0bpush_worker\xe8\xf3\x18\x01:7\n\nscope_name\x12!.google.protobuf.EnumValueOptions\x18\xb9\x8e\x03 \x01(\t:8\n\x0b\x63ommon_name\x12!.google.protobuf.EnumValueOptions\x18\xba\x8e\x03 \x01(\t:A\n\x14presents_service_key\x12!.google.protobuf.EnumValueOptions\x18\xbd\x8e\x03 \x01(\x08:C\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xbb\x8e\x03 \x01(\x0b\x32\x11.notify.v1.Access:H\n\tserved_by\x12\x1f.google.protobuf.ServiceOptions\x18\xbc\x8e\x03 \x01(\x0b\x32\x12.notify.v1.Servingb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,19 +51,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IDENTITY'].values_by_name["IDENTITY_OPERATOR"]._loaded_options = None
   _globals['_IDENTITY'].values_by_name["IDENTITY_OPERATOR"]._serialized_options = b'\322\363\030\010operator'
   _globals['_IDENTITY'].values_by_name["IDENTITY_GATEWAY"]._loaded_options = None
-  _globals['_IDENTITY'].values_by_name["IDENTITY_GATEWAY"]._serialized_options = b'\322\363\030\007gateway'
+  _globals['_IDENTITY'].values_by_name["IDENTITY_GATEWAY"]._serialized_options = b'\322\363\030\007gateway\350\363\030\001'
   _globals['_IDENTITY'].values_by_name["IDENTITY_USER_SVC"]._loaded_options = None
   _globals['_IDENTITY'].values_by_name["IDENTITY_USER_SVC"]._serialized_options = b'\322\363\030\010user_svc'
   _globals['_IDENTITY'].values_by_name["IDENTITY_TEMPLATE_SVC"]._loaded_options = None
   _globals['_IDENTITY'].values_by_name["IDENTITY_TEMPLATE_SVC"]._serialized_options = b'\322\363\030\014template_svc'
   _globals['_IDENTITY'].values_by_name["IDENTITY_EMAIL_WORKER"]._loaded_options = None
-  _globals['_IDENTITY'].values_by_name["IDENTITY_EMAIL_WORKER"]._serialized_options = b'\322\363\030\014email_worker'
+  _globals['_IDENTITY'].values_by_name["IDENTITY_EMAIL_WORKER"]._serialized_options = b'\322\363\030\014email_worker\350\363\030\001'
   _globals['_IDENTITY'].values_by_name["IDENTITY_PUSH_WORKER"]._loaded_options = None
-  _globals['_IDENTITY'].values_by_name["IDENTITY_PUSH_WORKER"]._serialized_options = b'\322\363\030\013push_worker'
+  _globals['_IDENTITY'].values_by_name["IDENTITY_PUSH_WORKER"]._serialized_options = b'\322\363\030\013push_worker\350\363\030\001'
   _globals['_SCOPE']._serialized_start=202
   _globals['_SCOPE']._serialized_end=540
   _globals['_IDENTITY']._serialized_start=543
-  _globals['_IDENTITY']._serialized_end=852
+  _globals['_IDENTITY']._serialized_end=864
   _globals['_ACCESS']._serialized_start=71
   _globals['_ACCESS']._serialized_end=150
   _globals['_SERVING']._serialized_start=152

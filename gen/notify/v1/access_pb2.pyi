@@ -179,12 +179,18 @@ Global___Serving: _TypeAlias = Serving  # noqa: Y015
 
 SCOPE_NAME_FIELD_NUMBER: _builtins.int
 COMMON_NAME_FIELD_NUMBER: _builtins.int
+PRESENTS_SERVICE_KEY_FIELD_NUMBER: _builtins.int
 ACCESS_FIELD_NUMBER: _builtins.int
 SERVED_BY_FIELD_NUMBER: _builtins.int
 scope_name: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, _builtins.str]
 """A Scope's name as API keys, errors and documents spell it."""
 common_name: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, _builtins.str]
 """An Identity's certificate common name."""
+presents_service_key: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, _builtins.bool]
+"""The identity's calls carry its service key (the x-service-key header) besides its
+certificate, and are refused without it: the internal callers the seed gives keys
+(API_GATEWAY_KEY, EMAIL_SERVICE_KEY, PUSH_SERVICE_KEY).
+"""
 access: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___Access]
 """Who may call the method."""
 served_by: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.ServiceOptions, Global___Serving]
