@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from gateway.limits import Rate, RateLimiter, address_bucket, key_bucket
+from gateway.limits import LeasedBuckets, Rate, RateLimiter, address_bucket, key_bucket
 from gateway.store import ApiKey, KeyStore, hash_key
 from notify_kit import acl
 from notify_kit.cache import LruCache
@@ -117,7 +117,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self, authenticator: Authenticator, limiter: RateLimiter, *, default_rate: Rate | None
     ) -> None:
         self._auth = authenticator
-        self._limiter = limiter
+        self._limiter = LeasedBuckets(limiter)
         self._default_rate = default_rate
 
     async def intercept_service(

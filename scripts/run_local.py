@@ -121,8 +121,12 @@ def banner(cfg: SystemConfig) -> None:
     if cfg.local_onesignal:
         push += f"\n  failover push (OneSignal stand-in):  http://127.0.0.1:{p.onesignal}/messages"
     print(f"""
-notify is running. Try:
+notify is running. The admin API key (NOTIFY_BOOTSTRAP_API_KEY): {cfg.api_key}
+Try:
   curl -s -H 'x-api-key: {cfg.api_key}' http://localhost:{p.http}/v1/templates/welcome
+  curl -s -H 'x-api-key: {cfg.api_key}' -H 'content-type: application/json' \
+    -d '{{"name": "my-app", "scopes": ["SCOPE_NOTIFICATIONS_SEND"]}}' \
+    http://localhost:{p.http}/v1/api-keys   # a key that may only send
   grpcurl -plaintext -protoset gen/descriptor.binpb -H 'x-api-key: {cfg.api_key}' \
     -d '{{"id": "welcome"}}' localhost:{p.http} notify.v1.TemplateService/GetTemplate
   {mail}

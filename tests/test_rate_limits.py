@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.limits import Rate, RateLimiter, Window, recipient_log
+from gateway.limits import LeasedBuckets, Rate, RateLimiter, Window, recipient_log
 from notify_kit.kv import redis_client
 from scripts.system import free_port, poll
 from tests.conftest import RUN_ID
@@ -216,3 +216,23 @@ async def test_failed_key_lookups_are_limited_per_address(limited: E2E) -> None:
         timeout=10.0,
         what="the address to be let in again",
     )
+
+
+async def test_leased_buckets_never_admit_more_than_the_limit(
+    limiter: tuple[RateLimiter, aioredis.Redis],
+) -> None:
+    """Two gateways sharing a key, each leasing chunks: together at most the burst (no
+    refill to speak of at 0.01/s), and a key whose chunk is one stays exact."""
+    rl, _ = limiter
+    bucket = f"test:rl:{uuid.uuid4().hex}"
+    fast = Rate(per_second=400.0, burst=50)  # chunks of 20
+    one, two = LeasedBuckets(rl), LeasedBuckets(rl)
+    answers = [await gateway.take(bucket, fast) for _ in range(40) for gateway in (one, two)]
+    admitted = sum(1 for wait in answers if wait == 0.0)
+    assert admitted <= 50 + 1  # the burst, plus what refilled meanwhile (400/s)
+    assert admitted >= 40  # leases are not wasted while being spent
+    slow_bucket = f"test:rl:{uuid.uuid4().hex}"
+    slow = Rate(per_second=0.01, burst=3)
+    waits = [await one.take(slow_bucket, slow) for _ in range(4)]
+    assert waits[:3] == [0.0, 0.0, 0.0] and waits[3] > 0
+    assert await two.take(slow_bucket, slow) > 0  # nothing was leased away unseen
