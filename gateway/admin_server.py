@@ -18,11 +18,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from notify.v1 import access_pb2, admin_service_pb2, admin_service_pb2_grpc
 
+from gateway.auth import current_api_key
 from gateway.limits import Rate
 from gateway.store import KeyStore
 from notify_kit import acl
-from notify_kit.errors import FailedPrecondition, NotFound
+from notify_kit.errors import FailedPrecondition, NotFound, PermissionDenied
 from notify_kit.paging import Cursor, decode_page_token, encode_page_token
+from notify_kit.tenancy import DEFAULT_TENANT
 
 pb = admin_service_pb2
 DEFAULT_PAGE = 50
@@ -49,6 +51,7 @@ def to_message(row: Mapping[str, Any]) -> admin_service_pb2.ApiKey:
         last_used_time=_timestamp(row["last_used_at"]),
         revoke_time=_timestamp(row["revoked_at"]),
         previous_secret_expire_time=_timestamp(row["previous_expires_at"]),
+        tenant=row["tenant"],
         rate_limit=(
             pb.RateLimit(requests_per_second=row["rate_per_second"], burst=row["rate_burst"])
             if row["rate_per_second"] is not None
@@ -77,13 +80,21 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     ) -> admin_service_pb2.CreateApiKeyResponse:
         """A new key; its secret is in this answer and nowhere else."""
         names = acl.scope_names()  # the contract checked that every scope is declared
+        caller = current_api_key().tenant
+        tenant = request.tenant or caller
+        if caller not in (tenant, DEFAULT_TENANT):
+            raise PermissionDenied(
+                "TENANT_NOT_YOURS",
+                "only an admin key of the default tenant makes keys for other tenants",
+                metadata={"tenant": tenant},
+            )
         expires = request.expire_time.ToDatetime(UTC) if request.HasField("expire_time") else None
         limit = request.rate_limit
         rate = (
             Rate(limit.requests_per_second, limit.burst) if request.HasField("rate_limit") else None
         )
         row, secret = await self._keys.create(
-            request.name, frozenset(names[s] for s in request.scopes), expires, rate
+            request.name, frozenset(names[s] for s in request.scopes), expires, rate, tenant
         )
         return pb.CreateApiKeyResponse(api_key=to_message(row), secret=secret)
 
@@ -93,7 +104,9 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         """A page, newest first, with a keyset page token."""
         size = request.page_size or DEFAULT_PAGE  # 0..500 by the contract
         after = decode_page_token(request.page_token) if request.page_token else None
-        rows = await self._keys.page(request.show_revoked, after, size + 1)
+        rows = await self._keys.page(
+            current_api_key().tenant, request.show_revoked, after, size + 1
+        )
         page, more = rows[:size], len(rows) > size
         token = encode_page_token(Cursor(page[-1]["created_at"], page[-1]["id"])) if more else ""
         return pb.ListApiKeysResponse(api_keys=[to_message(r) for r in page], next_page_token=token)
@@ -102,7 +115,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: admin_service_pb2.GetApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_service_pb2.GetApiKeyResponse:
         """One key, revoked or not."""
-        row = await self._keys.get(_key_id(request.id))
+        row = await self._keys.get(_key_id(request.id), current_api_key().tenant)
         if row is None:
             raise _not_found()
         return pb.GetApiKeyResponse(api_key=to_message(row))
@@ -116,10 +129,10 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             if request.HasField("grace_period")
             else DEFAULT_GRACE
         )
-        ident = _key_id(request.id)
-        rotated = await self._keys.rotate(ident, grace)
+        ident, tenant = _key_id(request.id), current_api_key().tenant
+        rotated = await self._keys.rotate(ident, tenant, grace)
         if rotated is None:
-            if await self._keys.get(ident) is None:
+            if await self._keys.get(ident, tenant) is None:
                 raise _not_found()
             raise FailedPrecondition(
                 "API_KEY_REVOKED", "a revoked key cannot be rotated; create a new one"
@@ -131,7 +144,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: admin_service_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_service_pb2.RevokeApiKeyResponse:
         """Revoked for good (again is a no-op that answers the first revocation)."""
-        row = await self._keys.revoke(_key_id(request.id))
+        row = await self._keys.revoke(_key_id(request.id), current_api_key().tenant)
         if row is None:
             raise _not_found()
         return pb.RevokeApiKeyResponse(api_key=to_message(row))

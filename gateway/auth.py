@@ -34,6 +34,7 @@ from notify_kit import acl
 from notify_kit.cache import LruCache
 from notify_kit.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from notify_kit.interceptors import metadata_value, wrap_unary
+from notify_kit.tenancy import DEFAULT_TENANT
 
 API_KEY_HEADER = "x-api-key"
 
@@ -168,6 +169,14 @@ def client_address(context: grpc.aio.ServicerContext) -> str:
         return forwarded.rsplit(",", 1)[-1].strip()
     peer = context.peer() or "unknown"  # "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"
     return peer.rsplit(":", 1)[0]
+
+
+def current_tenant() -> str:
+    """The tenant the current call acts for: its key's. In the gateway every external
+    call has passed ``ApiKeyInterceptor``; a handler wired without it (a test of the
+    forwarder alone) acts for the default tenant."""
+    key = _CALLER.get(None)
+    return key.tenant if key is not None else DEFAULT_TENANT
 
 
 def current_api_key() -> ApiKey:

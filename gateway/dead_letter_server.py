@@ -29,6 +29,7 @@ from notify.v1 import (
     user_service_pb2_grpc,
 )
 
+from gateway.auth import current_api_key
 from gateway.dead_letters import (
     CHANNEL_OF_KIND,
     KIND_OF_CHANNEL,
@@ -40,9 +41,10 @@ from gateway.dead_letters import (
 )
 from notify_kit import rpc
 from notify_kit.amqp import EMAIL, KIND_BY_KEY, KIND_BY_TYPE, Publisher, Topology
-from notify_kit.errors import InvalidArgument, NotFound
+from notify_kit.errors import InvalidArgument, NotFound, PermissionDenied
 from notify_kit.outage import INFRA_ERRORS
 from notify_kit.paging import Cursor, decode_page_token, encode_page_token
+from notify_kit.tenancy import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,15 @@ def _one_target(has_id: bool, has_filter: bool, everything: bool) -> None:
         )
 
 
+def _operators_only() -> None:
+    """Dead letters hold every tenant's jobs: they are the operators' (the default
+    tenant's admin keys), not a tenant's."""
+    if current_api_key().tenant != DEFAULT_TENANT:
+        raise PermissionDenied(
+            "OPERATORS_ONLY", "dead letters are for the default tenant's admin keys"
+        )
+
+
 class DeadLetterServicer(dead_letter_service_pb2_grpc.DeadLetterServiceServicer):
     """List, read, replay and purge dead letters (scope ``admin``)."""
 
@@ -197,6 +208,7 @@ class DeadLetterServicer(dead_letter_service_pb2_grpc.DeadLetterServiceServicer)
         context: grpc.aio.ServicerContext,
     ) -> dead_letter_service_pb2.ListDeadLettersResponse:
         """A page, newest first, with a keyset page token."""
+        _operators_only()
         size = request.page_size or DEFAULT_PAGE  # 0..500 by the contract
         after = decode_page_token(request.page_token) if request.page_token else None
         rows = await self._store.page(_filter(request.filter), after, size + 1)
@@ -212,6 +224,7 @@ class DeadLetterServicer(dead_letter_service_pb2_grpc.DeadLetterServiceServicer)
         context: grpc.aio.ServicerContext,
     ) -> dead_letter_service_pb2.GetDeadLetterResponse:
         """One dead letter with its delivery history."""
+        _operators_only()
         row = await self._store.get(_dead_letter_id(request.id))
         if row is None:
             raise NotFound("DEAD_LETTER_NOT_FOUND", "no such dead letter")
@@ -225,6 +238,7 @@ class DeadLetterServicer(dead_letter_service_pb2_grpc.DeadLetterServiceServicer)
         context: grpc.aio.ServicerContext,
     ) -> dead_letter_service_pb2.ReplayDeadLettersResponse:
         """Republish one, a filter's worth, or every parked dead letter."""
+        _operators_only()
         _one_target(bool(request.id), request.HasField("filter"), request.all)
         if request.id:
             one = await self._store.replayable_one(_dead_letter_id(request.id))
@@ -250,6 +264,7 @@ class DeadLetterServicer(dead_letter_service_pb2_grpc.DeadLetterServiceServicer)
         context: grpc.aio.ServicerContext,
     ) -> dead_letter_service_pb2.PurgeDeadLettersResponse:
         """Delete one, a filter's worth, or all."""
+        _operators_only()
         _one_target(bool(request.id), request.HasField("filter"), request.all)
         if request.id:
             purged = await self._store.purge(None, _dead_letter_id(request.id))

@@ -17,9 +17,11 @@ from collections.abc import Mapping
 
 import grpc
 
+from gateway.auth import current_tenant
 from notify_kit import acl
 from notify_kit.errors import DETAILS_KEY, from_rpc_error
 from notify_kit.rpc import clamp_timeout
+from notify_kit.tenancy import tenant_metadata
 
 
 class ForwardingHandler(grpc.GenericRpcHandler):
@@ -46,7 +48,9 @@ class ForwardingHandler(grpc.GenericRpcHandler):
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             try:
                 response: bytes = await call(
-                    request, timeout=clamp_timeout(context.time_remaining(), timeout)
+                    request,
+                    timeout=clamp_timeout(context.time_remaining(), timeout),
+                    metadata=tenant_metadata(current_tenant()),  # the key's
                 )
             except grpc.aio.AioRpcError as exc:
                 details = tuple(

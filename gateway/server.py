@@ -41,13 +41,15 @@ from notify_kit.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     Unavailable,
 )
 from notify_kit.interceptors import metadata_value
-from notify_kit.profiles import cached_profile
+from notify_kit.profiles import cached_profile, profile_tenant
 from notify_kit.rpc import clamp_timeout, unary
 from notify_kit.telemetry import inject_trace_context
+from notify_kit.tenancy import tenant_metadata
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +217,8 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         timeout: float,
     ) -> notification_service_pb2.SendNotificationResponse:
         profile, template = await asyncio.gather(
-            self._profile(request.user_id, timeout), self._template(request.template_id, timeout)
+            self._profile(request.user_id, current_api_key().tenant, timeout),
+            self._template(request.template_id, timeout),
         )
         variables.check(template, request.variables)
         available = _template_channels(template)
@@ -337,16 +340,24 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             correlation_id=job.meta.correlation_id,
         )
 
-    async def _profile(self, user_id: str, timeout: float) -> user_service_pb2.DeliveryProfile:
-        """The recipient's profile: user_svc's cache entry (one Redis GET), else user_svc."""
+    async def _profile(
+        self, user_id: str, tenant: str, timeout: float
+    ) -> user_service_pb2.DeliveryProfile:
+        """The recipient's profile: user_svc's cache entry (one Redis GET), else user_svc;
+        NOT_FOUND for a user of another tenant than the key's."""
         if self._profiles is not None:
             cached = await cached_profile(self._profiles, user_id)
             if cached is not None:
+                if profile_tenant(cached) != tenant:
+                    raise NotFound(
+                        "USER_NOT_FOUND", f"user {user_id} not found", metadata={"user_id": user_id}
+                    )  # another tenant's user: as if there were none, as user_svc says it
                 return cached
         response: user_service_pb2.GetDeliveryProfileResponse = await unary(
             self._users.GetDeliveryProfile,
             user_service_pb2.GetDeliveryProfileRequest(user_id=user_id),
             timeout=timeout,
+            metadata=tenant_metadata(tenant),
         )
         return response.profile
 
@@ -385,6 +396,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             self._users.GetNotificationRecord,
             user_service_pb2.GetNotificationRecordRequest(id=request.id),
             timeout=clamp_timeout(context.time_remaining(), self._timeout),
+            metadata=tenant_metadata(current_api_key().tenant),
         )
         return notification_service_pb2.GetNotificationResponse(notification=response.notification)
 
@@ -402,6 +414,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
                 page_token=request.page_token,
             ),
             timeout=clamp_timeout(context.time_remaining(), self._timeout),
+            metadata=tenant_metadata(current_api_key().tenant),
         )
         return notification_service_pb2.ListNotificationsResponse(
             notifications=response.notifications, next_page_token=response.next_page_token

@@ -21,6 +21,7 @@ import asyncpg
 from gateway.limits import Rate
 from notify_kit.errors import Unavailable
 from notify_kit.paging import Cursor
+from notify_kit.tenancy import DEFAULT_TENANT
 
 # The secret's shape: a prefix that secret scanners and people recognise, then 256
 # random bits.
@@ -28,7 +29,7 @@ SECRET_PREFIX = "nfy_"  # noqa: S105 (a public prefix, not a secret)
 
 # A key authenticates with its current secret, or with the previous one during its grace.
 _FIND_KEY = """
-SELECT id, name, scopes, expires_at, rate_per_second, rate_burst,
+SELECT id, name, scopes, expires_at, rate_per_second, rate_burst, tenant,
        CASE WHEN key_hash = $1 THEN NULL ELSE previous_expires_at END AS secret_expires_at
 FROM api_keys
 WHERE (key_hash = $1 OR (previous_hash = $1 AND previous_expires_at > now()))
@@ -40,21 +41,22 @@ INSERT INTO api_keys (id, name, key_hash, scopes) VALUES ($1, $2, $3, $4)
 ON CONFLICT (key_hash) DO NOTHING
 """
 _CREATE = """
-INSERT INTO api_keys (id, name, key_hash, scopes, expires_at, rate_per_second, rate_burst)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+INSERT INTO api_keys (id, name, key_hash, scopes, expires_at, rate_per_second, rate_burst,
+    tenant)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
-          rate_per_second, rate_burst
+          rate_per_second, rate_burst, tenant
 """
 _GET = """
 SELECT id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
-       rate_per_second, rate_burst
-FROM api_keys WHERE id = $1
+       rate_per_second, rate_burst, tenant
+FROM api_keys WHERE id = $1 AND tenant = $2
 """
 _LIST = """
 SELECT id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
-       rate_per_second, rate_burst
+       rate_per_second, rate_burst, tenant
 FROM api_keys
-WHERE ($1 OR revoked_at IS NULL)
+WHERE tenant = $5 AND ($1 OR revoked_at IS NULL)
   AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
 ORDER BY created_at DESC, id DESC
 LIMIT $4
@@ -63,14 +65,14 @@ LIMIT $4
 _ROTATE = """
 UPDATE api_keys
 SET previous_hash = key_hash, previous_expires_at = now() + $3::interval, key_hash = $2
-WHERE id = $1 AND revoked_at IS NULL
+WHERE id = $1 AND tenant = $4 AND revoked_at IS NULL
 RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
-          rate_per_second, rate_burst
+          rate_per_second, rate_burst, tenant
 """
 _REVOKE = """
-UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1
+UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 AND tenant = $2
 RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
-          rate_per_second, rate_burst
+          rate_per_second, rate_burst, tenant
 """
 _TOUCH = """
 UPDATE api_keys SET last_used_at = now()
@@ -99,6 +101,8 @@ class ApiKey:
     valid_until: datetime | None = None
     # Its own rate limit; None: the gateway's default for keys.
     rate: Rate | None = None
+    # The tenant it acts for.
+    tenant: str = DEFAULT_TENANT
 
 
 class KeyStore:
@@ -125,6 +129,7 @@ class KeyStore:
             scopes=frozenset(row["scopes"]),
             valid_until=min(ends) if ends else None,
             rate=Rate(own, row["rate_burst"]) if own is not None else None,
+            tenant=row["tenant"],
         )
 
     async def ensure(self, raw: str, name: str, scopes: frozenset[str]) -> None:
@@ -134,7 +139,12 @@ class KeyStore:
         )
 
     async def create(
-        self, name: str, scopes: frozenset[str], expires_at: datetime | None, rate: Rate | None
+        self,
+        name: str,
+        scopes: frozenset[str],
+        expires_at: datetime | None,
+        rate: Rate | None,
+        tenant: str,
     ) -> tuple[Any, str]:
         """A new key's row and its secret (the only time the secret exists outside a call)."""
         secret = new_secret()
@@ -147,16 +157,19 @@ class KeyStore:
             expires_at,
             rate.per_second if rate else None,
             rate.burst if rate else None,
+            tenant,
             timeout=self._timeout,
         )
         return row, secret
 
-    async def get(self, ident: uuid.UUID) -> Any | None:
-        """One key's row, revoked or not."""
-        return await self._pool.fetchrow(_GET, ident, timeout=self._timeout)
+    async def get(self, ident: uuid.UUID, tenant: str) -> Any | None:
+        """One of ``tenant``'s keys, revoked or not."""
+        return await self._pool.fetchrow(_GET, ident, tenant, timeout=self._timeout)
 
-    async def page(self, show_revoked: bool, after: Cursor | None, limit: int) -> list[Any]:
-        """Keys newest first, strictly after ``after``."""
+    async def page(
+        self, tenant: str, show_revoked: bool, after: Cursor | None, limit: int
+    ) -> list[Any]:
+        """``tenant``'s keys newest first, strictly after ``after``."""
         return list(
             await self._pool.fetch(
                 _LIST,
@@ -164,21 +177,26 @@ class KeyStore:
                 after.created_at if after else None,
                 after.id if after else None,
                 limit,
+                tenant,
                 timeout=self._timeout,
             )
         )
 
-    async def rotate(self, ident: uuid.UUID, grace: timedelta) -> tuple[Any, str] | None:
-        """The key's row with a new secret, and the secret; None if no working key has it."""
+    async def rotate(
+        self, ident: uuid.UUID, tenant: str, grace: timedelta
+    ) -> tuple[Any, str] | None:
+        """The key's row with a new secret, and the secret; None if no working key of
+        ``tenant`` has the id."""
         secret = new_secret()
         row = await self._pool.fetchrow(
-            _ROTATE, ident, hash_key(secret), grace, timeout=self._timeout
+            _ROTATE, ident, hash_key(secret), grace, tenant, timeout=self._timeout
         )
         return (row, secret) if row is not None else None
 
-    async def revoke(self, ident: uuid.UUID) -> Any | None:
-        """The key's row, revoked (now, or when it first was); None if there is no such key."""
-        return await self._pool.fetchrow(_REVOKE, ident, timeout=self._timeout)
+    async def revoke(self, ident: uuid.UUID, tenant: str) -> Any | None:
+        """The key's row, revoked (now, or when it first was); None if ``tenant`` has no
+        such key."""
+        return await self._pool.fetchrow(_REVOKE, ident, tenant, timeout=self._timeout)
 
     async def touch(self, ident: str) -> None:
         """Record that the key authenticated a call (one write a minute at most)."""

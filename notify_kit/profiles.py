@@ -21,6 +21,8 @@ from google.protobuf.message import DecodeError
 from notify.v1 import user_service_pb2
 from redis.exceptions import RedisError
 
+from notify_kit.tenancy import DEFAULT_TENANT
+
 log = logging.getLogger(__name__)
 
 
@@ -49,3 +51,9 @@ async def cached_profile(
         return user_service_pb2.DeliveryProfile.FromString(raw)
     except DecodeError:
         return None
+
+
+def profile_tenant(profile: user_service_pb2.DeliveryProfile) -> str:
+    """The profile's tenant: a reader acting for another one must treat the user as
+    absent (a profile cached before tenants existed is the default tenant's)."""
+    return profile.tenant or DEFAULT_TENANT

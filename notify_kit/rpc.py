@@ -191,7 +191,11 @@ def clamp_timeout(remaining: float | None, ceiling: float) -> float:
 
 
 async def unary(
-    method: Callable[..., Awaitable[R]], request: Any, *, timeout: float | None = None
+    method: Callable[..., Awaitable[R]],
+    request: Any,
+    *,
+    timeout: float | None = None,
+    metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> R:
     """Call a stub method, turning ``AioRpcError`` into our ``ServiceError`` types.
 
@@ -199,6 +203,8 @@ async def unary(
     reason, and a dead upstream becomes ``Unavailable``.
     """
     try:
-        return await method(request, timeout=timeout)
+        if metadata is None:
+            return await method(request, timeout=timeout)
+        return await method(request, timeout=timeout, metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from exc

@@ -4,11 +4,16 @@ Errors are raised as ``notify_kit.errors`` types; the shared server interceptor 
 them into statuses and has already checked the caller against the access matrix.
 Every write that changes what a sender sees (user, preferences, devices) invalidates the
 cached delivery profile after it is committed.
+
+Every user belongs to a tenant, and every call acts for one (``notify_kit.tenancy``, the
+gateway passes its key's): a user, its devices or its notifications seen from another
+tenant answer NOT_FOUND, exactly as if they did not exist.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 import grpc
 from notify.v1 import user_service_pb2, user_service_pb2_grpc
@@ -16,6 +21,8 @@ from notify.v1 import user_service_pb2, user_service_pb2_grpc
 from notify_kit.context import get_correlation_id
 from notify_kit.errors import InvalidArgument, NotFound
 from notify_kit.paging import decode_page_token, encode_page_token
+from notify_kit.profiles import profile_tenant
+from notify_kit.tenancy import tenant_of
 from user_svc import validation
 from user_svc.cache import ProfileCache
 from user_svc.store import UserStore
@@ -32,11 +39,18 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self._store = store
         self._cache = cache
 
+    async def _in_tenant(
+        self, user_id: uuid.UUID, raw_id: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        """NOT_FOUND unless the user exists in the tenant the call acts for."""
+        if await self._store.user_tenant(user_id) != tenant_of(context):
+            raise _user_not_found(raw_id)
+
     async def CreateUser(  # noqa: N802 (gRPC method name)
         self, request: pb.CreateUserRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateUserResponse:
         """Create a user; the e-mail address is unique regardless of case."""
-        user = await self._store.create_user(validation.new_user(request.user))
+        user = await self._store.create_user(validation.new_user(request.user), tenant_of(context))
         return pb.CreateUserResponse(user=user)
 
     async def GetUser(  # noqa: N802
@@ -45,7 +59,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         """The user with preferences and devices, read from the database."""
         user_id = validation.parse_id(request.id, "id")
         user = await self._store.get_user(user_id)
-        if user is None:
+        if user is None or user.tenant != tenant_of(context):
             raise _user_not_found(request.id)
         return pb.GetUserResponse(user=user)
 
@@ -54,6 +68,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     ) -> pb.UpdatePreferencesResponse:
         """Replace the preferences (omitted means every channel enabled)."""
         user_id = validation.parse_id(request.user_id, "user_id")
+        await self._in_tenant(user_id, request.user_id, context)
         stored = await self._store.update_preferences(user_id, request.preferences)
         if stored is None:
             raise _user_not_found(request.user_id)
@@ -66,6 +81,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         """Register a device; a known token stays one device and follows its new user."""
         user_id = validation.parse_id(request.user_id, "user_id")
         device = validation.new_device(request.device)
+        await self._in_tenant(user_id, request.user_id, context)
         registration = await self._store.register_device(user_id, device)
         if registration.previous_user_id is not None:
             log.info(
@@ -85,9 +101,8 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         """Delete one of the user's devices."""
         user_id = validation.parse_id(request.user_id, "user_id")
         device_id = validation.parse_id(request.device_id, "device_id")
+        await self._in_tenant(user_id, request.user_id, context)
         if not await self._store.delete_device(user_id, device_id):
-            if not await self._store.user_exists(user_id):
-                raise _user_not_found(request.user_id)
             raise NotFound(
                 "DEVICE_NOT_FOUND",
                 "the user has no such device",
@@ -101,12 +116,14 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     ) -> pb.GetDeliveryProfileResponse:
         """The profile from Redis, or from the database (filling Redis) on a miss."""
         user_id = validation.parse_id(request.user_id, "user_id")
-        key = str(user_id)
+        key, tenant = str(user_id), tenant_of(context)
         cached = await self._cache.lookup(key)
         if cached.profile is not None:
+            if profile_tenant(cached.profile) != tenant:
+                raise _user_not_found(request.user_id)
             return pb.GetDeliveryProfileResponse(profile=cached.profile)
         profile = await self._store.delivery_profile(user_id)
-        if profile is None:
+        if profile is None or profile.tenant != tenant:
             raise _user_not_found(request.user_id)
         if cached.generation is not None:
             await self._cache.fill(key, profile, cached.generation)
@@ -162,13 +179,13 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         """One record with its deliveries and aggregate status."""
         notification_id = validation.parse_id(request.id, "id")
         stored = await self._store.get_notification(notification_id)
-        if stored is None:
+        if stored is None or stored[1] != tenant_of(context):
             raise NotFound(
                 "NOTIFICATION_NOT_FOUND",
                 "no such notification",
                 metadata={"notification_id": request.id},
             )
-        return pb.GetNotificationRecordResponse(notification=stored)
+        return pb.GetNotificationRecordResponse(notification=stored[0])
 
     async def ListNotificationRecords(  # noqa: N802
         self, request: pb.ListNotificationRecordsRequest, context: grpc.aio.ServicerContext
@@ -177,11 +194,8 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         user_id = validation.parse_id(request.user_id, "user_id")
         size = validation.page_size(request.page_size)
         after = decode_page_token(request.page_token) if request.page_token else None
+        await self._in_tenant(user_id, request.user_id, context)
         records, following = await self._store.list_notifications(user_id, size, after)
-        # An empty first page is the one place where "no such user" and "no records yet"
-        # look alike; only then is the extra lookup worth it.
-        if not records and after is None and not await self._store.user_exists(user_id):
-            raise _user_not_found(request.user_id)
         return pb.ListNotificationRecordsResponse(
             notifications=records,
             next_page_token=encode_page_token(following) if following is not None else "",

@@ -27,17 +27,19 @@ from notify_kit.status import ACCEPTED, QUEUED, TERMINAL, Status, aggregate_stat
 _ACQUIRE_TIMEOUT = 5.0
 
 INSERT_USER = """
-INSERT INTO users (email, display_name, locale, timezone, email_opt_out, push_opt_out)
-VALUES ($1, $2, $3, $4, $5, $6)
-RETURNING id, email, display_name, locale, timezone, email_opt_out, push_opt_out, created_at
+INSERT INTO users (email, display_name, locale, timezone, email_opt_out, push_opt_out, tenant)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING id, email, display_name, locale, timezone, email_opt_out, push_opt_out, created_at,
+    tenant
 """
 
 SELECT_USER = """
-SELECT id, email, display_name, locale, timezone, email_opt_out, push_opt_out, created_at
+SELECT id, email, display_name, locale, timezone, email_opt_out, push_opt_out, created_at,
+    tenant
 FROM users WHERE id = $1
 """
 
-USER_EXISTS = "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1)"
+USER_TENANT = "SELECT tenant FROM users WHERE id = $1"
 
 SELECT_DEVICES = """
 SELECT id, platform, token, token_type, created_at FROM devices WHERE user_id = $1
@@ -121,7 +123,9 @@ IN_FLIGHT = (
 )
 
 SELECT_NOTIFICATION = """
-SELECT id, user_id, template_id, correlation_id, created_at FROM notifications WHERE id = $1
+SELECT id, user_id, template_id, correlation_id, created_at,
+    (SELECT tenant FROM users WHERE users.id = notifications.user_id) AS tenant
+FROM notifications WHERE id = $1
 """
 
 LIST_NOTIFICATIONS = """
@@ -242,8 +246,9 @@ class UserStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def create_user(self, user: NewUser) -> user_service_pb2.User:
-        """Insert ``user``; AlreadyExists(EMAIL_TAKEN) when the address is registered."""
+    async def create_user(self, user: NewUser, tenant: str) -> user_service_pb2.User:
+        """Insert ``user`` into ``tenant``; AlreadyExists(EMAIL_TAKEN) when the address is
+        registered there."""
         async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
             try:
                 row = await conn.fetchrow(
@@ -254,6 +259,7 @@ class UserStore:
                     user.timezone,
                     user.email_opt_out,
                     user.push_opt_out,
+                    tenant,
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise AlreadyExists(
@@ -285,12 +291,14 @@ class UserStore:
             timezone=user.timezone,
             preferences=user.preferences,
             devices=user.devices,
+            tenant=user.tenant,
         )
 
-    async def user_exists(self, user_id: uuid.UUID) -> bool:
-        """Whether the user exists (to tell a missing user from a missing child)."""
+    async def user_tenant(self, user_id: uuid.UUID) -> str | None:
+        """The user's tenant, or None when there is no such user."""
         async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
-            return bool(await conn.fetchval(USER_EXISTS, user_id))
+            tenant: str | None = await conn.fetchval(USER_TENANT, user_id)
+        return tenant
 
     async def update_preferences(
         self, user_id: uuid.UUID, preferences: user_service_pb2.Preferences
@@ -413,14 +421,16 @@ class UserStore:
             for r in rows
         ]
 
-    async def get_notification(self, notification_id: uuid.UUID) -> common_pb2.Notification | None:
-        """The record with its deliveries, or None."""
+    async def get_notification(
+        self, notification_id: uuid.UUID
+    ) -> tuple[common_pb2.Notification, str] | None:
+        """The record with its deliveries and its user's tenant, or None."""
         async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
             row = await conn.fetchrow(SELECT_NOTIFICATION, notification_id)
             if row is None:
                 return None
             found = await _notifications(conn, [row])
-        return found[0]
+        return found[0], row["tenant"]
 
     async def list_notifications(
         self, user_id: uuid.UUID, page_size: int, after: Cursor | None
@@ -507,6 +517,7 @@ def _user(row: Any, devices: Sequence[Any]) -> user_service_pb2.User:
         ),
         devices=[_device(d) for d in devices],
         create_time=_timestamp(row["created_at"]),
+        tenant=row["tenant"],
     )
 
 

@@ -30,7 +30,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from notify.v1 import access_pb2 as notify_dot_v1_dot_access__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnotify/v1/admin_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/access.proto\"\x94\x03\n\x06\x41piKey\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x06scopes\x18\x03 \x03(\x0e\x32\x10.notify.v1.Scope\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0elast_used_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x45\n\x1bprevious_secret_expire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12(\n\nrate_limit\x18\t \x01(\x0b\x32\x14.notify.v1.RateLimit\"]\n\tRateLimit\x12\x34\n\x13requests_per_second\x18\x01 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00j\xf8@!\x00\x00\x00\x00\x00\x00\x00\x00\x12\x1a\n\x05\x62urst\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xc0\x84=(\x01\"\xdf\x01\n\x13\x43reateApiKeyRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18\x64\x32\x13^[^\\x00-\\x1f\\x7f]*$\x12\x35\n\x06scopes\x18\x02 \x03(\x0e\x32\x10.notify.v1.ScopeB\x13\xbaH\x10\x92\x01\r\x08\x01\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12\x39\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\xbaH\x05\xb2\x01\x02@\x01\x12(\n\nrate_limit\x18\x04 \x01(\x0b\x32\x14.notify.v1.RateLimit\"J\n\x14\x43reateApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"]\n\x12ListApiKeysRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_revoked\x18\x03 \x01(\x08\"S\n\x13ListApiKeysResponse\x12#\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x11.notify.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x10GetApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"7\n\x11GetApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\"l\n\x13RotateApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12?\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\xbaH\x0b\xaa\x01\x08\"\x04\x08\x80\xf5$2\x00\"J\n\x14RotateApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"+\n\x13RevokeApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\":\n\x14RevokeApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey2\xd2\x04\n\x0c\x41\x64minService\x12n\n\x0c\x43reateApiKey\x12\x1e.notify.v1.CreateApiKeyRequest\x1a\x1f.notify.v1.CreateApiKeyResponse\"\x1d\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/api-keys:\x01*\x12h\n\x0bListApiKeys\x12\x1d.notify.v1.ListApiKeysRequest\x1a\x1e.notify.v1.ListApiKeysResponse\"\x1a\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/api-keys\x12g\n\tGetApiKey\x12\x1b.notify.v1.GetApiKeyRequest\x1a\x1c.notify.v1.GetApiKeyResponse\"\x1f\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/api-keys/{id}\x12z\n\x0cRotateApiKey\x12\x1e.notify.v1.RotateApiKeyRequest\x1a\x1f.notify.v1.RotateApiKeyResponse\")\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/api-keys/{id}:rotate:\x01*\x12z\n\x0cRevokeApiKey\x12\x1e.notify.v1.RevokeApiKeyRequest\x1a\x1f.notify.v1.RevokeApiKeyResponse\")\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/api-keys/{id}:revoke:\x01*\x1a\x07\xe2\xf3\x18\x03\n\x01\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnotify/v1/admin_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/access.proto\"\xa4\x03\n\x06\x41piKey\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x06scopes\x18\x03 \x03(\x0e\x32\x10.notify.v1.Scope\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0elast_used_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x45\n\x1bprevious_secret_expire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12(\n\nrate_limit\x18\t \x01(\x0b\x32\x14.notify.v1.RateLimit\x12\x0e\n\x06tenant\x18\n \x01(\t\"]\n\tRateLimit\x12\x34\n\x13requests_per_second\x18\x01 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00j\xf8@!\x00\x00\x00\x00\x00\x00\x00\x00\x12\x1a\n\x05\x62urst\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xc0\x84=(\x01\"\x8e\x02\n\x13\x43reateApiKeyRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18\x64\x32\x13^[^\\x00-\\x1f\\x7f]*$\x12\x35\n\x06scopes\x18\x02 \x03(\x0e\x32\x10.notify.v1.ScopeB\x13\xbaH\x10\x92\x01\r\x08\x01\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12\x39\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\xbaH\x05\xb2\x01\x02@\x01\x12(\n\nrate_limit\x18\x04 \x01(\x0b\x32\x14.notify.v1.RateLimit\x12-\n\x06tenant\x18\x05 \x01(\tB\x1d\xbaH\x1ar\x18\x18?2\x14^([a-z][a-z0-9-]*)?$\"J\n\x14\x43reateApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"]\n\x12ListApiKeysRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_revoked\x18\x03 \x01(\x08\"S\n\x13ListApiKeysResponse\x12#\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x11.notify.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x10GetApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"7\n\x11GetApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\"l\n\x13RotateApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12?\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\xbaH\x0b\xaa\x01\x08\"\x04\x08\x80\xf5$2\x00\"J\n\x14RotateApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"+\n\x13RevokeApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\":\n\x14RevokeApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey2\xd2\x04\n\x0c\x41\x64minService\x12n\n\x0c\x43reateApiKey\x12\x1e.notify.v1.CreateApiKeyRequest\x1a\x1f.notify.v1.CreateApiKeyResponse\"\x1d\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/api-keys:\x01*\x12h\n\x0bListApiKeys\x12\x1d.notify.v1.ListApiKeysRequest\x1a\x1e.notify.v1.ListApiKeysResponse\"\x1a\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/api-keys\x12g\n\tGetApiKey\x12\x1b.notify.v1.GetApiKeyRequest\x1a\x1c.notify.v1.GetApiKeyResponse\"\x1f\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/api-keys/{id}\x12z\n\x0cRotateApiKey\x12\x1e.notify.v1.RotateApiKeyRequest\x1a\x1f.notify.v1.RotateApiKeyResponse\")\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/api-keys/{id}:rotate:\x01*\x12z\n\x0cRevokeApiKey\x12\x1e.notify.v1.RevokeApiKeyRequest\x1a\x1f.notify.v1.RevokeApiKeyResponse\")\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/api-keys/{id}:revoke:\x01*\x1a\x07\xe2\xf3\x18\x03\n\x01\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,6 +57,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['scopes']._serialized_options = b'\272H\020\222\001\r\010\001\030\001\"\007\202\001\004\020\001 \000'
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['expire_time']._loaded_options = None
   _globals['_CREATEAPIKEYREQUEST'].fields_by_name['expire_time']._serialized_options = b'\272H\005\262\001\002@\001'
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['tenant']._loaded_options = None
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['tenant']._serialized_options = b'\272H\032r\030\030?2\024^([a-z][a-z0-9-]*)?$'
   _globals['_LISTAPIKEYSREQUEST'].fields_by_name['page_size']._loaded_options = None
   _globals['_LISTAPIKEYSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\007\032\005\030\364\003(\000'
   _globals['_GETAPIKEYREQUEST'].fields_by_name['id']._loaded_options = None
@@ -80,29 +82,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\332\363\030\002\010\007\202\323\344\223\002\035\"\030/v1/api-keys/{id}:revoke:\001*'
   _globals['_APIKEY']._serialized_start=226
-  _globals['_APIKEY']._serialized_end=630
-  _globals['_RATELIMIT']._serialized_start=632
-  _globals['_RATELIMIT']._serialized_end=725
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=728
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=951
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=953
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1027
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1029
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1122
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1124
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1207
-  _globals['_GETAPIKEYREQUEST']._serialized_start=1209
-  _globals['_GETAPIKEYREQUEST']._serialized_end=1249
-  _globals['_GETAPIKEYRESPONSE']._serialized_start=1251
-  _globals['_GETAPIKEYRESPONSE']._serialized_end=1306
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=1308
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=1416
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=1418
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=1492
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1494
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1537
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1539
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1597
-  _globals['_ADMINSERVICE']._serialized_start=1600
-  _globals['_ADMINSERVICE']._serialized_end=2194
+  _globals['_APIKEY']._serialized_end=646
+  _globals['_RATELIMIT']._serialized_start=648
+  _globals['_RATELIMIT']._serialized_end=741
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=744
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1014
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1016
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1090
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1092
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1185
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1187
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1270
+  _globals['_GETAPIKEYREQUEST']._serialized_start=1272
+  _globals['_GETAPIKEYREQUEST']._serialized_end=1312
+  _globals['_GETAPIKEYRESPONSE']._serialized_start=1314
+  _globals['_GETAPIKEYRESPONSE']._serialized_end=1369
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=1371
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=1479
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=1481
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=1555
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1557
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1600
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1602
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1660
+  _globals['_ADMINSERVICE']._serialized_start=1663
+  _globals['_ADMINSERVICE']._serialized_end=2257
 # @@protoc_insertion_point(module_scope)

@@ -36,10 +36,15 @@ class ApiKey(_message.Message):
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     PREVIOUS_SECRET_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id."""
     name: _builtins.str
     """A name for people (who or what uses the key)."""
+    tenant: _builtins.str
+    """The tenant (project) the key acts for: it sees that tenant's users and their
+    notifications only, and another tenant's ids answer NOT_FOUND.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_access_pb2.Scope.ValueType]:
         """What the key may do."""
@@ -82,10 +87,11 @@ class ApiKey(_message.Message):
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         previous_secret_expire_time: _timestamp_pb2.Timestamp | None = ...,
         rate_limit: Global___RateLimit | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "previous_secret_expire_time", b"previous_secret_expire_time", "rate_limit", b"rate_limit", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "name", b"name", "previous_secret_expire_time", b"previous_secret_expire_time", "rate_limit", b"rate_limit", "revoke_time", b"revoke_time", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "name", b"name", "previous_secret_expire_time", b"previous_secret_expire_time", "rate_limit", b"rate_limit", "revoke_time", b"revoke_time", "scopes", b"scopes", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -130,8 +136,13 @@ class CreateApiKeyRequest(_message.Message):
     SCOPES_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people; required."""
+    tenant: _builtins.str
+    """The tenant the key acts for; empty: the caller's own. Only an admin key of the
+    default tenant (the operators') may name another, which starts that tenant.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_access_pb2.Scope.ValueType]:
         """What the key may do; at least one scope."""
@@ -151,10 +162,11 @@ class CreateApiKeyRequest(_message.Message):
         scopes: _abc.Iterable[_access_pb2.Scope.ValueType] | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         rate_limit: Global___RateLimit | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "rate_limit", b"rate_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "name", b"name", "rate_limit", b"rate_limit", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "name", b"name", "rate_limit", b"rate_limit", "scopes", b"scopes", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -92,6 +92,7 @@ class User(_message.Message):
     PREFERENCES_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (UUID). Output only."""
     email: _builtins.str
@@ -102,6 +103,10 @@ class User(_message.Message):
     """Preferred language as a BCP 47 tag, e.g. "en" or "fr-CA"; defaults to "en"."""
     timezone: _builtins.str
     """IANA time zone, e.g. "Europe/Paris"; defaults to "UTC"."""
+    tenant: _builtins.str
+    """The tenant (project) the user belongs to: the one of the API key that created it.
+    Output only.
+    """
     @_builtins.property
     def preferences(self) -> Global___Preferences:
         """Channel preferences; all channels enabled when omitted."""
@@ -125,10 +130,11 @@ class User(_message.Message):
         preferences: Global___Preferences | None = ...,
         devices: _abc.Iterable[Global___Device] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "preferences", b"preferences"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "devices", b"devices", "display_name", b"display_name", "email", b"email", "id", b"id", "locale", b"locale", "preferences", b"preferences", "timezone", b"timezone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "devices", b"devices", "display_name", b"display_name", "email", b"email", "id", b"id", "locale", b"locale", "preferences", b"preferences", "tenant", b"tenant", "timezone", b"timezone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -213,6 +219,7 @@ class DeliveryProfile(_message.Message):
     TIMEZONE_FIELD_NUMBER: _builtins.int
     PREFERENCES_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user."""
     email: _builtins.str
@@ -223,6 +230,8 @@ class DeliveryProfile(_message.Message):
     """BCP 47 language tag."""
     timezone: _builtins.str
     """IANA time zone."""
+    tenant: _builtins.str
+    """The user's tenant: a sender acting for another tenant must treat the user as absent."""
     @_builtins.property
     def preferences(self) -> Global___Preferences:
         """Channel preferences."""
@@ -241,10 +250,11 @@ class DeliveryProfile(_message.Message):
         timezone: _builtins.str = ...,
         preferences: Global___Preferences | None = ...,
         devices: _abc.Iterable[Global___Device] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preferences", b"preferences"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "display_name", b"display_name", "email", b"email", "locale", b"locale", "preferences", b"preferences", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "display_name", b"display_name", "email", b"email", "locale", b"locale", "preferences", b"preferences", "tenant", b"tenant", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,115 @@
+"""Tenants through Envoy: a key acts for one tenant, and another tenant's users, devices,
+notifications and keys answer 404 exactly as if they did not exist."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from tests.e2e_support import E2E
+
+
+def _reason(body: Any) -> str:
+    for detail in body.get("details", []) if isinstance(body, dict) else []:
+        if detail.get("@type", "").endswith("google.rpc.ErrorInfo"):
+            return str(detail["reason"])
+    return ""
+
+
+async def _tenant_admin(e2e: E2E, tenant: str) -> str:
+    """An admin key of ``tenant``, made by the default tenant's admin (the bootstrap key)."""
+    status, got = await e2e.api(
+        "POST", "/v1/api-keys", {"name": "admin", "scopes": ["SCOPE_ADMIN"], "tenant": tenant}
+    )
+    assert status == 200 and got["apiKey"]["tenant"] == tenant, got
+    secret: str = got["secret"]
+    return secret
+
+
+async def _user(e2e: E2E, key: str, email: str) -> str:
+    status, got = await e2e.api("POST", "/v1/users", {"email": email}, api_key=key)
+    assert status == 200, got
+    user_id: str = got["user"]["id"]
+    return user_id
+
+
+async def test_a_key_sees_only_its_tenants_users_and_notifications(e2e: E2E) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    acme, globex = f"acme-{suffix}", f"globex-{suffix}"
+    acme_key, globex_key = await _tenant_admin(e2e, acme), await _tenant_admin(e2e, globex)
+    email = f"same-{suffix}@example.com"
+    ann = await _user(e2e, acme_key, email)
+    bob = await _user(e2e, globex_key, email)  # one address, two tenants: two users
+    status, got = await e2e.api("GET", f"/v1/users/{ann}", api_key=acme_key)
+    assert status == 200 and got["user"]["tenant"] == acme, got
+    status, sent = await e2e.api(
+        "POST",
+        "/v1/notifications",
+        {"userId": ann, "templateId": "welcome", "channels": ["CHANNEL_EMAIL"]},
+        api_key=acme_key,
+    )
+    assert status == 200, sent
+    nid = sent["notification"]["id"]
+
+    for method, path, body, reason in (
+        ("GET", f"/v1/users/{ann}", None, "USER_NOT_FOUND"),
+        ("GET", f"/v1/notifications/{nid}", None, "NOTIFICATION_NOT_FOUND"),
+        ("GET", f"/v1/users/{ann}/notifications", None, "USER_NOT_FOUND"),
+        (
+            "POST",
+            "/v1/notifications",
+            {"userId": ann, "templateId": "welcome", "channels": ["CHANNEL_EMAIL"]},
+            "USER_NOT_FOUND",
+        ),
+        ("PUT", f"/v1/users/{ann}/preferences", {"emailOptOut": True}, "USER_NOT_FOUND"),
+        (
+            "POST",
+            f"/v1/users/{ann}/devices",
+            {"platform": "DEVICE_PLATFORM_ANDROID", "token": f"t-{suffix}"},
+            "USER_NOT_FOUND",
+        ),
+    ):
+        for key in (globex_key, None):  # another tenant, and the default one
+            kw = {"api_key": key} if key else {}
+            status, got = await e2e.api(method, path, body, **kw)
+            assert status == 404 and _reason(got) == reason, (method, path, key, got)
+    # Ann is untouched, and Bob's tenant still works on Bob.
+    status, got = await e2e.api("GET", f"/v1/users/{ann}", api_key=acme_key)
+    assert status == 200 and got["user"]["devices"] == [], got
+    assert got["user"]["preferences"].get("emailOptOut", False) is False
+    status, got = await e2e.api("GET", f"/v1/users/{bob}", api_key=globex_key)
+    assert status == 200, got
+
+
+async def test_keys_belong_to_their_tenant(e2e: E2E) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    acme, globex = f"acme-{suffix}", f"globex-{suffix}"
+    acme_key, globex_key = await _tenant_admin(e2e, acme), await _tenant_admin(e2e, globex)
+    status, made = await e2e.api(
+        "POST", "/v1/api-keys", {"name": "app", "scopes": ["SCOPE_NOTIFICATIONS_SEND"]},
+        api_key=acme_key,
+    )  # fmt: skip
+    assert status == 200 and made["apiKey"]["tenant"] == acme, made
+    key_id = made["apiKey"]["id"]
+    status, page = await e2e.api("GET", "/v1/api-keys?pageSize=500", api_key=acme_key)
+    assert status == 200 and {k["tenant"] for k in page["apiKeys"]} == {acme}, page
+    for method, path in (
+        ("GET", f"/v1/api-keys/{key_id}"),
+        ("POST", f"/v1/api-keys/{key_id}:rotate"),
+        ("POST", f"/v1/api-keys/{key_id}:revoke"),
+    ):
+        status, got = await e2e.api(method, path, {} if method == "POST" else None,
+                                    api_key=globex_key)  # fmt: skip
+        assert status == 404 and _reason(got) == "API_KEY_NOT_FOUND", (path, got)
+    # A tenant's admin makes keys for its own tenant only; dead letters are the operators'.
+    status, got = await e2e.api(
+        "POST", "/v1/api-keys",
+        {"name": "x", "scopes": ["SCOPE_ADMIN"], "tenant": globex}, api_key=acme_key,
+    )  # fmt: skip
+    assert status == 403 and _reason(got) == "TENANT_NOT_YOURS", got
+    status, got = await e2e.api("GET", "/v1/dead-letters", api_key=acme_key)
+    assert status == 403 and _reason(got) == "OPERATORS_ONLY", got
+    status, got = await e2e.api(
+        "POST", "/v1/api-keys", {"name": "x", "scopes": ["SCOPE_ADMIN"], "tenant": "Not Valid"}
+    )
+    assert status == 400, got
