@@ -168,6 +168,20 @@ async def record(stub: Stub, note: common_pb2.Notification) -> common_pb2.Notifi
     return response.notification
 
 
+def delivered_report(notification_id: str) -> pb.UpdateDeliveryStatusesRequest:
+    """A worker's batch of one report: the e-mail of ``notification_id`` was delivered."""
+    return pb.UpdateDeliveryStatusesRequest(
+        reports=[
+            pb.UpdateDeliveryStatusRequest(
+                notification_id=notification_id,
+                channel=S.CHANNEL_EMAIL,
+                status=S.NOTIFICATION_STATUS_DELIVERED,
+                attempt=1,
+            )
+        ]
+    )
+
+
 async def report(
     stub: Stub,
     notification_id: str,
@@ -923,19 +937,7 @@ async def test_worker_may_report_status_but_not_manage_users(
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED
             assert reason(err) == "ACCESS_DENIED"
 
-        response = await worker.UpdateDeliveryStatuses(
-            pb.UpdateDeliveryStatusesRequest(
-                reports=[
-                    pb.UpdateDeliveryStatusRequest(
-                        notification_id=note.id,
-                        channel=S.CHANNEL_EMAIL,
-                        status=S.NOTIFICATION_STATUS_DELIVERED,
-                        attempt=1,
-                    )
-                ]
-            ),
-            timeout=TIMEOUT,
-        )
+        response = await worker.UpdateDeliveryStatuses(delivered_report(note.id), timeout=TIMEOUT)
         assert response.results[0].delivery.status == S.NOTIFICATION_STATUS_DELIVERED
 
 
@@ -998,16 +1000,7 @@ async def test_a_worker_certificate_without_its_service_key_is_refused_with_no_e
     user = await create_user(gateway)
     note = await record(gateway, notification(user.id))
     worker, other = tls_for("email_worker"), tls_for("push_worker")
-    report = pb.UpdateDeliveryStatusesRequest(
-        reports=[
-            pb.UpdateDeliveryStatusRequest(
-                notification_id=note.id,
-                channel=S.CHANNEL_EMAIL,
-                status=S.NOTIFICATION_STATUS_DELIVERED,
-                attempt=1,
-            )
-        ]
-    )
+    report = delivered_report(note.id)
     async with grpc.aio.secure_channel(
         f"127.0.0.1:{user_app.port}", channel_credentials(worker)
     ) as channel:
