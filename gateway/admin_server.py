@@ -15,7 +15,6 @@ from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from notify.v1 import access_pb2, admin_service_pb2, admin_service_pb2_grpc
 
 from gateway.auth import current_api_key
@@ -25,18 +24,11 @@ from notify_kit import acl
 from notify_kit.errors import FailedPrecondition, NotFound, PermissionDenied
 from notify_kit.paging import Cursor, decode_page_token, encode_page_token
 from notify_kit.tenancy import DEFAULT_TENANT
+from notify_kit.timestamps import to_timestamp
 
 pb = admin_service_pb2
 DEFAULT_PAGE = 50
 DEFAULT_GRACE = timedelta(hours=24)
-
-
-def _timestamp(value: Any) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def to_message(row: Mapping[str, Any]) -> admin_service_pb2.ApiKey:
@@ -46,11 +38,11 @@ def to_message(row: Mapping[str, Any]) -> admin_service_pb2.ApiKey:
         id=str(row["id"]),
         name=row["name"],
         scopes=[numbers[s] for s in row["scopes"] if s in numbers],
-        create_time=_timestamp(row["created_at"]),
-        expire_time=_timestamp(row["expires_at"]),
-        last_used_time=_timestamp(row["last_used_at"]),
-        revoke_time=_timestamp(row["revoked_at"]),
-        previous_secret_expire_time=_timestamp(row["previous_expires_at"]),
+        create_time=to_timestamp(row["created_at"]),
+        expire_time=to_timestamp(row["expires_at"]),
+        last_used_time=to_timestamp(row["last_used_at"]),
+        revoke_time=to_timestamp(row["revoked_at"]),
+        previous_secret_expire_time=to_timestamp(row["previous_expires_at"]),
         tenant=row["tenant"],
         rate_limit=(
             pb.RateLimit(requests_per_second=row["rate_per_second"], burst=row["rate_burst"])

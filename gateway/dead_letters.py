@@ -15,11 +15,11 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from google.protobuf import timestamp_pb2
 from notify.v1 import common_pb2, dead_letter_service_pb2
 
 from gateway.server import CHANNEL_KINDS
 from notify_kit.paging import Cursor
+from notify_kit.timestamps import to_timestamp
 
 PARKED = dead_letter_service_pb2.DEAD_LETTER_STATE_PARKED
 REPLAYED = dead_letter_service_pb2.DEAD_LETTER_STATE_REPLAYED
@@ -117,14 +117,6 @@ class Replayable:
     body: bytes
 
 
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 _STATUS_PREFIX = "NOTIFICATION_STATUS_"
 
 
@@ -136,7 +128,7 @@ def _attempt(row: dict[str, Any]) -> dead_letter_service_pb2.DeliveryAttempt:
         status=status,
         provider=str(row.get("provider", "")),
         detail=str(row.get("detail", "")),
-        time=_ts(datetime.fromisoformat(str(row["time"]))) if row.get("time") else None,
+        time=to_timestamp(datetime.fromisoformat(str(row["time"]))) if row.get("time") else None,
     )
 
 
@@ -149,10 +141,10 @@ def to_message(row: Any, *, with_history: bool = False) -> dead_letter_service_p
         reason=row["reason"],
         attempts=row["attempts"],
         correlation_id=row["correlation_id"],
-        create_time=_ts(row["created_at"]),
+        create_time=to_timestamp(row["created_at"]),
         state=row["state"],
         replay_count=row["replay_count"],
-        replay_time=_ts(row["replayed_at"]),
+        replay_time=to_timestamp(row["replayed_at"]),
     )
     if with_history:
         history = row["history"]

@@ -17,12 +17,12 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from google.protobuf import timestamp_pb2
 from notify.v1 import common_pb2, user_service_pb2
 
 from notify_kit.errors import AlreadyExists, NotFound
 from notify_kit.paging import Cursor
 from notify_kit.status import ACCEPTED, QUEUED, TERMINAL, Status, aggregate_status
+from notify_kit.timestamps import to_timestamp
 
 _ACQUIRE_TIMEOUT = 5.0
 
@@ -415,7 +415,7 @@ class UserStore:
                 status=common_pb2.NotificationStatus.ValueType(r["status"]),
                 replay=r["replay"],
                 job=r["job"] or b"",
-                expire_time=_timestamp(r["expire_at"]) if r["expire_at"] else None,
+                expire_time=to_timestamp(r["expire_at"]),
                 reconciled=r["reconciled"],
             )
             for r in rows
@@ -499,12 +499,6 @@ async def _notifications(
     return [_notification(row, deliveries[row["id"]]) for row in rows]
 
 
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def _user(row: Any, devices: Sequence[Any]) -> user_service_pb2.User:
     return user_service_pb2.User(
         id=str(row["id"]),
@@ -516,7 +510,7 @@ def _user(row: Any, devices: Sequence[Any]) -> user_service_pb2.User:
             email_opt_out=row["email_opt_out"], push_opt_out=row["push_opt_out"]
         ),
         devices=[_device(d) for d in devices],
-        create_time=_timestamp(row["created_at"]),
+        create_time=to_timestamp(row["created_at"]),
         tenant=row["tenant"],
     )
 
@@ -527,7 +521,7 @@ def _device(row: Any) -> user_service_pb2.Device:
         platform=user_service_pb2.DevicePlatform.ValueType(row["platform"]),
         token=row["token"],
         token_type=user_service_pb2.DeviceTokenType.ValueType(row["token_type"]),
-        create_time=_timestamp(row["created_at"]),
+        create_time=to_timestamp(row["created_at"]),
     )
 
 
@@ -537,7 +531,7 @@ def _delivery(row: Any) -> common_pb2.Delivery:
         status=Status(row["status"]),
         detail=row["detail"],
         attempts=row["attempts"],
-        update_time=_timestamp(row["updated_at"]),
+        update_time=to_timestamp(row["updated_at"]),
     )
 
 
@@ -548,6 +542,6 @@ def _notification(row: Any, deliveries: list[common_pb2.Delivery]) -> common_pb2
         template_id=row["template_id"],
         status=aggregate_status(d.status for d in deliveries),
         deliveries=deliveries,
-        create_time=_timestamp(row["created_at"]),
+        create_time=to_timestamp(row["created_at"]),
         correlation_id=row["correlation_id"],
     )
