@@ -10,8 +10,9 @@ end of grace or an expiry is refused by every gateway within it, for one databas
 per key per gateway every 2 s. A cached key is also dropped the moment its secret's
 validity ends. The key's last-used time is written at most once a minute, off the call.
 
-Then the key's rate limit (its own, else the gateway's default) is one Redis script call
-(``gateway.limits``). Failed lookups are limited per client address (the address Envoy
+Then the key's rate limit (its own, else the gateway's default) spends a token leased
+from Redis a chunk at a time (``gateway.limits.LeasedBuckets``: a Redis round trip per
+chunk, not per call). Failed lookups are limited per client address (the address Envoy
 wrote in ``x-forwarded-for``, else the gRPC peer), checked before the database is asked,
 so guessing costs the guesser a 429 rather than us a query.
 """

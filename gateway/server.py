@@ -282,23 +282,19 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
     ) -> None:
         """Count this notification against the user's limit on each queued channel, or
         refuse it (RESOURCE_EXHAUSTED) if one is full; suppressed channels count nothing."""
-        if self._limiter is None or not self._recipient_limits:
+        if self._limiter is None:
             return
-        windows = {
-            recipient_log(user_id, kind): self._recipient_limits[kind]
-            for kind in (
-                CHANNEL_KINDS[d.channel].key
-                for d in deliveries
-                if d.status == S.NOTIFICATION_STATUS_QUEUED
-            )
-            if kind in self._recipient_limits
+        queued = {
+            CHANNEL_KINDS[d.channel].key
+            for d in deliveries
+            if d.status == S.NOTIFICATION_STATUS_QUEUED
         }
+        limited = {kind: w for kind, w in self._recipient_limits.items() if kind in queued}
+        windows = {recipient_log(user_id, kind): w for kind, w in limited.items()}
         wait = await self._limiter.admit(notification_id, windows)
         if wait:
             limits = ", ".join(
-                f"{w.limit} {kind} per {w.seconds:g}s"
-                for kind, w in self._recipient_limits.items()
-                if recipient_log(user_id, kind) in windows
+                f"{w.limit} {kind} per {w.seconds:g}s" for kind, w in limited.items()
             )
             raise ResourceExhausted(
                 "RECIPIENT_RATE_LIMITED",

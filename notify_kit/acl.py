@@ -95,9 +95,11 @@ def _services() -> Iterator[ServiceDescriptor]:
 
 
 def _declaration(
-    service: ServiceDescriptor, method: MethodDescriptor, scopes: Mapping[int, str]
+    service: ServiceDescriptor,
+    method: MethodDescriptor,
+    scopes: Mapping[int, str],
+    identities: Mapping[int, str],
 ) -> MethodAccess:
-    identities = _option_names(access_pb2.Identity.DESCRIPTOR, access_pb2.common_name)
     path = f"/{service.full_name}/{method.name}"
     servers = frozenset(
         identities[s] for s in service.GetOptions().Extensions[access_pb2.served_by].servers
@@ -116,10 +118,11 @@ def _declaration(
 def declarations() -> Mapping[str, MethodAccess]:
     """Every RPC of ours by its path, as the contracts declare it (read once)."""
     scopes = scope_names()
+    identities = _option_names(access_pb2.Identity.DESCRIPTOR, access_pb2.common_name)
     return {
         access.path: access
         for service in _services()
-        for access in (_declaration(service, m, scopes) for m in service.methods)
+        for access in (_declaration(service, m, scopes, identities) for m in service.methods)
     }
 
 

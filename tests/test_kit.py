@@ -417,18 +417,23 @@ def test_an_rpc_without_its_access_declaration_is_refused_not_opened() -> None:
         pool.Add(proto)
         return pool.FindServiceByName("t.S")
 
+    identities: dict[int, str] = {
+        access_pb2.IDENTITY_GATEWAY: "gateway",
+        access_pb2.IDENTITY_PUSH_WORKER: "push_worker",
+        access_pb2.IDENTITY_USER_SVC: "user_svc",
+    }
     undeclared = service_with(descriptor_pb2.MethodOptions())
     with pytest.raises(ValueError, match=r"/t\.S/Call: declare exactly one of scope and callers"):
-        acl._declaration(undeclared, undeclared.methods[0], acl.scope_names())
+        acl._declaration(undeclared, undeclared.methods[0], acl.scope_names(), identities)
     both = descriptor_pb2.MethodOptions()
     both.Extensions[access_pb2.access].scope = access_pb2.SCOPE_ADMIN
     both.Extensions[access_pb2.access].callers.append(access_pb2.IDENTITY_GATEWAY)
     service = service_with(both)
     with pytest.raises(ValueError, match="declare exactly one"):
-        acl._declaration(service, service.methods[0], acl.scope_names())
+        acl._declaration(service, service.methods[0], acl.scope_names(), identities)
     internal = descriptor_pb2.MethodOptions()
     internal.Extensions[access_pb2.access].callers.append(access_pb2.IDENTITY_PUSH_WORKER)
     service = service_with(internal)
-    declared = acl._declaration(service, service.methods[0], acl.scope_names())
+    declared = acl._declaration(service, service.methods[0], acl.scope_names(), identities)
     assert declared.allowed_on("user_svc") == {"push_worker"}
     assert declared.allowed_on("gateway") == set()  # not served there: nobody
