@@ -95,7 +95,7 @@ class Config:
             record_batch_max=record_batch_max,
             auth_cache_ttl=env_float("NOTIFY_AUTH_CACHE_TTL", 2.0, env),
             key_rate=_rate("NOTIFY_KEY", Rate(1000.0, 2000), env),
-            auth_failure_rate=_rate("NOTIFY_AUTH_FAILURE", Rate(1.0, 20), env) or Rate(1.0, 20),
+            auth_failure_rate=_failure_rate(env),
             recipient_limits=_recipient_limits(env_optional("NOTIFY_RECIPIENT_LIMITS", env)),
         )
 
@@ -107,6 +107,15 @@ def _rate(prefix: str, default: Rate, env: Mapping[str, str] | None) -> Rate | N
     if per_second < 0 or burst < 1:
         raise SettingsError(f"{prefix}_RATE must be >= 0 and {prefix}_BURST >= 1")
     return Rate(per_second, burst) if per_second > 0 else None
+
+
+def _failure_rate(env: Mapping[str, str] | None) -> Rate:
+    """Failed key lookups per client address: always limited (a rate of 0 is refused,
+    not read as "no limit": that would let guessing hammer the database)."""
+    rate = _rate("NOTIFY_AUTH_FAILURE", DEFAULT_AUTH_FAILURE_RATE, env)
+    if rate is None:
+        raise SettingsError("NOTIFY_AUTH_FAILURE_RATE must be more than 0")
+    return rate
 
 
 def _recipient_limits(spec: str) -> dict[str, Window]:
