@@ -194,8 +194,12 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         user_id = validation.parse_id(request.user_id, "user_id")
         size = validation.page_size(request.page_size)
         after = decode_page_token(request.page_token) if request.page_token else None
-        await self._in_tenant(user_id, request.user_id, context)
-        records, following = await self._store.list_notifications(user_id, size, after)
+        tenant = tenant_of(context)
+        records, following = await self._store.list_notifications(user_id, tenant, size, after)
+        # An empty first page is the one place where "no such user" (here: none in this
+        # tenant) and "no records yet" look alike; only then is the extra lookup worth it.
+        if not records and after is None and await self._store.user_tenant(user_id) != tenant:
+            raise _user_not_found(request.user_id)
         return pb.ListNotificationRecordsResponse(
             notifications=records,
             next_page_token=encode_page_token(following) if following is not None else "",

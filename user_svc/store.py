@@ -130,14 +130,15 @@ FROM notifications WHERE id = $1
 
 LIST_NOTIFICATIONS = """
 SELECT id, user_id, template_id, correlation_id, created_at FROM notifications
-WHERE user_id = $1
+WHERE user_id = $1 AND EXISTS (SELECT 1 FROM users WHERE id = $1 AND tenant = $3)
 ORDER BY created_at DESC, id DESC
 LIMIT $2
 """
 
 LIST_NOTIFICATIONS_AFTER = """
 SELECT id, user_id, template_id, correlation_id, created_at FROM notifications
-WHERE user_id = $1 AND (created_at, id) < ($3, $4)
+WHERE user_id = $1 AND (created_at, id) < ($4, $5)
+  AND EXISTS (SELECT 1 FROM users WHERE id = $1 AND tenant = $3)
 ORDER BY created_at DESC, id DESC
 LIMIT $2
 """
@@ -433,16 +434,22 @@ class UserStore:
         return found[0], row["tenant"]
 
     async def list_notifications(
-        self, user_id: uuid.UUID, page_size: int, after: Cursor | None
+        self, user_id: uuid.UUID, tenant: str, page_size: int, after: Cursor | None
     ) -> tuple[list[common_pb2.Notification], Cursor | None]:
-        """One page newest first, and the cursor of the next page (None on the last)."""
+        """One page newest first, and the cursor of the next page (None on the last); a
+        user of another tenant has none."""
         async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
             # One extra row says whether another page exists without a COUNT.
             if after is None:
-                rows = await conn.fetch(LIST_NOTIFICATIONS, user_id, page_size + 1)
+                rows = await conn.fetch(LIST_NOTIFICATIONS, user_id, page_size + 1, tenant)
             else:
                 rows = await conn.fetch(
-                    LIST_NOTIFICATIONS_AFTER, user_id, page_size + 1, after.created_at, after.id
+                    LIST_NOTIFICATIONS_AFTER,
+                    user_id,
+                    page_size + 1,
+                    tenant,
+                    after.created_at,
+                    after.id,
                 )
             page = rows[:page_size]
             records = await _notifications(conn, page)
