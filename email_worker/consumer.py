@@ -57,6 +57,7 @@ class EmailJobHandler:
         except MessageError as exc:
             raise PermanentError(str(exc)) from exc
         response = await self._templates.render(
+            job.meta.tenant,
             job.template_id,
             job.template_version,
             job.language,

@@ -151,7 +151,8 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         self._publisher = publisher
         self._idempotency = idempotency
         self._timeout = upstream_timeout
-        self._template_cache: LruCache[str, template_service_pb2.Template] = LruCache(
+        # Keyed by (tenant, id): two tenants may each have a template of one id.
+        self._template_cache: LruCache[tuple[str, str], template_service_pb2.Template] = LruCache(
             ttl=template_cache_ttl
         )
 
@@ -216,9 +217,10 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         idempotency_key: str,
         timeout: float,
     ) -> notification_service_pb2.SendNotificationResponse:
+        tenant = current_api_key().tenant
         profile, template = await asyncio.gather(
-            self._profile(request.user_id, current_api_key().tenant, timeout),
-            self._template(request.template_id, timeout),
+            self._profile(request.user_id, tenant, timeout),
+            self._template(tenant, request.template_id, timeout),
         )
         variables.check(template, request.variables)
         available = _template_channels(template)
@@ -251,7 +253,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         # confirm) or not; a retry with the same idempotency key converges on this
         # record and republishes, and if nobody retries, the reconciler republishes the
         # outbox copy (gateway/reconciler.py).
-        meta = self._meta(request, notification_id, idempotency_key)
+        meta = self._meta(request, notification_id, idempotency_key, tenant)
         language = request.language or profile.locale or "en"
         jobs = {
             d.channel: _job(d.channel, meta, request, profile, language, template.version)
@@ -308,6 +310,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         request: notification_service_pb2.SendNotificationRequest,
         notification_id: str,
         idempotency_key: str,
+        tenant: str,
     ) -> jobs_pb2.JobMeta:
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
@@ -324,6 +327,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             expire_time=expire,
             enqueue_time=now,
             user_id=request.user_id,
+            tenant=tenant,
         )
 
     async def _publish(self, channel: int, job: jobs_pb2.EmailJob | jobs_pb2.PushJob) -> None:
@@ -357,13 +361,17 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         )
         return response.profile
 
-    async def _template(self, template_id: str, timeout: float) -> template_service_pb2.Template:
-        """The template (cached briefly); while TemplateService is down, the last known one.
+    async def _template(
+        self, tenant: str, template_id: str, timeout: float
+    ) -> template_service_pb2.Template:
+        """The tenant's template (cached briefly); while TemplateService is down, the last
+        known one.
 
         Sends keep being accepted through a TemplateService outage for templates seen
         before it; the workers hold their jobs until it is back (no attempt is spent).
         """
-        hit = self._template_cache.lookup(template_id)
+        key = (tenant, template_id)
+        hit = self._template_cache.lookup(key)
         if hit is not None:
             return hit[0]
         try:
@@ -371,15 +379,16 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
                 self._templates.GetTemplate,
                 template_service_pb2.GetTemplateRequest(id=template_id),
                 timeout=timeout,
+                metadata=tenant_metadata(tenant),
             )
         except (Unavailable, DeadlineExceeded):
-            last = self._template_cache.stale(template_id)
+            last = self._template_cache.stale(key)
             if last is None:
                 raise
             log.warning("template service down; accepting with the last known template")
             return last[0]
         template: template_service_pb2.Template = response.template
-        self._template_cache.put(template_id, template)
+        self._template_cache.put(key, template)
         return template
 
     async def GetNotification(  # noqa: N802

@@ -103,6 +103,7 @@ class PushJobHandler:
         if not targets:
             raise PermanentError("no devices")
         response = await self._templates.render(
+            job.meta.tenant,
             job.template_id,
             job.template_version,
             job.language,

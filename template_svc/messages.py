@@ -195,6 +195,7 @@ def template_message(template: Template) -> template_service_pb2.Template:
     message.description = template.description
     message.create_time.FromDatetime(template.created_at)
     message.update_time.FromDatetime(template.updated_at)
+    message.tenant = template.tenant
     return message
 
 

@@ -56,10 +56,11 @@ class Version:
 
 @dataclass(frozen=True, slots=True)
 class Template:
-    """A template with its current version."""
+    """A template with its current version, in the tenant it belongs to."""
 
     id: str
     description: str
     created_at: datetime
     updated_at: datetime
     current: Version
+    tenant: str

@@ -15,6 +15,7 @@ from notify_kit.templating.messages import (
     variables_from_struct,
 )
 from notify_kit.templating.renderer import Renderer
+from notify_kit.tenancy import tenant_of
 from template_svc import messages
 from template_svc.model import Version
 from template_svc.store import TemplateStore
@@ -23,13 +24,19 @@ pb = template_service_pb2
 
 
 class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
-    """Templates with immutable versions, rendered in a sandbox."""
+    """Templates with immutable versions, rendered in a sandbox.
+
+    Every call acts for the tenant its caller names (``notify_kit.tenancy``: the
+    gateway, for the key's tenant; a worker, for the job's): a template of another
+    tenant answers TEMPLATE_NOT_FOUND, exactly as one that does not exist, and the
+    caches are keyed by tenant so one tenant's version never answers for another's.
+    """
 
     def __init__(
         self,
         store: TemplateStore,
         renderer: Renderer,
-        versions: LruCache[tuple[str, int], Version],
+        versions: LruCache[tuple[str, str, int], Version],
         *,
         render_timeout: float,
     ) -> None:
@@ -49,7 +56,7 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
         if violations:
             raise messages.invalid(violations)
         created = await self._store.create(
-            template.id, template.description, default, contents, declared
+            tenant_of(context), template.id, template.description, default, contents, declared
         )
         if created is None:
             raise AlreadyExists(
@@ -63,7 +70,7 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
         self, request: pb.GetTemplateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTemplateResponse:
         """The template with its current version's contents."""
-        template = await self._store.get(request.id)
+        template = await self._store.get(tenant_of(context), request.id)
         if template is None:
             raise _not_found(request.id)
         return pb.GetTemplateResponse(template=messages.template_message(template))
@@ -72,13 +79,16 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
         self, request: pb.CreateTemplateVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateTemplateVersionResponse:
         """Validate and test-render the contents, then append them as the next version."""
-        previous = await self._version(request.template_id, 0)
+        tenant = tenant_of(context)
+        previous = await self._version(tenant, request.template_id, 0)
         default, contents, declared = messages.new_version(request, previous)
         contents = await self._renderer.prepare(contents, "contents")
         violations = messages.check_declared(declared, contents, "contents")
         if violations:
             raise messages.invalid(violations)
-        template = await self._store.add_version(request.template_id, default, contents, declared)
+        template = await self._store.add_version(
+            tenant, request.template_id, default, contents, declared
+        )
         if template is None:
             raise _not_found(request.template_id)
         return pb.CreateTemplateVersionResponse(template=messages.template_message(template))
@@ -91,7 +101,8 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
         The id's format, the channel (email or push) and the version (0: current) are
         the contract's rules, checked before this runs.
         """
-        version = await self._version(request.template_id, request.version)
+        tenant = tenant_of(context)
+        version = await self._version(tenant, request.template_id, request.version)
         content = version.content_for(request.language)
         channel = request.channel
         if not has_channel(content, channel):
@@ -107,6 +118,7 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
                 },
             )
         rendered = await self._renderer.render(
+            tenant,
             version.template_id,
             version.number,
             content,
@@ -125,28 +137,28 @@ class TemplateServicer(template_service_pb2_grpc.TemplateServiceServicer):
         self, request: pb.GetTemplateVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTemplateVersionResponse:
         """One version, for a worker to render itself (it never changes: cache it)."""
-        version = await self._version(request.template_id, request.version)
+        version = await self._version(tenant_of(context), request.template_id, request.version)
         return pb.GetTemplateVersionResponse(template=messages.version_message(version))
 
-    async def _version(self, template_id: str, number: int) -> Version:
+    async def _version(self, tenant: str, template_id: str, number: int) -> Version:
         """Version ``number`` (0: the current one, looked up every time), cached once loaded."""
         if number == 0:
-            current = await self._store.current(template_id)
+            current = await self._store.current(tenant, template_id)
             if current is None:
                 raise _not_found(template_id)
             number = current[0]
-        version = self._versions.get((template_id, number))
+        version = self._versions.get((tenant, template_id, number))
         if version is None:
-            version = await self._store.version(template_id, number)
+            version = await self._store.version(tenant, template_id, number)
             if version is None:
-                if await self._store.current(template_id) is None:
+                if await self._store.current(tenant, template_id) is None:
                     raise _not_found(template_id)
                 raise NotFound(
                     "VERSION_NOT_FOUND",
                     f"template {template_id} has no version {number}",
                     metadata={"template_id": template_id, "version": str(number)},
                 )
-            self._versions.put((template_id, number), version)
+            self._versions.put((tenant, template_id, number), version)
         return version
 
 

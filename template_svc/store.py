@@ -1,5 +1,8 @@
 """PostgreSQL access for templates (asyncpg only; SQL as constants).
 
+Every statement names the tenant with the id: a template is its tenant's, and another
+tenant's id is one that does not exist (its key would match no row).
+
 A new version is written in one transaction that locks the template row, so two
 concurrent writers get consecutive numbers instead of colliding, and the pointer to the
 current version moves together with the rows it points to.
@@ -33,46 +36,48 @@ _COLUMNS = {
 }
 
 _INSERT_TEMPLATE = """
-INSERT INTO templates (id, description, default_language, current_version)
-VALUES ($1, $2, $3, 1)
-ON CONFLICT (id) DO NOTHING
+INSERT INTO templates (tenant, id, description, default_language, current_version)
+VALUES ($1, $2, $3, $4, 1)
+ON CONFLICT (tenant, id) DO NOTHING
 RETURNING created_at, updated_at
 """
 _INSERT_VERSION = """
-INSERT INTO template_versions (template_id, version, default_language, variables)
-VALUES ($1, $2, $3, $4)
+INSERT INTO template_versions (tenant, template_id, version, default_language, variables)
+VALUES ($1, $2, $3, $4, $5)
 """
 _INSERT_CONTENT = """
 INSERT INTO template_contents (
-    template_id, version, language, position,
+    tenant, template_id, version, language, position,
     email_subject, email_text, email_html, push_title, push_body, variables, line_variables
-) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 """
-_LOCK_TEMPLATE = "SELECT current_version FROM templates WHERE id = $1 FOR UPDATE"
+_LOCK_TEMPLATE = "SELECT current_version FROM templates WHERE tenant = $1 AND id = $2 FOR UPDATE"
 _ADVANCE_TEMPLATE = """
-UPDATE templates SET current_version = $2, default_language = $3, updated_at = now()
-WHERE id = $1
+UPDATE templates SET current_version = $3, default_language = $4, updated_at = now()
+WHERE tenant = $1 AND id = $2
 RETURNING description, created_at, updated_at
 """
 _SELECT_TEMPLATE = """
 SELECT description, default_language, current_version, created_at, updated_at
-FROM templates WHERE id = $1
+FROM templates WHERE tenant = $1 AND id = $2
 """
-_SELECT_CURRENT = "SELECT current_version, default_language FROM templates WHERE id = $1"
+_SELECT_CURRENT = """
+SELECT current_version, default_language FROM templates WHERE tenant = $1 AND id = $2
+"""
 _SELECT_VERSION = """
 SELECT default_language, variables FROM template_versions
-WHERE template_id = $1 AND version = $2
+WHERE tenant = $1 AND template_id = $2 AND version = $3
 """
 _SELECT_CONTENTS = """
 SELECT language, email_subject, email_text, email_html, push_title, push_body, variables,
        line_variables
-FROM template_contents WHERE template_id = $1 AND version = $2
+FROM template_contents WHERE tenant = $1 AND template_id = $2 AND version = $3
 ORDER BY position
 """
 
 
 class TemplateStore:
-    """Templates and their versions in PostgreSQL."""
+    """Templates and their versions in PostgreSQL, each in its tenant."""
 
     def __init__(self, pool: asyncpg.Pool, *, timeout: float = 5.0) -> None:
         self._pool = pool
@@ -80,16 +85,18 @@ class TemplateStore:
 
     async def create(
         self,
+        tenant: str,
         template_id: str,
         description: str,
         default_language: str,
         contents: Sequence[Content],
         declared: Sequence[Variable] = (),
     ) -> Template | None:
-        """Insert a template with version 1; None when the id is taken."""
+        """Insert a template with version 1; None when the tenant has the id already."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             row = await conn.fetchrow(
                 _INSERT_TEMPLATE,
+                tenant,
                 template_id,
                 description,
                 default_language,
@@ -98,12 +105,17 @@ class TemplateStore:
             if row is None:
                 return None
             version = await self._insert_version(
-                conn, Version(template_id, 1, default_language, tuple(contents), tuple(declared))
+                conn,
+                tenant,
+                Version(template_id, 1, default_language, tuple(contents), tuple(declared)),
             )
-        return Template(template_id, description, row["created_at"], row["updated_at"], version)
+        return Template(
+            template_id, description, row["created_at"], row["updated_at"], version, tenant
+        )
 
     async def add_version(
         self,
+        tenant: str,
         template_id: str,
         default_language: str,
         contents: Sequence[Content],
@@ -111,69 +123,84 @@ class TemplateStore:
     ) -> Template | None:
         """Insert the next version and make it current; None when the template is unknown."""
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            current = await conn.fetchval(_LOCK_TEMPLATE, template_id, timeout=self._timeout)
+            current = await conn.fetchval(
+                _LOCK_TEMPLATE, tenant, template_id, timeout=self._timeout
+            )
             if current is None:
                 return None
             number = int(current) + 1
             version = await self._insert_version(
                 conn,
+                tenant,
                 Version(template_id, number, default_language, tuple(contents), tuple(declared)),
             )
             row = await conn.fetchrow(
-                _ADVANCE_TEMPLATE, template_id, number, default_language, timeout=self._timeout
+                _ADVANCE_TEMPLATE,
+                tenant,
+                template_id,
+                number,
+                default_language,
+                timeout=self._timeout,
             )
         return Template(
-            template_id, row["description"], row["created_at"], row["updated_at"], version
+            template_id, row["description"], row["created_at"], row["updated_at"], version, tenant
         )
 
-    async def get(self, template_id: str) -> Template | None:
+    async def get(self, tenant: str, template_id: str) -> Template | None:
         """The template with its current version, or None."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            row = await conn.fetchrow(_SELECT_TEMPLATE, template_id, timeout=self._timeout)
+            row = await conn.fetchrow(_SELECT_TEMPLATE, tenant, template_id, timeout=self._timeout)
             if row is None:
                 return None
-            version = await self._version(conn, template_id, int(row["current_version"]))
+            version = await self._version(conn, tenant, template_id, int(row["current_version"]))
         if version is None:  # the current version always exists (same transaction)
             return None
         return Template(
-            template_id, row["description"], row["created_at"], row["updated_at"], version
+            template_id, row["description"], row["created_at"], row["updated_at"], version, tenant
         )
 
-    async def current(self, template_id: str) -> tuple[int, str] | None:
+    async def current(self, tenant: str, template_id: str) -> tuple[int, str] | None:
         """(current version, default language) by primary key, or None when unknown.
 
         Never cached: this is how every replica sees a new version at once.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            row = await conn.fetchrow(_SELECT_CURRENT, template_id, timeout=self._timeout)
+            row = await conn.fetchrow(_SELECT_CURRENT, tenant, template_id, timeout=self._timeout)
         if row is None:
             return None
         return int(row["current_version"]), str(row["default_language"])
 
-    async def version(self, template_id: str, number: int) -> Version | None:
+    async def version(self, tenant: str, template_id: str, number: int) -> Version | None:
         """One version, or None when the template or that version does not exist."""
         async with self._pool.acquire(timeout=self._timeout) as conn:
-            return await self._version(conn, template_id, number)
+            return await self._version(conn, tenant, template_id, number)
 
     async def _version(
-        self, conn: asyncpg.Connection, template_id: str, number: int
+        self, conn: asyncpg.Connection, tenant: str, template_id: str, number: int
     ) -> Version | None:
-        row = await conn.fetchrow(_SELECT_VERSION, template_id, number, timeout=self._timeout)
+        row = await conn.fetchrow(
+            _SELECT_VERSION, tenant, template_id, number, timeout=self._timeout
+        )
         if row is None:
             return None
-        rows = await conn.fetch(_SELECT_CONTENTS, template_id, number, timeout=self._timeout)
+        rows = await conn.fetch(
+            _SELECT_CONTENTS, tenant, template_id, number, timeout=self._timeout
+        )
         declared = tuple(
             Variable(v["name"], v["type"], v["required"]) for v in json.loads(row["variables"])
         )
         contents = tuple(_content(content) for content in rows)
         return Version(template_id, number, str(row["default_language"]), contents, declared)
 
-    async def _insert_version(self, conn: asyncpg.Connection, version: Version) -> Version:
+    async def _insert_version(
+        self, conn: asyncpg.Connection, tenant: str, version: Version
+    ) -> Version:
         declared = [
             {"name": v.name, "type": int(v.type), "required": v.required} for v in version.declared
         ]
         await conn.execute(
             _INSERT_VERSION,
+            tenant,
             version.template_id,
             version.number,
             version.default_language,
@@ -184,6 +211,7 @@ class TemplateStore:
             _INSERT_CONTENT,
             [
                 (
+                    tenant,
                     version.template_id,
                     version.number,
                     content.language,

@@ -54,10 +54,13 @@ class E2E(Running):
             assert status == 200, got
         return user_id
 
-    async def settle(self, nid: str, timeout: float = 30.0) -> dict[str, Any]:
-        """Poll the public status API until every delivery left the in-flight states."""
+    async def settle(
+        self, nid: str, timeout: float = 30.0, *, api_key: str = API_KEY
+    ) -> dict[str, Any]:
+        """Poll the public status API (as ``api_key``'s tenant) until every delivery left
+        the in-flight states."""
         _, settled = await poll(
-            lambda: self.api("GET", f"/v1/notifications/{nid}"),
+            lambda: self.api("GET", f"/v1/notifications/{nid}", api_key=api_key),
             lambda r: (
                 r[0] == 200
                 and all(d["status"] not in IN_FLIGHT for d in r[1]["notification"]["deliveries"])

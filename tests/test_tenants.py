@@ -1,11 +1,12 @@
 """Tenants through Envoy: a key acts for one tenant, and another tenant's users, devices,
-notifications and keys answer 404 exactly as if they did not exist."""
+templates, notifications and keys answer 404 exactly as if they did not exist."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
+from scripts.api import DEMO_TEMPLATE
 from tests.e2e_support import E2E
 
 
@@ -26,6 +27,16 @@ async def _tenant_admin(e2e: E2E, tenant: str) -> str:
     return secret
 
 
+async def _template(e2e: E2E, key: str, subject: str, template_id: str = "welcome") -> None:
+    """An e-mail-only template of the key's tenant with ``subject`` (a Jinja source)."""
+    body = {
+        "id": template_id,
+        "contents": [{"language": "en", "email": {"subject": subject, "textBody": "Hi."}}],
+    }
+    status, got = await e2e.api("POST", "/v1/templates", body, api_key=key)
+    assert status == 200, got
+
+
 async def _user(e2e: E2E, key: str, email: str) -> str:
     status, got = await e2e.api("POST", "/v1/users", {"email": email}, api_key=key)
     assert status == 200, got
@@ -40,6 +51,7 @@ async def test_a_key_sees_only_its_tenants_users_and_notifications(e2e: E2E) -> 
     email = f"same-{suffix}@example.com"
     ann = await _user(e2e, acme_key, email)
     bob = await _user(e2e, globex_key, email)  # one address, two tenants: two users
+    await _template(e2e, acme_key, "Hello from Acme")
     status, got = await e2e.api("GET", f"/v1/users/{ann}", api_key=acme_key)
     assert status == 200 and got["user"]["tenant"] == acme, got
     status, sent = await e2e.api(
@@ -113,3 +125,59 @@ async def test_keys_belong_to_their_tenant(e2e: E2E) -> None:
         "POST", "/v1/api-keys", {"name": "x", "scopes": ["SCOPE_ADMIN"], "tenant": "Not Valid"}
     )
     assert status == 400, got
+
+
+async def test_templates_belong_to_their_tenant(e2e: E2E) -> None:
+    """Each tenant has its own templates: another tenant's id answers 404, one id may name
+    a template in each tenant, and a send renders its own tenant's (through the gateway's,
+    the workers' and the render processes' caches, all keyed by tenant)."""
+    suffix = uuid.uuid4().hex[:8]
+    acme, globex = f"acme-{suffix}", f"globex-{suffix}"
+    acme_key, globex_key = await _tenant_admin(e2e, acme), await _tenant_admin(e2e, globex)
+    status, got = await e2e.api("POST", "/v1/templates", DEMO_TEMPLATE)  # the default tenant's
+    assert status in (200, 409), got
+    own = f"acme-only-{suffix}"
+    await _template(e2e, acme_key, "Acme: {{ name }}")  # "welcome", like the default's
+    await _template(e2e, acme_key, "Private", own)
+    status, got = await e2e.api("GET", "/v1/templates/welcome", api_key=acme_key)
+    assert status == 200 and got["template"]["tenant"] == acme, got
+    assert got["template"]["contents"][0]["email"]["subject"] == "Acme: {{ name }}", got
+    status, got = await e2e.api("POST", "/v1/templates", DEMO_TEMPLATE, api_key=acme_key)
+    assert status == 409 and _reason(got) == "TEMPLATE_EXISTS", got
+
+    globex_user = await _user(e2e, globex_key, f"g-{suffix}@example.com")
+    version = {"contents": [{"language": "en", "email": {"subject": "Taken", "textBody": "x"}}]}
+    for method, path, body in (
+        ("GET", f"/v1/templates/{own}", None),
+        ("GET", "/v1/templates/welcome", None),  # acme's and the default's: not globex's
+        ("POST", f"/v1/templates/{own}/versions", version),
+        ("POST", "/v1/notifications", {"userId": globex_user, "templateId": own}),
+    ):
+        status, got = await e2e.api(method, path, body, api_key=globex_key)
+        assert status == 404 and _reason(got) == "TEMPLATE_NOT_FOUND", (method, path, got)
+    status, got = await e2e.api("GET", f"/v1/templates/{own}")  # nor the default tenant's
+    assert status == 404 and _reason(got) == "TEMPLATE_NOT_FOUND", got
+    status, got = await e2e.api("GET", f"/v1/templates/{own}", api_key=acme_key)
+    assert status == 200 and got["template"]["version"] == 1, got  # no version was added
+
+    # One id, version 1 in both tenants: each send renders its own tenant's.
+    ann = await _user(e2e, acme_key, f"a-{suffix}@example.com")
+    ada = await e2e.new_user(devices=0)
+    sent = {}
+    for user, key in ((ada, None), (ann, acme_key)):
+        kw = {"api_key": key} if key else {}
+        status, got = await e2e.api(
+            "POST", "/v1/notifications",
+            {"userId": user, "templateId": "welcome", "channels": ["CHANNEL_EMAIL"],
+             "variables": {"name": "Zed"}},
+            **kw,
+        )  # fmt: skip
+        assert status == 200, got
+        sent[user] = (got["notification"]["id"], kw)
+    subjects = {}
+    for user, (nid, kw) in sent.items():
+        final = await e2e.settle(nid, **kw)
+        assert final["notification"]["status"] == "NOTIFICATION_STATUS_DELIVERED", final
+        (mail,) = (m for m in e2e.mail.messages if m["X-Notify-Notification-Id"] == nid)
+        subjects[user] = mail["Subject"]
+    assert subjects == {ada: "Welcome, Zed!", ann: "Acme: Zed"}

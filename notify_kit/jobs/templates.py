@@ -8,7 +8,9 @@ in the worker's render processes under the limits TemplateService uses
 TemplateService: one render process, for at most the render budget.
 
 The job pins the version chosen when the send was accepted, so a retry renders what was
-accepted even after a new version. A job from before versions were pinned (version 0)
+accepted even after a new version, and names the tenant it was accepted for: versions
+are fetched for that tenant and kept per tenant, since two tenants may each have a
+template of one id. A job from before versions were pinned (version 0)
 is rendered by TemplateService, as before.
 """
 
@@ -35,6 +37,7 @@ from notify_kit.templating.messages import (
     variables_from_struct,
 )
 from notify_kit.templating.renderer import Renderer
+from notify_kit.tenancy import DEFAULT_TENANT, tenant_metadata
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ MAX_VERSIONS = 512
 
 
 class Templates:
-    """Renders ``(template, version)`` for a channel, fetching each version once."""
+    """Renders ``(tenant, template, version)`` for a channel, fetching each version once."""
 
     def __init__(
         self,
@@ -57,28 +60,42 @@ class Templates:
         self._stub = stub
         self._renderer = renderer
         self._rpc_timeout = rpc_timeout
-        self._versions: LruCache[tuple[str, int], T.Template] = LruCache(max_entries=MAX_VERSIONS)
+        self._versions: LruCache[tuple[str, str, int], T.Template] = LruCache(
+            max_entries=MAX_VERSIONS
+        )
 
     async def render(
         self,
+        tenant: str,
         template_id: str,
         version: int,
         language: str,
         channel: common_pb2.Channel.ValueType,
         variables: struct_pb2.Struct,
     ) -> T.RenderTemplateResponse:
-        """The rendered channel, or PermanentError (the template's fault) / Blocked (ours)."""
+        """The rendered channel, or PermanentError (the template's fault) / Blocked (ours).
+
+        ``tenant`` is the job's (empty in jobs from before tenants: the default tenant).
+        """
+        tenant = tenant or DEFAULT_TENANT
         if version == 0:
             return await render_remotely(
-                self._stub, template_id, language, channel, variables, timeout=self._rpc_timeout
+                self._stub,
+                template_id,
+                language,
+                channel,
+                variables,
+                timeout=self._rpc_timeout,
+                metadata=tenant_metadata(tenant),
             )
-        template = await self._version(template_id, version)
+        template = await self._version(tenant, template_id, version)
         content = _content_for(template, language)
         field: Literal["email", "push"] = "email" if channel == common_pb2.CHANNEL_EMAIL else "push"
         if not has_channel(content, channel):
             raise PermanentError(f"template {template_id!r} v{version} has no {field} content")
         try:
             rendered = await self._renderer.render(
+                tenant,
                 template_id,
                 version,
                 content,
@@ -97,15 +114,18 @@ class Templates:
             response.push.CopyFrom(push_message(rendered))
         return response
 
-    async def _version(self, template_id: str, version: int) -> T.Template:
-        key = (template_id, version)
+    async def _version(self, tenant: str, template_id: str, version: int) -> T.Template:
+        key = (tenant, template_id, version)
         cached = self._versions.get(key)
         if cached is not None:
             return cached
         request = T.GetTemplateVersionRequest(template_id=template_id, version=version)
         try:
             response: T.GetTemplateVersionResponse = await rpc.unary(
-                self._stub.GetTemplateVersion, request, timeout=self._rpc_timeout
+                self._stub.GetTemplateVersion,
+                request,
+                timeout=self._rpc_timeout,
+                metadata=tenant_metadata(tenant),
             )
         except PERMANENT_UPSTREAM as exc:
             raise PermanentError(f"template {template_id!r} v{version}: {exc.reason}") from exc

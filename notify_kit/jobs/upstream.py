@@ -44,14 +44,16 @@ async def render(
     variables: struct_pb2.Struct,
     *,
     timeout: float,
+    metadata: tuple[tuple[str, str], ...],
 ) -> template_service_pb2.RenderTemplateResponse:
-    """RenderTemplate, with the answer sorted into permanent failures and our outages."""
+    """RenderTemplate (``metadata`` names the tenant), with the answer sorted into
+    permanent failures and our outages."""
     request = template_service_pb2.RenderTemplateRequest(
         template_id=template_id, language=language, channel=channel, variables=variables
     )
     try:
         response: template_service_pb2.RenderTemplateResponse = await rpc.unary(
-            templates.RenderTemplate, request, timeout=timeout
+            templates.RenderTemplate, request, timeout=timeout, metadata=metadata
         )
     except PERMANENT_UPSTREAM as exc:
         raise PermanentError(f"template {template_id!r}: {exc.reason}") from exc

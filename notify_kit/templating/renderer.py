@@ -159,6 +159,7 @@ class Renderer:
 
     async def render(
         self,
+        tenant: str,
         template_id: str,
         version: int,
         content: Content,
@@ -167,13 +168,14 @@ class Renderer:
         *,
         timeout: float,
     ) -> dict[str, str]:
-        """Render ``channel`` of ``content`` (of version ``version`` of the template; the
-        pair names the compiled template the render process keeps); map every failure
-        to a ServiceError."""
+        """Render ``channel`` of ``content`` (of version ``version`` of the tenant's
+        template; the three name the compiled template the render process keeps, so two
+        tenants' templates of one id never share one); map every failure to a
+        ServiceError."""
         where = {"template_id": template_id, "version": str(version)}
         request = {
             "op": "render",
-            "key": f"{template_id}/{version}/{content.language}",
+            "key": f"{tenant}/{template_id}/{version}/{content.language}",
             "fields": dict(content.fields),
             "render": list(CHANNEL_FIELDS[channel]),
             "variables": dict(variables),

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from notify.v1 import user_service_pb2 as notify_dot_v1_dot_user__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14notify/v1/jobs.proto\x12\tnotify.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cnotify/v1/user_service.proto\"\xda\x02\n\x07JobMeta\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\x12;\n\rtrace_context\x18\x04 \x03(\x0b\x32$.notify.v1.JobMeta.TraceContextEntry\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x65nqueue_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x0e\n\x06replay\x18\t \x01(\x05\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbe\x01\n\x08\x45mailJob\x12 \n\x04meta\x18\x01 \x01(\x0b\x32\x12.notify.v1.JobMeta\x12\x12\n\nto_address\x18\x02 \x01(\t\x12\x0f\n\x07to_name\x18\x03 \x01(\t\x12\x13\n\x0btemplate_id\x18\x04 \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\t\x12*\n\tvariables\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10template_version\x18\x07 \x01(\x05\"\x8b\x01\n\nPushTarget\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12+\n\x08platform\x18\x03 \x01(\x0e\x32\x19.notify.v1.DevicePlatform\x12.\n\ntoken_type\x18\x04 \x01(\x0e\x32\x1a.notify.v1.DeviceTokenType\"\xc0\x01\n\x07PushJob\x12 \n\x04meta\x18\x01 \x01(\x0b\x32\x12.notify.v1.JobMeta\x12&\n\x07targets\x18\x02 \x03(\x0b\x32\x15.notify.v1.PushTarget\x12\x13\n\x0btemplate_id\x18\x03 \x01(\t\x12\x10\n\x08language\x18\x04 \x01(\t\x12*\n\tvariables\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10template_version\x18\x06 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14notify/v1/jobs.proto\x12\tnotify.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cnotify/v1/user_service.proto\"\xea\x02\n\x07JobMeta\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\x12;\n\rtrace_context\x18\x04 \x03(\x0b\x32$.notify.v1.JobMeta.TraceContextEntry\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x65nqueue_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x0e\n\x06replay\x18\t \x01(\x05\x12\x0e\n\x06tenant\x18\n \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbe\x01\n\x08\x45mailJob\x12 \n\x04meta\x18\x01 \x01(\x0b\x32\x12.notify.v1.JobMeta\x12\x12\n\nto_address\x18\x02 \x01(\t\x12\x0f\n\x07to_name\x18\x03 \x01(\t\x12\x13\n\x0btemplate_id\x18\x04 \x01(\t\x12\x10\n\x08language\x18\x05 \x01(\t\x12*\n\tvariables\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10template_version\x18\x07 \x01(\x05\"\x8b\x01\n\nPushTarget\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12+\n\x08platform\x18\x03 \x01(\x0e\x32\x19.notify.v1.DevicePlatform\x12.\n\ntoken_type\x18\x04 \x01(\x0e\x32\x1a.notify.v1.DeviceTokenType\"\xc0\x01\n\x07PushJob\x12 \n\x04meta\x18\x01 \x01(\x0b\x32\x12.notify.v1.JobMeta\x12&\n\x07targets\x18\x02 \x03(\x0b\x32\x15.notify.v1.PushTarget\x12\x13\n\x0btemplate_id\x18\x03 \x01(\t\x12\x10\n\x08language\x18\x04 \x01(\t\x12*\n\tvariables\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10template_version\x18\x06 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBMETA_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_JOBMETA_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_JOBMETA']._serialized_start=129
-  _globals['_JOBMETA']._serialized_end=475
-  _globals['_JOBMETA_TRACECONTEXTENTRY']._serialized_start=424
-  _globals['_JOBMETA_TRACECONTEXTENTRY']._serialized_end=475
-  _globals['_EMAILJOB']._serialized_start=478
-  _globals['_EMAILJOB']._serialized_end=668
-  _globals['_PUSHTARGET']._serialized_start=671
-  _globals['_PUSHTARGET']._serialized_end=810
-  _globals['_PUSHJOB']._serialized_start=813
-  _globals['_PUSHJOB']._serialized_end=1005
+  _globals['_JOBMETA']._serialized_end=491
+  _globals['_JOBMETA_TRACECONTEXTENTRY']._serialized_start=440
+  _globals['_JOBMETA_TRACECONTEXTENTRY']._serialized_end=491
+  _globals['_EMAILJOB']._serialized_start=494
+  _globals['_EMAILJOB']._serialized_end=684
+  _globals['_PUSHTARGET']._serialized_start=687
+  _globals['_PUSHTARGET']._serialized_end=826
+  _globals['_PUSHJOB']._serialized_start=829
+  _globals['_PUSHJOB']._serialized_end=1021
 # @@protoc_insertion_point(module_scope)

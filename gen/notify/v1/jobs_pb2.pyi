@@ -56,6 +56,7 @@ class JobMeta(_message.Message):
     ENQUEUE_TIME_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     REPLAY_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
     """The notification this job delivers; workers dedupe on it."""
     attempt: _builtins.int
@@ -69,6 +70,10 @@ class JobMeta(_message.Message):
     replay: _builtins.int
     """How often an operator replayed this job from the dead letters; attempts count
     afresh in each generation, and the worker's ledger keeps them apart.
+    """
+    tenant: _builtins.str
+    """The tenant (project) the send was accepted for: the worker fetches and renders
+    that tenant's template. Empty in jobs queued before tenants: the default tenant.
     """
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -94,10 +99,11 @@ class JobMeta(_message.Message):
         enqueue_time: _timestamp_pb2.Timestamp | None = ...,
         user_id: _builtins.str = ...,
         replay: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enqueue_time", b"enqueue_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "correlation_id", b"correlation_id", "enqueue_time", b"enqueue_time", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "notification_id", b"notification_id", "replay", b"replay", "trace_context", b"trace_context", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "correlation_id", b"correlation_id", "enqueue_time", b"enqueue_time", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "notification_id", b"notification_id", "replay", b"replay", "tenant", b"tenant", "trace_context", b"trace_context", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

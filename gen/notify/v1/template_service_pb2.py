@@ -31,7 +31,7 @@ from notify.v1 import access_pb2 as notify_dot_v1_dot_access__pb2
 from notify.v1 import common_pb2 as notify_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n notify/v1/template_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/access.proto\x1a\x16notify/v1/common.proto\"E\n\x0c\x45mailContent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\ttext_body\x18\x02 \x01(\t\x12\x11\n\thtml_body\x18\x03 \x01(\t\"*\n\x0bPushContent\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\"q\n\x0fTemplateContent\x12\x10\n\x08language\x18\x01 \x01(\t\x12&\n\x05\x65mail\x18\x02 \x01(\x0b\x32\x17.notify.v1.EmailContent\x12$\n\x04push\x18\x03 \x01(\x0b\x32\x16.notify.v1.PushContent\"\xe9\x02\n\x08Template\x12*\n\x02id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x15\n\x07version\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12,\n\x08\x63ontents\x18\x04 \x03(\x0b\x32\x1a.notify.v1.TemplateContent\x12\x17\n\tvariables\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\x06 \x01(\t\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x36\n\x06schema\x18\t \x03(\x0b\x32\x1b.notify.v1.TemplateVariableB\t\xbaH\x06\x92\x01\x03\x10\xc8\x01\"\xbc\x01\n\x10TemplateVariable\x12\x32\n\x04name\x18\x01 \x01(\tB$\xbaH!r\x1f\x32\x1d^[A-Za-z_][A-Za-z0-9_]{0,63}$\x12/\n\x04type\x18\x02 \x01(\x0e\x32\x17.notify.v1.VariableTypeB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x19\n\x0bsingle_line\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08\x64\x65\x63lared\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x03\"D\n\x15\x43reateTemplateRequest\x12+\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.TemplateB\x04\xe2\x41\x01\x02\"?\n\x16\x43reateTemplateResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"@\n\x12GetTemplateRequest\x12*\n\x02id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\"<\n\x13GetTemplateResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"\xd3\x01\n\x1c\x43reateTemplateVersionRequest\x12\x33\n\x0btemplate_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12,\n\x08\x63ontents\x18\x02 \x03(\x0b\x32\x1a.notify.v1.TemplateContent\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\x03 \x01(\t\x12\x36\n\x06schema\x18\x04 \x03(\x0b\x32\x1b.notify.v1.TemplateVariableB\t\xbaH\x06\x92\x01\x03\x10\xc8\x01\"F\n\x1d\x43reateTemplateVersionResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"j\n\x19GetTemplateVersionRequest\x12\x33\n\x0btemplate_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12\x18\n\x07version\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x01\"C\n\x1aGetTemplateVersionResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"\xde\x01\n\x15RenderTemplateRequest\x12\x33\n\x0btemplate_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12\x18\n\x07version\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x19\n\x08language\x18\x03 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12/\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x12.notify.v1.ChannelB\n\xbaH\x07\x82\x01\x04\x18\x01\x18\x02\x12*\n\tvariables\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x89\x01\n\x16RenderTemplateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x10\n\x08language\x18\x02 \x01(\t\x12&\n\x05\x65mail\x18\x03 \x01(\x0b\x32\x17.notify.v1.EmailContent\x12$\n\x04push\x18\x04 \x01(\x0b\x32\x16.notify.v1.PushContent*\xab\x01\n\x0cVariableType\x12\x1d\n\x19VARIABLE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VARIABLE_TYPE_STRING\x10\x01\x12\x18\n\x14VARIABLE_TYPE_NUMBER\x10\x02\x12\x16\n\x12VARIABLE_TYPE_BOOL\x10\x03\x12\x16\n\x12VARIABLE_TYPE_LIST\x10\x04\x12\x18\n\x14VARIABLE_TYPE_OBJECT\x10\x05\x32\xfa\x04\n\x0fTemplateService\x12|\n\x0e\x43reateTemplate\x12 .notify.v1.CreateTemplateRequest\x1a!.notify.v1.CreateTemplateResponse\"%\xda\xf3\x18\x02\x08\x05\x82\xd3\xe4\x93\x02\x19\"\r/v1/templates:\x08template\x12n\n\x0bGetTemplate\x12\x1d.notify.v1.GetTemplateRequest\x1a\x1e.notify.v1.GetTemplateResponse\" \xda\xf3\x18\x02\x08\x06\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/templates/{id}\x12\xa1\x01\n\x15\x43reateTemplateVersion\x12\'.notify.v1.CreateTemplateVersionRequest\x1a(.notify.v1.CreateTemplateVersionResponse\"5\xda\xf3\x18\x02\x08\x05\x82\xd3\xe4\x93\x02)\"$/v1/templates/{template_id}/versions:\x01*\x12_\n\x0eRenderTemplate\x12 .notify.v1.RenderTemplateRequest\x1a!.notify.v1.RenderTemplateResponse\"\x08\xda\xf3\x18\x04\x12\x02\x06\x07\x12k\n\x12GetTemplateVersion\x12$.notify.v1.GetTemplateVersionRequest\x1a%.notify.v1.GetTemplateVersionResponse\"\x08\xda\xf3\x18\x04\x12\x02\x06\x07\x1a\x07\xe2\xf3\x18\x03\n\x01\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n notify/v1/template_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/access.proto\x1a\x16notify/v1/common.proto\"E\n\x0c\x45mailContent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\ttext_body\x18\x02 \x01(\t\x12\x11\n\thtml_body\x18\x03 \x01(\t\"*\n\x0bPushContent\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\"q\n\x0fTemplateContent\x12\x10\n\x08language\x18\x01 \x01(\t\x12&\n\x05\x65mail\x18\x02 \x01(\x0b\x32\x17.notify.v1.EmailContent\x12$\n\x04push\x18\x03 \x01(\x0b\x32\x16.notify.v1.PushContent\"\xff\x02\n\x08Template\x12*\n\x02id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x15\n\x07version\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12,\n\x08\x63ontents\x18\x04 \x03(\x0b\x32\x1a.notify.v1.TemplateContent\x12\x17\n\tvariables\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\x06 \x01(\t\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x36\n\x06schema\x18\t \x03(\x0b\x32\x1b.notify.v1.TemplateVariableB\t\xbaH\x06\x92\x01\x03\x10\xc8\x01\x12\x14\n\x06tenant\x18\n \x01(\tB\x04\xe2\x41\x01\x03\"\xbc\x01\n\x10TemplateVariable\x12\x32\n\x04name\x18\x01 \x01(\tB$\xbaH!r\x1f\x32\x1d^[A-Za-z_][A-Za-z0-9_]{0,63}$\x12/\n\x04type\x18\x02 \x01(\x0e\x32\x17.notify.v1.VariableTypeB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x19\n\x0bsingle_line\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08\x64\x65\x63lared\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x03\"D\n\x15\x43reateTemplateRequest\x12+\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.TemplateB\x04\xe2\x41\x01\x02\"?\n\x16\x43reateTemplateResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"@\n\x12GetTemplateRequest\x12*\n\x02id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\"<\n\x13GetTemplateResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"\xd3\x01\n\x1c\x43reateTemplateVersionRequest\x12\x33\n\x0btemplate_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12,\n\x08\x63ontents\x18\x02 \x03(\x0b\x32\x1a.notify.v1.TemplateContent\x12\x18\n\x10\x64\x65\x66\x61ult_language\x18\x03 \x01(\t\x12\x36\n\x06schema\x18\x04 \x03(\x0b\x32\x1b.notify.v1.TemplateVariableB\t\xbaH\x06\x92\x01\x03\x10\xc8\x01\"F\n\x1d\x43reateTemplateVersionResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"j\n\x19GetTemplateVersionRequest\x12\x33\n\x0btemplate_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12\x18\n\x07version\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x01\"C\n\x1aGetTemplateVersionResponse\x12%\n\x08template\x18\x01 \x01(\x0b\x32\x13.notify.v1.Template\"\xde\x01\n\x15RenderTemplateRequest\x12\x33\n\x0btemplate_id\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x32\x17^[a-z][a-z0-9_-]{0,62}$\x12\x18\n\x07version\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x19\n\x08language\x18\x03 \x01(\tB\x07\xbaH\x04r\x02\x18@\x12/\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x12.notify.v1.ChannelB\n\xbaH\x07\x82\x01\x04\x18\x01\x18\x02\x12*\n\tvariables\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x89\x01\n\x16RenderTemplateResponse\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x10\n\x08language\x18\x02 \x01(\t\x12&\n\x05\x65mail\x18\x03 \x01(\x0b\x32\x17.notify.v1.EmailContent\x12$\n\x04push\x18\x04 \x01(\x0b\x32\x16.notify.v1.PushContent*\xab\x01\n\x0cVariableType\x12\x1d\n\x19VARIABLE_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14VARIABLE_TYPE_STRING\x10\x01\x12\x18\n\x14VARIABLE_TYPE_NUMBER\x10\x02\x12\x16\n\x12VARIABLE_TYPE_BOOL\x10\x03\x12\x16\n\x12VARIABLE_TYPE_LIST\x10\x04\x12\x18\n\x14VARIABLE_TYPE_OBJECT\x10\x05\x32\xfa\x04\n\x0fTemplateService\x12|\n\x0e\x43reateTemplate\x12 .notify.v1.CreateTemplateRequest\x1a!.notify.v1.CreateTemplateResponse\"%\xda\xf3\x18\x02\x08\x05\x82\xd3\xe4\x93\x02\x19\"\r/v1/templates:\x08template\x12n\n\x0bGetTemplate\x12\x1d.notify.v1.GetTemplateRequest\x1a\x1e.notify.v1.GetTemplateResponse\" \xda\xf3\x18\x02\x08\x06\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/templates/{id}\x12\xa1\x01\n\x15\x43reateTemplateVersion\x12\'.notify.v1.CreateTemplateVersionRequest\x1a(.notify.v1.CreateTemplateVersionResponse\"5\xda\xf3\x18\x02\x08\x05\x82\xd3\xe4\x93\x02)\"$/v1/templates/{template_id}/versions:\x01*\x12_\n\x0eRenderTemplate\x12 .notify.v1.RenderTemplateRequest\x1a!.notify.v1.RenderTemplateResponse\"\x08\xda\xf3\x18\x04\x12\x02\x06\x07\x12k\n\x12GetTemplateVersion\x12$.notify.v1.GetTemplateVersionRequest\x1a%.notify.v1.GetTemplateVersionResponse\"\x08\xda\xf3\x18\x04\x12\x02\x06\x07\x1a\x07\xe2\xf3\x18\x03\n\x01\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,6 +50,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEMPLATE'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
   _globals['_TEMPLATE'].fields_by_name['schema']._loaded_options = None
   _globals['_TEMPLATE'].fields_by_name['schema']._serialized_options = b'\272H\006\222\001\003\020\310\001'
+  _globals['_TEMPLATE'].fields_by_name['tenant']._loaded_options = None
+  _globals['_TEMPLATE'].fields_by_name['tenant']._serialized_options = b'\342A\001\003'
   _globals['_TEMPLATEVARIABLE'].fields_by_name['name']._loaded_options = None
   _globals['_TEMPLATEVARIABLE'].fields_by_name['name']._serialized_options = b'\272H!r\0372\035^[A-Za-z_][A-Za-z0-9_]{0,63}$'
   _globals['_TEMPLATEVARIABLE'].fields_by_name['type']._loaded_options = None
@@ -90,8 +92,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEMPLATESERVICE'].methods_by_name['RenderTemplate']._serialized_options = b'\332\363\030\004\022\002\006\007'
   _globals['_TEMPLATESERVICE'].methods_by_name['GetTemplateVersion']._loaded_options = None
   _globals['_TEMPLATESERVICE'].methods_by_name['GetTemplateVersion']._serialized_options = b'\332\363\030\004\022\002\006\007'
-  _globals['_VARIABLETYPE']._serialized_start=2127
-  _globals['_VARIABLETYPE']._serialized_end=2298
+  _globals['_VARIABLETYPE']._serialized_start=2149
+  _globals['_VARIABLETYPE']._serialized_end=2320
   _globals['_EMAILCONTENT']._serialized_start=250
   _globals['_EMAILCONTENT']._serialized_end=319
   _globals['_PUSHCONTENT']._serialized_start=321
@@ -99,29 +101,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEMPLATECONTENT']._serialized_start=365
   _globals['_TEMPLATECONTENT']._serialized_end=478
   _globals['_TEMPLATE']._serialized_start=481
-  _globals['_TEMPLATE']._serialized_end=842
-  _globals['_TEMPLATEVARIABLE']._serialized_start=845
-  _globals['_TEMPLATEVARIABLE']._serialized_end=1033
-  _globals['_CREATETEMPLATEREQUEST']._serialized_start=1035
-  _globals['_CREATETEMPLATEREQUEST']._serialized_end=1103
-  _globals['_CREATETEMPLATERESPONSE']._serialized_start=1105
-  _globals['_CREATETEMPLATERESPONSE']._serialized_end=1168
-  _globals['_GETTEMPLATEREQUEST']._serialized_start=1170
-  _globals['_GETTEMPLATEREQUEST']._serialized_end=1234
-  _globals['_GETTEMPLATERESPONSE']._serialized_start=1236
-  _globals['_GETTEMPLATERESPONSE']._serialized_end=1296
-  _globals['_CREATETEMPLATEVERSIONREQUEST']._serialized_start=1299
-  _globals['_CREATETEMPLATEVERSIONREQUEST']._serialized_end=1510
-  _globals['_CREATETEMPLATEVERSIONRESPONSE']._serialized_start=1512
-  _globals['_CREATETEMPLATEVERSIONRESPONSE']._serialized_end=1582
-  _globals['_GETTEMPLATEVERSIONREQUEST']._serialized_start=1584
-  _globals['_GETTEMPLATEVERSIONREQUEST']._serialized_end=1690
-  _globals['_GETTEMPLATEVERSIONRESPONSE']._serialized_start=1692
-  _globals['_GETTEMPLATEVERSIONRESPONSE']._serialized_end=1759
-  _globals['_RENDERTEMPLATEREQUEST']._serialized_start=1762
-  _globals['_RENDERTEMPLATEREQUEST']._serialized_end=1984
-  _globals['_RENDERTEMPLATERESPONSE']._serialized_start=1987
-  _globals['_RENDERTEMPLATERESPONSE']._serialized_end=2124
-  _globals['_TEMPLATESERVICE']._serialized_start=2301
-  _globals['_TEMPLATESERVICE']._serialized_end=2935
+  _globals['_TEMPLATE']._serialized_end=864
+  _globals['_TEMPLATEVARIABLE']._serialized_start=867
+  _globals['_TEMPLATEVARIABLE']._serialized_end=1055
+  _globals['_CREATETEMPLATEREQUEST']._serialized_start=1057
+  _globals['_CREATETEMPLATEREQUEST']._serialized_end=1125
+  _globals['_CREATETEMPLATERESPONSE']._serialized_start=1127
+  _globals['_CREATETEMPLATERESPONSE']._serialized_end=1190
+  _globals['_GETTEMPLATEREQUEST']._serialized_start=1192
+  _globals['_GETTEMPLATEREQUEST']._serialized_end=1256
+  _globals['_GETTEMPLATERESPONSE']._serialized_start=1258
+  _globals['_GETTEMPLATERESPONSE']._serialized_end=1318
+  _globals['_CREATETEMPLATEVERSIONREQUEST']._serialized_start=1321
+  _globals['_CREATETEMPLATEVERSIONREQUEST']._serialized_end=1532
+  _globals['_CREATETEMPLATEVERSIONRESPONSE']._serialized_start=1534
+  _globals['_CREATETEMPLATEVERSIONRESPONSE']._serialized_end=1604
+  _globals['_GETTEMPLATEVERSIONREQUEST']._serialized_start=1606
+  _globals['_GETTEMPLATEVERSIONREQUEST']._serialized_end=1712
+  _globals['_GETTEMPLATEVERSIONRESPONSE']._serialized_start=1714
+  _globals['_GETTEMPLATEVERSIONRESPONSE']._serialized_end=1781
+  _globals['_RENDERTEMPLATEREQUEST']._serialized_start=1784
+  _globals['_RENDERTEMPLATEREQUEST']._serialized_end=2006
+  _globals['_RENDERTEMPLATERESPONSE']._serialized_start=2009
+  _globals['_RENDERTEMPLATERESPONSE']._serialized_end=2146
+  _globals['_TEMPLATESERVICE']._serialized_start=2323
+  _globals['_TEMPLATESERVICE']._serialized_end=2957
 # @@protoc_insertion_point(module_scope)

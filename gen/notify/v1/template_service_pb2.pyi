@@ -163,6 +163,7 @@ class Template(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     SCHEMA_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Caller-chosen identifier: 1-63 of a-z, 0-9, "-" and "_", starting with a letter."""
     description: _builtins.str
@@ -172,6 +173,10 @@ class Template(_message.Message):
     default_language: _builtins.str
     """Language used when the user's language has no content; defaults to the first
     content's language.
+    """
+    tenant: _builtins.str
+    """The tenant (project) the template belongs to: the one of the API key that created
+    it. Another tenant may use the same id for a template of its own. Output only.
     """
     @_builtins.property
     def contents(self) -> _containers.RepeatedCompositeFieldContainer[Global___TemplateContent]:
@@ -210,10 +215,11 @@ class Template(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         schema: _abc.Iterable[Global___TemplateVariable] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contents", b"contents", "create_time", b"create_time", "default_language", b"default_language", "description", b"description", "id", b"id", "schema", b"schema", "update_time", b"update_time", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contents", b"contents", "create_time", b"create_time", "default_language", b"default_language", "description", b"description", "id", b"id", "schema", b"schema", "tenant", b"tenant", "update_time", b"update_time", "variables", b"variables", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
