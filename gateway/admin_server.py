@@ -5,23 +5,28 @@ store keeps its digest (``gateway.store``). What a revocation or a rotation chan
 refused by every gateway within its key cache's lifetime (``gateway.auth``, 2 s). Scopes
 travel as the contract's ``Scope`` enum and are stored under their declared names, so
 a key's row reads the same as the errors and docs/SECURITY.md.
+
+Tenant settings (recipient limits) reach the gateways with the keys that read them, so
+a change applies within the same key cache lifetime.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from notify.v1 import access_pb2, admin_service_pb2, admin_service_pb2_grpc
 
 from gateway.auth import current_api_key
-from gateway.limits import Rate
-from gateway.store import KeyStore
+from gateway.dead_letters import CHANNEL_OF_KIND, KIND_OF_CHANNEL
+from gateway.limits import Rate, Window, in_force
+from gateway.store import KeyStore, TenantSettings, TenantStore
 from notify_kit import acl
-from notify_kit.errors import FailedPrecondition, NotFound, PermissionDenied
+from notify_kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from notify_kit.paging import Cursor, decode_page_token, encode_page_token
 from notify_kit.tenancy import DEFAULT_TENANT
 from notify_kit.timestamps import to_timestamp
@@ -61,25 +66,69 @@ def _not_found() -> NotFound:
     return NotFound("API_KEY_NOT_FOUND", "no such API key")
 
 
-class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
-    """Create, list, get, rotate and revoke API keys (scope ``admin``)."""
+def _acting_for(tenant: str, doing: str) -> str:
+    """``tenant`` (empty: the caller's own) if the caller's key may act for it: its own
+    tenant, or any for the default tenant's (the operators') admin keys."""
+    caller = current_api_key().tenant
+    tenant = tenant or caller
+    if caller not in (tenant, DEFAULT_TENANT):
+        raise PermissionDenied(
+            "TENANT_NOT_YOURS",
+            f"only an admin key of the default tenant {doing} for other tenants",
+            metadata={"tenant": tenant},
+        )
+    return tenant
 
-    def __init__(self, keys: KeyStore) -> None:
+
+def _limit_messages(limits: Mapping[str, Window]) -> list[admin_service_pb2.RecipientLimit]:
+    messages = []
+    for kind, window in sorted(limits.items()):
+        span = duration_pb2.Duration()
+        span.FromTimedelta(timedelta(seconds=window.seconds))
+        messages.append(
+            pb.RecipientLimit(
+                channel=CHANNEL_OF_KIND[kind], max_notifications=window.limit, window=span
+            )
+        )
+    return messages
+
+
+def _limit_windows(limits: Sequence[admin_service_pb2.RecipientLimit]) -> dict[str, Window]:
+    """The limits by channel kind; a channel named twice is refused (the field's bounds
+    are the contract's, checked before the handler)."""
+    windows: dict[str, Window] = {}
+    for i, limit in enumerate(limits):
+        kind = KIND_OF_CHANNEL[limit.channel]
+        if kind in windows:
+            raise InvalidArgument(
+                "INVALID_REQUEST",
+                "one recipient limit per channel",
+                field_violations=[(f"settings.recipient_limits[{i}].channel", "named twice")],
+            )
+        windows[kind] = Window(limit.max_notifications, limit.window.ToTimedelta().total_seconds())
+    return windows
+
+
+class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
+    """Create, list, get, rotate and revoke API keys, and set tenants' recipient limits
+    (scope ``admin``)."""
+
+    def __init__(
+        self,
+        keys: KeyStore,
+        tenants: TenantStore,
+        recipient_defaults: Mapping[str, Window] | None = None,
+    ) -> None:
         self._keys = keys
+        self._tenants = tenants
+        self._recipient_defaults = dict(recipient_defaults or {})
 
     async def CreateApiKey(  # noqa: N802 (gRPC method name)
         self, request: admin_service_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> admin_service_pb2.CreateApiKeyResponse:
         """A new key; its secret is in this answer and nowhere else."""
         names = acl.scope_names()  # the contract checked that every scope is declared
-        caller = current_api_key().tenant
-        tenant = request.tenant or caller
-        if caller not in (tenant, DEFAULT_TENANT):
-            raise PermissionDenied(
-                "TENANT_NOT_YOURS",
-                "only an admin key of the default tenant makes keys for other tenants",
-                metadata={"tenant": tenant},
-            )
+        tenant = _acting_for(request.tenant, "makes keys")
         expires = request.expire_time.ToDatetime(UTC) if request.HasField("expire_time") else None
         limit = request.rate_limit
         rate = (
@@ -140,3 +189,36 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         if row is None:
             raise _not_found()
         return pb.RevokeApiKeyResponse(api_key=to_message(row))
+
+    async def GetTenantSettings(  # noqa: N802 (gRPC method name)
+        self,
+        request: admin_service_pb2.GetTenantSettingsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> admin_service_pb2.GetTenantSettingsResponse:
+        """The tenant's own limits and the ones in force."""
+        tenant = _acting_for(request.tenant, "reads settings")
+        stored = await self._tenants.get(tenant)
+        return pb.GetTenantSettingsResponse(settings=self._settings_message(tenant, stored))
+
+    async def UpdateTenantSettings(  # noqa: N802 (gRPC method name)
+        self,
+        request: admin_service_pb2.UpdateTenantSettingsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> admin_service_pb2.UpdateTenantSettingsResponse:
+        """Replace the tenant's settings; every gateway applies them within its key
+        cache's lifetime."""
+        tenant = _acting_for(request.settings.tenant, "changes settings")
+        stored = await self._tenants.put(tenant, _limit_windows(request.settings.recipient_limits))
+        return pb.UpdateTenantSettingsResponse(settings=self._settings_message(tenant, stored))
+
+    def _settings_message(
+        self, tenant: str, stored: TenantSettings
+    ) -> admin_service_pb2.TenantSettings:
+        return pb.TenantSettings(
+            tenant=tenant,
+            recipient_limits=_limit_messages(stored.recipient_limits),
+            effective_recipient_limits=_limit_messages(
+                in_force(self._recipient_defaults, stored.recipient_limits)
+            ),
+            update_time=to_timestamp(stored.updated_at),
+        )

@@ -31,7 +31,7 @@ from gateway.proxy import ForwardingHandler
 from gateway.reconciler import Reconciler
 from gateway.records import RecordWriter
 from gateway.server import NotificationServicer
-from gateway.store import KeyStore
+from gateway.store import KeyStore, TenantStore
 from notify_kit import acl, amqp, db
 from notify_kit.kv import redis_client
 from notify_kit.rpc import secure_channel
@@ -125,7 +125,7 @@ class App:
                     dead_letter_admin, server
                 )
                 admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-                    AdminServicer(keys), server
+                    AdminServicer(keys, TenantStore(pool), config.recipient_limits), server
                 )
                 server.add_generic_rpc_handlers((forwarding,))
 

@@ -101,6 +101,13 @@ class Window:
     seconds: float
 
 
+def in_force(defaults: Mapping[str, Window], own: Mapping[str, Window]) -> dict[str, Window]:
+    """The recipient limits a tenant's sends are checked against: its own for the
+    channels it names (limit 0: none), the gateway's defaults for the others."""
+    merged = {**defaults, **own}
+    return {kind: w for kind, w in merged.items() if w.limit > 0}
+
+
 def key_bucket(key_id: str) -> str:
     """The Redis key of an API key's bucket."""
     return f"notify:rl:key:{key_id}"

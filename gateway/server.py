@@ -32,7 +32,7 @@ from notify.v1 import (
 from gateway import variables
 from gateway.auth import current_api_key
 from gateway.cache import IdempotencyCache
-from gateway.limits import RateLimiter, Window, recipient_log
+from gateway.limits import RateLimiter, Window, in_force, recipient_log
 from gateway.records import RecordWriter
 from notify_kit.amqp import EMAIL, PUSH, JobKind, Publisher
 from notify_kit.cache import LruCache
@@ -283,7 +283,10 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         self, user_id: str, deliveries: list[S.Delivery], notification_id: str
     ) -> None:
         """Count this notification against the user's limit on each queued channel, or
-        refuse it (RESOURCE_EXHAUSTED) if one is full; suppressed channels count nothing."""
+        refuse it (RESOURCE_EXHAUSTED) if one is full; suppressed channels count nothing.
+
+        The limits are the key's tenant's (read with the key, ``gateway.store``), else
+        the gateway's defaults."""
         if self._limiter is None:
             return
         queued = {
@@ -291,16 +294,17 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             for d in deliveries
             if d.status == S.NOTIFICATION_STATUS_QUEUED
         }
-        limited = {kind: w for kind, w in self._recipient_limits.items() if kind in queued}
+        limits = in_force(self._recipient_limits, current_api_key().recipient_limits)
+        limited = {kind: w for kind, w in limits.items() if kind in queued}
         windows = {recipient_log(user_id, kind): w for kind, w in limited.items()}
         wait = await self._limiter.admit(notification_id, windows)
         if wait:
-            limits = ", ".join(
+            described = ", ".join(
                 f"{w.limit} {kind} per {w.seconds:g}s" for kind, w in limited.items()
             )
             raise ResourceExhausted(
                 "RECIPIENT_RATE_LIMITED",
-                f"this user has had the most notifications allowed ({limits}); retry later",
+                f"this user has had the most notifications allowed ({described}); retry later",
                 metadata={"user_id": user_id},
                 retry_after=wait,
             )

@@ -1,24 +1,27 @@
-"""The gateway's own data: API keys (hashed), in PostgreSQL.
+"""The gateway's own data: API keys (hashed) and tenant settings, in PostgreSQL.
 
 A key's secret is never stored: the row keeps its SHA-256, and a call's key is found by
 the digest of what it presents (a unique index), so no secret is ever compared byte by
 byte and the database never holds one. After a rotation the row also keeps the previous
 secret's digest until its grace period ends. A key works while it is neither revoked nor
-past its expiry.
+past its expiry. A key's lookup brings its tenant's settings along, so what a send
+is checked against is cached with the key and costs no query of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from gateway.limits import Rate
+from gateway.limits import Rate, Window
 from notify_kit.errors import Unavailable
 from notify_kit.paging import Cursor
 from notify_kit.tenancy import DEFAULT_TENANT
@@ -29,11 +32,12 @@ SECRET_PREFIX = "nfy_"  # noqa: S105 (a public prefix, not a secret)
 
 # A key authenticates with its current secret, or with the previous one during its grace.
 _FIND_KEY = """
-SELECT id, name, scopes, expires_at, rate_per_second, rate_burst, tenant,
-       CASE WHEN key_hash = $1 THEN NULL ELSE previous_expires_at END AS secret_expires_at
-FROM api_keys
-WHERE (key_hash = $1 OR (previous_hash = $1 AND previous_expires_at > now()))
-  AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())
+SELECT k.id, k.name, k.scopes, k.expires_at, k.rate_per_second, k.rate_burst, k.tenant,
+       CASE WHEN k.key_hash = $1 THEN NULL ELSE k.previous_expires_at END AS secret_expires_at,
+       s.recipient_limits
+FROM api_keys k LEFT JOIN tenant_settings s ON s.tenant = k.tenant
+WHERE (k.key_hash = $1 OR (k.previous_hash = $1 AND k.previous_expires_at > now()))
+  AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
 """
 # A revoked key stays revoked: re-running with the same bootstrap key does not revive it.
 _INSERT_KEY = """
@@ -74,6 +78,12 @@ UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 AND t
 RETURNING id, name, scopes, created_at, expires_at, last_used_at, revoked_at, previous_expires_at,
           rate_per_second, rate_burst, tenant
 """
+_GET_SETTINGS = "SELECT recipient_limits, updated_at FROM tenant_settings WHERE tenant = $1"
+_PUT_SETTINGS = """
+INSERT INTO tenant_settings (tenant, recipient_limits) VALUES ($1, $2)
+ON CONFLICT (tenant) DO UPDATE SET recipient_limits = $2, updated_at = now()
+RETURNING recipient_limits, updated_at
+"""
 _TOUCH = """
 UPDATE api_keys SET last_used_at = now()
 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')
@@ -103,6 +113,9 @@ class ApiKey:
     rate: Rate | None = None
     # The tenant it acts for.
     tenant: str = DEFAULT_TENANT
+    # The tenant's own recipient limits by channel kind (limit 0: none on that channel);
+    # the channels it does not name have the gateway's defaults.
+    recipient_limits: Mapping[str, Window] = field(default_factory=dict)
 
 
 class KeyStore:
@@ -130,6 +143,7 @@ class KeyStore:
             valid_until=min(ends) if ends else None,
             rate=Rate(own, row["rate_burst"]) if own is not None else None,
             tenant=row["tenant"],
+            recipient_limits=windows(row["recipient_limits"]),
         )
 
     async def ensure(self, raw: str, name: str, scopes: frozenset[str]) -> None:
@@ -201,3 +215,43 @@ class KeyStore:
     async def touch(self, ident: str) -> None:
         """Record that the key authenticated a call (one write a minute at most)."""
         await self._pool.execute(_TOUCH, uuid.UUID(ident), timeout=self._timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSettings:
+    """A tenant's stored settings."""
+
+    recipient_limits: Mapping[str, Window]
+    updated_at: datetime | None = None  # None: never set, the defaults apply
+
+
+def windows(stored: str | None) -> dict[str, Window]:
+    """Recipient limits as the ``recipient_limits`` column holds them (JSON text)."""
+    if stored is None:
+        return {}
+    return {
+        kind: Window(int(w["limit"]), float(w["seconds"])) for kind, w in json.loads(stored).items()
+    }
+
+
+class TenantStore:
+    """Tenant settings in PostgreSQL."""
+
+    def __init__(self, pool: asyncpg.Pool, *, timeout: float = 2.0) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def get(self, tenant: str) -> TenantSettings:
+        """The tenant's settings (none stored: no limits of its own)."""
+        row = await self._pool.fetchrow(_GET_SETTINGS, tenant, timeout=self._timeout)
+        if row is None:
+            return TenantSettings({})
+        return TenantSettings(windows(row["recipient_limits"]), row["updated_at"])
+
+    async def put(self, tenant: str, recipient_limits: Mapping[str, Window]) -> TenantSettings:
+        """Replace the tenant's settings."""
+        stored = json.dumps(
+            {k: {"limit": w.limit, "seconds": w.seconds} for k, w in recipient_limits.items()}
+        )
+        row = await self._pool.fetchrow(_PUT_SETTINGS, tenant, stored, timeout=self._timeout)
+        return TenantSettings(windows(row["recipient_limits"]), row["updated_at"])

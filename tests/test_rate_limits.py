@@ -169,6 +169,83 @@ async def test_a_recipient_limit_of_30_admits_exactly_one_of_a_late_burst(limite
     ), got
 
 
+async def test_a_tenant_sets_its_own_recipient_limits(limited: E2E) -> None:
+    """A tenant's limits replace the gateway's defaults for the channels it names (0: no
+    limit there), for its sends only; only its own admins or the operators set them."""
+    suffix = uuid.uuid4().hex[:8]
+    acme, globex = f"acme-{suffix}", f"globex-{suffix}"
+    keys = {}
+    for tenant in (acme, globex):
+        status, made, _ = await _call(
+            limited, "POST", "/v1/api-keys",
+            {"name": "admin", "scopes": ["SCOPE_ADMIN"], "tenant": tenant},
+        )  # fmt: skip
+        assert status == 200, made
+        keys[tenant] = made["secret"]
+    path = f"/v1/tenants/{acme}/settings"
+    status, got, _ = await _call(limited, "GET", path)
+    assert status == 200, got
+    assert got["settings"].get("recipientLimits", []) == [] and "updateTime" not in got["settings"]
+    assert got["settings"]["effectiveRecipientLimits"] == [
+        {"channel": "CHANNEL_EMAIL", "maxNotifications": LIMIT, "window": "3600s"},
+        {"channel": "CHANNEL_PUSH", "maxNotifications": 2, "window": "3600s"},
+    ], got
+    own = [
+        {"channel": "CHANNEL_EMAIL", "maxNotifications": 2, "window": "60s"},
+        {"channel": "CHANNEL_PUSH", "maxNotifications": 0, "window": "1s"},
+    ]
+    twice = {"tenant": acme, "recipientLimits": [own[0], own[0]]}
+    status, got, _ = await _call(limited, "PUT", path, twice)
+    assert status == 400 and _detail(got, "BadRequest"), got
+    for bad in ({**own[0], "window": "0s"}, {**own[0], "maxNotifications": -1}):
+        status, got, _ = await _call(limited, "PUT", path, {"recipientLimits": [bad]})
+        assert status == 400, (bad, got)
+    status, got, _ = await _call(limited, "PUT", path, {"recipientLimits": own}, keys[globex])
+    assert status == 403 and _detail(got, "ErrorInfo")["reason"] == "TENANT_NOT_YOURS", got
+    status, got, _ = await _call(limited, "PUT", path, {"recipientLimits": own}, keys[acme])
+    assert status == 200 and got["settings"]["updateTime"], got
+    assert got["settings"]["recipientLimits"] == own, got
+    assert got["settings"]["effectiveRecipientLimits"] == [own[0]], got  # push: none
+
+    # A key's lookup brings its tenant's limits, cached with it (here for the module's
+    # 300 s; 2 s by default): a key first used from now on has the new ones.
+    status, made, _ = await _call(
+        limited, "POST", "/v1/api-keys", {"name": "app", "scopes": ["SCOPE_ADMIN"]}, keys[acme]
+    )
+    assert status == 200 and made["apiKey"]["tenant"] == acme, made
+    key = made["secret"]
+    template = {
+        "id": "welcome",
+        "contents": [
+            {
+                "language": "en",
+                "email": {"subject": "Hi", "textBody": "Hi."},
+                "push": {"title": "Hi", "body": "Hi."},
+            }
+        ],
+    }
+    status, got, _ = await _call(limited, "POST", "/v1/templates", template, key)
+    assert status == 200, got
+    status, got, _ = await _call(
+        limited, "POST", "/v1/users", {"email": f"a-{suffix}@example.com"}, key
+    )
+    assert status == 200, got
+    user_id = got["user"]["id"]
+    status, got, _ = await _call(
+        limited, "POST", f"/v1/users/{user_id}/devices",
+        {"platform": "DEVICE_PLATFORM_ANDROID", "token": f"tok-{suffix}"}, key,
+    )  # fmt: skip
+    assert status == 200, got
+    for channel, admitted in (("CHANNEL_PUSH", 3), ("CHANNEL_EMAIL", 2)):  # default push: 2
+        send = {"userId": user_id, "templateId": "welcome", "channels": [channel]}
+        for _ in range(admitted):
+            status, got, _ = await _call(limited, "POST", "/v1/notifications", send, key)
+            assert status == 200, (channel, got)
+    _refused_with(
+        await _call(limited, "POST", "/v1/notifications", send, key), "RECIPIENT_RATE_LIMITED"
+    )
+
+
 async def test_a_key_limit_of_30_admits_exactly_one_of_a_late_burst(limited: E2E) -> None:
     status, created, _ = await _call(
         limited,

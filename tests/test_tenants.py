@@ -7,7 +7,8 @@ import uuid
 from typing import Any
 
 from scripts.api import DEMO_TEMPLATE
-from tests.e2e_support import E2E
+from scripts.system import poll
+from tests.e2e_support import API_KEY, E2E
 
 
 def _reason(body: Any) -> str:
@@ -164,20 +165,44 @@ async def test_templates_belong_to_their_tenant(e2e: E2E) -> None:
     ann = await _user(e2e, acme_key, f"a-{suffix}@example.com")
     ada = await e2e.new_user(devices=0)
     sent = {}
-    for user, key in ((ada, None), (ann, acme_key)):
-        kw = {"api_key": key} if key else {}
+    for user, key in ((ada, API_KEY), (ann, acme_key)):
         status, got = await e2e.api(
             "POST", "/v1/notifications",
             {"userId": user, "templateId": "welcome", "channels": ["CHANNEL_EMAIL"],
              "variables": {"name": "Zed"}},
-            **kw,
+            api_key=key,
         )  # fmt: skip
         assert status == 200, got
-        sent[user] = (got["notification"]["id"], kw)
+        sent[user] = (got["notification"]["id"], key)
     subjects = {}
-    for user, (nid, kw) in sent.items():
-        final = await e2e.settle(nid, **kw)
+    for user, (nid, key) in sent.items():
+        final = await e2e.settle(nid, api_key=key)
         assert final["notification"]["status"] == "NOTIFICATION_STATUS_DELIVERED", final
         (mail,) = (m for m in e2e.mail.messages if m["X-Notify-Notification-Id"] == nid)
         subjects[user] = mail["Subject"]
     assert subjects == {ada: "Welcome, Zed!", ann: "Acme: Zed"}
+
+
+async def test_a_tenants_new_limits_apply_within_seconds(e2e: E2E) -> None:
+    """Settings ride with the key lookup, so a change reaches a key already in use as soon
+    as its cache entry ends (2 s by default), on every gateway."""
+    suffix = uuid.uuid4().hex[:8]
+    tenant = f"acme-{suffix}"
+    key = await _tenant_admin(e2e, tenant)
+    await _template(e2e, key, "Hi")
+    user = await _user(e2e, key, f"a-{suffix}@example.com")
+    send = {"userId": user, "templateId": "welcome", "channels": ["CHANNEL_EMAIL"]}
+    status, got = await e2e.api("POST", "/v1/notifications", send, api_key=key)
+    assert status == 200, got  # no limit yet, and the key is now cached
+    limit = {"channel": "CHANNEL_EMAIL", "maxNotifications": 1, "window": "3600s"}
+    status, got = await e2e.api(
+        "PUT", f"/v1/tenants/{tenant}/settings", {"recipientLimits": [limit]}, api_key=key
+    )
+    assert status == 200, got
+    status, got = await poll(
+        lambda: e2e.api("POST", "/v1/notifications", send, api_key=key),
+        lambda answer: answer[0] != 200,
+        timeout=5,
+        what="the new recipient limit",
+    )
+    assert status == 429 and _reason(got) == "RECIPIENT_RATE_LIMITED", got

@@ -28,9 +28,10 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from notify.v1 import access_pb2 as notify_dot_v1_dot_access__pb2
+from notify.v1 import common_pb2 as notify_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnotify/v1/admin_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/access.proto\"\xa4\x03\n\x06\x41piKey\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x06scopes\x18\x03 \x03(\x0e\x32\x10.notify.v1.Scope\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0elast_used_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x45\n\x1bprevious_secret_expire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12(\n\nrate_limit\x18\t \x01(\x0b\x32\x14.notify.v1.RateLimit\x12\x0e\n\x06tenant\x18\n \x01(\t\"]\n\tRateLimit\x12\x34\n\x13requests_per_second\x18\x01 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00j\xf8@!\x00\x00\x00\x00\x00\x00\x00\x00\x12\x1a\n\x05\x62urst\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xc0\x84=(\x01\"\x8e\x02\n\x13\x43reateApiKeyRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18\x64\x32\x13^[^\\x00-\\x1f\\x7f]*$\x12\x35\n\x06scopes\x18\x02 \x03(\x0e\x32\x10.notify.v1.ScopeB\x13\xbaH\x10\x92\x01\r\x08\x01\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12\x39\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\xbaH\x05\xb2\x01\x02@\x01\x12(\n\nrate_limit\x18\x04 \x01(\x0b\x32\x14.notify.v1.RateLimit\x12-\n\x06tenant\x18\x05 \x01(\tB\x1d\xbaH\x1ar\x18\x18?2\x14^([a-z][a-z0-9-]*)?$\"J\n\x14\x43reateApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"]\n\x12ListApiKeysRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_revoked\x18\x03 \x01(\x08\"S\n\x13ListApiKeysResponse\x12#\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x11.notify.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x10GetApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"7\n\x11GetApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\"l\n\x13RotateApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12?\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\xbaH\x0b\xaa\x01\x08\"\x04\x08\x80\xf5$2\x00\"J\n\x14RotateApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"+\n\x13RevokeApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\":\n\x14RevokeApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey2\xd2\x04\n\x0c\x41\x64minService\x12n\n\x0c\x43reateApiKey\x12\x1e.notify.v1.CreateApiKeyRequest\x1a\x1f.notify.v1.CreateApiKeyResponse\"\x1d\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/api-keys:\x01*\x12h\n\x0bListApiKeys\x12\x1d.notify.v1.ListApiKeysRequest\x1a\x1e.notify.v1.ListApiKeysResponse\"\x1a\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/api-keys\x12g\n\tGetApiKey\x12\x1b.notify.v1.GetApiKeyRequest\x1a\x1c.notify.v1.GetApiKeyResponse\"\x1f\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/api-keys/{id}\x12z\n\x0cRotateApiKey\x12\x1e.notify.v1.RotateApiKeyRequest\x1a\x1f.notify.v1.RotateApiKeyResponse\")\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/api-keys/{id}:rotate:\x01*\x12z\n\x0cRevokeApiKey\x12\x1e.notify.v1.RevokeApiKeyRequest\x1a\x1f.notify.v1.RevokeApiKeyResponse\")\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/api-keys/{id}:revoke:\x01*\x1a\x07\xe2\xf3\x18\x03\n\x01\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dnotify/v1/admin_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/access.proto\x1a\x16notify/v1/common.proto\"\xa4\x03\n\x06\x41piKey\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x06scopes\x18\x03 \x03(\x0e\x32\x10.notify.v1.Scope\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0elast_used_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x45\n\x1bprevious_secret_expire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12(\n\nrate_limit\x18\t \x01(\x0b\x32\x14.notify.v1.RateLimit\x12\x0e\n\x06tenant\x18\n \x01(\t\"]\n\tRateLimit\x12\x34\n\x13requests_per_second\x18\x01 \x01(\x01\x42\x17\xbaH\x14\x12\x12\x19\x00\x00\x00\x00\x00j\xf8@!\x00\x00\x00\x00\x00\x00\x00\x00\x12\x1a\n\x05\x62urst\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xc0\x84=(\x01\"\x8e\x02\n\x13\x43reateApiKeyRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18\x64\x32\x13^[^\\x00-\\x1f\\x7f]*$\x12\x35\n\x06scopes\x18\x02 \x03(\x0e\x32\x10.notify.v1.ScopeB\x13\xbaH\x10\x92\x01\r\x08\x01\x18\x01\"\x07\x82\x01\x04\x10\x01 \x00\x12\x39\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x08\xbaH\x05\xb2\x01\x02@\x01\x12(\n\nrate_limit\x18\x04 \x01(\x0b\x32\x14.notify.v1.RateLimit\x12-\n\x06tenant\x18\x05 \x01(\tB\x1d\xbaH\x1ar\x18\x18?2\x14^([a-z][a-z0-9-]*)?$\"J\n\x14\x43reateApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"]\n\x12ListApiKeysRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_revoked\x18\x03 \x01(\x08\"S\n\x13ListApiKeysResponse\x12#\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x11.notify.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x10GetApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"7\n\x11GetApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\"l\n\x13RotateApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\x12?\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\xbaH\x0b\xaa\x01\x08\"\x04\x08\x80\xf5$2\x00\"J\n\x14RotateApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"+\n\x13RevokeApiKeyRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\":\n\x14RevokeApiKeyResponse\x12\"\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x11.notify.v1.ApiKey\"\xaa\x01\n\x0eRecipientLimit\x12/\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x12.notify.v1.ChannelB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12&\n\x11max_notifications\x18\x02 \x01(\x05\x42\x0b\xbaH\x08\x1a\x06\x18\xc0\x84=(\x00\x12?\n\x06window\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x14\xbaH\x11\xaa\x01\x0b\"\x05\x08\x80\xbd\xa3\x01\x32\x02\x08\x01\xc8\x01\x01\"\xf9\x01\n\x0eTenantSettings\x12,\n\x06tenant\x18\x01 \x01(\tB\x1c\xbaH\x19r\x17\x10\x01\x18?2\x11^[a-z][a-z0-9-]*$\x12=\n\x10recipient_limits\x18\x02 \x03(\x0b\x32\x19.notify.v1.RecipientLimitB\x08\xbaH\x05\x92\x01\x02\x10\x08\x12\x43\n\x1a\x65\x66\x66\x65\x63tive_recipient_limits\x18\x03 \x03(\x0b\x32\x19.notify.v1.RecipientLimitB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"H\n\x18GetTenantSettingsRequest\x12,\n\x06tenant\x18\x01 \x01(\tB\x1c\xbaH\x19r\x17\x10\x01\x18?2\x11^[a-z][a-z0-9-]*$\"H\n\x19GetTenantSettingsResponse\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.notify.v1.TenantSettings\"R\n\x1bUpdateTenantSettingsRequest\x12\x33\n\x08settings\x18\x01 \x01(\x0b\x32\x19.notify.v1.TenantSettingsB\x06\xbaH\x03\xc8\x01\x01\"K\n\x1cUpdateTenantSettingsResponse\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.notify.v1.TenantSettings2\x8a\x07\n\x0c\x41\x64minService\x12n\n\x0c\x43reateApiKey\x12\x1e.notify.v1.CreateApiKeyRequest\x1a\x1f.notify.v1.CreateApiKeyResponse\"\x1d\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/api-keys:\x01*\x12h\n\x0bListApiKeys\x12\x1d.notify.v1.ListApiKeysRequest\x1a\x1e.notify.v1.ListApiKeysResponse\"\x1a\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/api-keys\x12g\n\tGetApiKey\x12\x1b.notify.v1.GetApiKeyRequest\x1a\x1c.notify.v1.GetApiKeyResponse\"\x1f\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/api-keys/{id}\x12z\n\x0cRotateApiKey\x12\x1e.notify.v1.RotateApiKeyRequest\x1a\x1f.notify.v1.RotateApiKeyResponse\")\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/api-keys/{id}:rotate:\x01*\x12z\n\x0cRevokeApiKey\x12\x1e.notify.v1.RevokeApiKeyRequest\x1a\x1f.notify.v1.RevokeApiKeyResponse\")\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/api-keys/{id}:revoke:\x01*\x12\x8b\x01\n\x11GetTenantSettings\x12#.notify.v1.GetTenantSettingsRequest\x1a$.notify.v1.GetTenantSettingsResponse\"+\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/tenants/{tenant}/settings\x12\xa7\x01\n\x14UpdateTenantSettings\x12&.notify.v1.UpdateTenantSettingsRequest\x1a\'.notify.v1.UpdateTenantSettingsResponse\">\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x32\x1a&/v1/tenants/{settings.tenant}/settings:\x08settings\x1a\x07\xe2\xf3\x18\x03\n\x01\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -69,6 +70,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROTATEAPIKEYREQUEST'].fields_by_name['grace_period']._serialized_options = b'\272H\013\252\001\010\"\004\010\200\365$2\000'
   _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['id']._serialized_options = b'\272H\005r\003\260\001\001'
+  _globals['_RECIPIENTLIMIT'].fields_by_name['channel']._loaded_options = None
+  _globals['_RECIPIENTLIMIT'].fields_by_name['channel']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
+  _globals['_RECIPIENTLIMIT'].fields_by_name['max_notifications']._loaded_options = None
+  _globals['_RECIPIENTLIMIT'].fields_by_name['max_notifications']._serialized_options = b'\272H\010\032\006\030\300\204=(\000'
+  _globals['_RECIPIENTLIMIT'].fields_by_name['window']._loaded_options = None
+  _globals['_RECIPIENTLIMIT'].fields_by_name['window']._serialized_options = b'\272H\021\252\001\013\"\005\010\200\275\243\0012\002\010\001\310\001\001'
+  _globals['_TENANTSETTINGS'].fields_by_name['tenant']._loaded_options = None
+  _globals['_TENANTSETTINGS'].fields_by_name['tenant']._serialized_options = b'\272H\031r\027\020\001\030?2\021^[a-z][a-z0-9-]*$'
+  _globals['_TENANTSETTINGS'].fields_by_name['recipient_limits']._loaded_options = None
+  _globals['_TENANTSETTINGS'].fields_by_name['recipient_limits']._serialized_options = b'\272H\005\222\001\002\020\010'
+  _globals['_TENANTSETTINGS'].fields_by_name['effective_recipient_limits']._loaded_options = None
+  _globals['_TENANTSETTINGS'].fields_by_name['effective_recipient_limits']._serialized_options = b'\342A\001\003'
+  _globals['_TENANTSETTINGS'].fields_by_name['update_time']._loaded_options = None
+  _globals['_TENANTSETTINGS'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_GETTENANTSETTINGSREQUEST'].fields_by_name['tenant']._loaded_options = None
+  _globals['_GETTENANTSETTINGSREQUEST'].fields_by_name['tenant']._serialized_options = b'\272H\031r\027\020\001\030?2\021^[a-z][a-z0-9-]*$'
+  _globals['_UPDATETENANTSETTINGSREQUEST'].fields_by_name['settings']._loaded_options = None
+  _globals['_UPDATETENANTSETTINGSREQUEST'].fields_by_name['settings']._serialized_options = b'\272H\003\310\001\001'
   _globals['_ADMINSERVICE']._loaded_options = None
   _globals['_ADMINSERVICE']._serialized_options = b'\342\363\030\003\n\001\003'
   _globals['_ADMINSERVICE'].methods_by_name['CreateApiKey']._loaded_options = None
@@ -81,30 +100,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINSERVICE'].methods_by_name['RotateApiKey']._serialized_options = b'\332\363\030\002\010\007\202\323\344\223\002\035\"\030/v1/api-keys/{id}:rotate:\001*'
   _globals['_ADMINSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\332\363\030\002\010\007\202\323\344\223\002\035\"\030/v1/api-keys/{id}:revoke:\001*'
-  _globals['_APIKEY']._serialized_start=226
-  _globals['_APIKEY']._serialized_end=646
-  _globals['_RATELIMIT']._serialized_start=648
-  _globals['_RATELIMIT']._serialized_end=741
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=744
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1014
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1016
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1090
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1092
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1185
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1187
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1270
-  _globals['_GETAPIKEYREQUEST']._serialized_start=1272
-  _globals['_GETAPIKEYREQUEST']._serialized_end=1312
-  _globals['_GETAPIKEYRESPONSE']._serialized_start=1314
-  _globals['_GETAPIKEYRESPONSE']._serialized_end=1369
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=1371
-  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=1479
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=1481
-  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=1555
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1557
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1600
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1602
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1660
-  _globals['_ADMINSERVICE']._serialized_start=1663
-  _globals['_ADMINSERVICE']._serialized_end=2257
+  _globals['_ADMINSERVICE'].methods_by_name['GetTenantSettings']._loaded_options = None
+  _globals['_ADMINSERVICE'].methods_by_name['GetTenantSettings']._serialized_options = b'\332\363\030\002\010\007\202\323\344\223\002\037\022\035/v1/tenants/{tenant}/settings'
+  _globals['_ADMINSERVICE'].methods_by_name['UpdateTenantSettings']._loaded_options = None
+  _globals['_ADMINSERVICE'].methods_by_name['UpdateTenantSettings']._serialized_options = b'\332\363\030\002\010\007\202\323\344\223\0022\032&/v1/tenants/{settings.tenant}/settings:\010settings'
+  _globals['_APIKEY']._serialized_start=250
+  _globals['_APIKEY']._serialized_end=670
+  _globals['_RATELIMIT']._serialized_start=672
+  _globals['_RATELIMIT']._serialized_end=765
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=768
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1038
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1040
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1114
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1116
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1209
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1211
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1294
+  _globals['_GETAPIKEYREQUEST']._serialized_start=1296
+  _globals['_GETAPIKEYREQUEST']._serialized_end=1336
+  _globals['_GETAPIKEYRESPONSE']._serialized_start=1338
+  _globals['_GETAPIKEYRESPONSE']._serialized_end=1393
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_start=1395
+  _globals['_ROTATEAPIKEYREQUEST']._serialized_end=1503
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_start=1505
+  _globals['_ROTATEAPIKEYRESPONSE']._serialized_end=1579
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1581
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1624
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1626
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1684
+  _globals['_RECIPIENTLIMIT']._serialized_start=1687
+  _globals['_RECIPIENTLIMIT']._serialized_end=1857
+  _globals['_TENANTSETTINGS']._serialized_start=1860
+  _globals['_TENANTSETTINGS']._serialized_end=2109
+  _globals['_GETTENANTSETTINGSREQUEST']._serialized_start=2111
+  _globals['_GETTENANTSETTINGSREQUEST']._serialized_end=2183
+  _globals['_GETTENANTSETTINGSRESPONSE']._serialized_start=2185
+  _globals['_GETTENANTSETTINGSRESPONSE']._serialized_end=2257
+  _globals['_UPDATETENANTSETTINGSREQUEST']._serialized_start=2259
+  _globals['_UPDATETENANTSETTINGSREQUEST']._serialized_end=2341
+  _globals['_UPDATETENANTSETTINGSRESPONSE']._serialized_start=2343
+  _globals['_UPDATETENANTSETTINGSRESPONSE']._serialized_end=2418
+  _globals['_ADMINSERVICE']._serialized_start=2421
+  _globals['_ADMINSERVICE']._serialized_end=3327
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from notify.v1 import access_pb2 as _access_pb2
+from notify.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -405,3 +406,178 @@ class RevokeApiKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeApiKeyResponse: _TypeAlias = RevokeApiKeyResponse  # noqa: Y015
+
+@_typing.final
+class RecipientLimit(_message.Message):
+    """RecipientLimit caps how many notifications one recipient gets on one channel: at
+    most max_notifications in any window. Over it, a send is refused with
+    RESOURCE_EXHAUSTED (HTTP 429), a RetryInfo and a Retry-After header.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    MAX_NOTIFICATIONS_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    channel: _common_pb2.Channel.ValueType
+    """The channel limited."""
+    max_notifications: _builtins.int
+    """At most this many per window (0: no limit on this channel for this tenant, even
+    where the gateway's default has one; at most 1,000,000).
+    """
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """The sliding window (1 second to 31 days)."""
+
+    def __init__(
+        self,
+        *,
+        channel: _common_pb2.Channel.ValueType = ...,
+        max_notifications: _builtins.int = ...,
+        window: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "max_notifications", b"max_notifications", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecipientLimit: _TypeAlias = RecipientLimit  # noqa: Y015
+
+@_typing.final
+class TenantSettings(_message.Message):
+    """TenantSettings is what a tenant sets for itself."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RECIPIENT_LIMITS_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_RECIPIENT_LIMITS_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant."""
+    @_builtins.property
+    def recipient_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientLimit]:
+        """The tenant's own recipient limits, at most one per channel; a channel without one
+        has the gateway's default (NOTIFY_RECIPIENT_LIMITS).
+        """
+
+    @_builtins.property
+    def effective_recipient_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientLimit]:
+        """The limits a send of this tenant is checked against: the tenant's own, then the
+        gateway's defaults for the other channels. Output only.
+        """
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the settings were last replaced; unset: never (the defaults apply). Output only."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        recipient_limits: _abc.Iterable[Global___RecipientLimit] | None = ...,
+        effective_recipient_limits: _abc.Iterable[Global___RecipientLimit] | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_recipient_limits", b"effective_recipient_limits", "recipient_limits", b"recipient_limits", "tenant", b"tenant", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantSettings: _TypeAlias = TenantSettings  # noqa: Y015
+
+@_typing.final
+class GetTenantSettingsRequest(_message.Message):
+    """Request for GetTenantSettings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTenantSettingsRequest: _TypeAlias = GetTenantSettingsRequest  # noqa: Y015
+
+@_typing.final
+class GetTenantSettingsResponse(_message.Message):
+    """Response of GetTenantSettings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___TenantSettings:
+        """The settings."""
+
+    def __init__(
+        self,
+        *,
+        settings: Global___TenantSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTenantSettingsResponse: _TypeAlias = GetTenantSettingsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateTenantSettingsRequest(_message.Message):
+    """Request for UpdateTenantSettings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___TenantSettings:
+        """The new settings (every field given replaces the stored one)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Global___TenantSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTenantSettingsRequest: _TypeAlias = UpdateTenantSettingsRequest  # noqa: Y015
+
+@_typing.final
+class UpdateTenantSettingsResponse(_message.Message):
+    """Response of UpdateTenantSettings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___TenantSettings:
+        """The settings as stored."""
+
+    def __init__(
+        self,
+        *,
+        settings: Global___TenantSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTenantSettingsResponse: _TypeAlias = UpdateTenantSettingsResponse  # noqa: Y015

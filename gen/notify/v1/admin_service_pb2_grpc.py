@@ -29,7 +29,7 @@ class AdminServiceStub:
     """AdminService manages API keys, served by the gateway (which checks them): create one
     (its secret is shown once, only its hash is kept), list, read, rotate (the old secret
     keeps working for a grace period) and revoke (refused by every gateway within a few
-    seconds). Needs the `admin` scope.
+    seconds); and each tenant's settings (its recipient limits). Needs the `admin` scope.
     """
 
     def __init__(self, channel):
@@ -63,13 +63,23 @@ class AdminServiceStub:
                 request_serializer=notify_dot_v1_dot_admin__service__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=notify_dot_v1_dot_admin__service__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.GetTenantSettings = channel.unary_unary(
+                '/notify.v1.AdminService/GetTenantSettings',
+                request_serializer=notify_dot_v1_dot_admin__service__pb2.GetTenantSettingsRequest.SerializeToString,
+                response_deserializer=notify_dot_v1_dot_admin__service__pb2.GetTenantSettingsResponse.FromString,
+                _registered_method=True)
+        self.UpdateTenantSettings = channel.unary_unary(
+                '/notify.v1.AdminService/UpdateTenantSettings',
+                request_serializer=notify_dot_v1_dot_admin__service__pb2.UpdateTenantSettingsRequest.SerializeToString,
+                response_deserializer=notify_dot_v1_dot_admin__service__pb2.UpdateTenantSettingsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
     """AdminService manages API keys, served by the gateway (which checks them): create one
     (its secret is shown once, only its hash is kept), list, read, rotate (the old secret
     keeps working for a grace period) and revoke (refused by every gateway within a few
-    seconds). Needs the `admin` scope.
+    seconds); and each tenant's settings (its recipient limits). Needs the `admin` scope.
     """
 
     def CreateApiKey(self, request, context):
@@ -109,6 +119,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTenantSettings(self, request, context):
+        """Returns a tenant's settings: its own recipient limits and the ones in force. An
+        admin key reads its own tenant's; one of the default tenant, any tenant's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTenantSettings(self, request, context):
+        """Replaces a tenant's settings (same rule as GetTenantSettings for which tenant).
+        Every gateway applies them within a few seconds (its key cache's lifetime).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +163,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=notify_dot_v1_dot_admin__service__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=notify_dot_v1_dot_admin__service__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
+            'GetTenantSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenantSettings,
+                    request_deserializer=notify_dot_v1_dot_admin__service__pb2.GetTenantSettingsRequest.FromString,
+                    response_serializer=notify_dot_v1_dot_admin__service__pb2.GetTenantSettingsResponse.SerializeToString,
+            ),
+            'UpdateTenantSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTenantSettings,
+                    request_deserializer=notify_dot_v1_dot_admin__service__pb2.UpdateTenantSettingsRequest.FromString,
+                    response_serializer=notify_dot_v1_dot_admin__service__pb2.UpdateTenantSettingsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'notify.v1.AdminService', rpc_method_handlers)
@@ -149,7 +185,7 @@ class AdminService:
     """AdminService manages API keys, served by the gateway (which checks them): create one
     (its secret is shown once, only its hash is kept), list, read, rotate (the old secret
     keeps working for a grace period) and revoke (refused by every gateway within a few
-    seconds). Needs the `admin` scope.
+    seconds); and each tenant's settings (its recipient limits). Needs the `admin` scope.
     """
 
     @staticmethod
@@ -277,6 +313,60 @@ class AdminService:
             '/notify.v1.AdminService/RevokeApiKey',
             notify_dot_v1_dot_admin__service__pb2.RevokeApiKeyRequest.SerializeToString,
             notify_dot_v1_dot_admin__service__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenantSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/notify.v1.AdminService/GetTenantSettings',
+            notify_dot_v1_dot_admin__service__pb2.GetTenantSettingsRequest.SerializeToString,
+            notify_dot_v1_dot_admin__service__pb2.GetTenantSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTenantSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/notify.v1.AdminService/UpdateTenantSettings',
+            notify_dot_v1_dot_admin__service__pb2.UpdateTenantSettingsRequest.SerializeToString,
+            notify_dot_v1_dot_admin__service__pb2.UpdateTenantSettingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,7 +30,7 @@ class AdminServiceStub:
     """AdminService manages API keys, served by the gateway (which checks them): create one
     (its secret is shown once, only its hash is kept), list, read, rotate (the old secret
     keeps working for a grace period) and revoke (refused by every gateway within a few
-    seconds). Needs the `admin` scope.
+    seconds); and each tenant's settings (its recipient limits). Needs the `admin` scope.
     """
 
     @_typing.overload
@@ -51,13 +51,21 @@ class AdminServiceStub:
     """Revokes a key for good: every secret of it is refused from now on. Revoking a
     revoked key changes nothing.
     """
+    GetTenantSettings: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetTenantSettingsRequest, _admin_service_pb2.GetTenantSettingsResponse]
+    """Returns a tenant's settings: its own recipient limits and the ones in force. An
+    admin key reads its own tenant's; one of the default tenant, any tenant's.
+    """
+    UpdateTenantSettings: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateTenantSettingsRequest, _admin_service_pb2.UpdateTenantSettingsResponse]
+    """Replaces a tenant's settings (same rule as GetTenantSettings for which tenant).
+    Every gateway applies them within a few seconds (its key cache's lifetime).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
     """AdminService manages API keys, served by the gateway (which checks them): create one
     (its secret is shown once, only its hash is kept), list, read, rotate (the old secret
     keeps working for a grace period) and revoke (refused by every gateway within a few
-    seconds). Needs the `admin` scope.
+    seconds); and each tenant's settings (its recipient limits). Needs the `admin` scope.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -75,12 +83,20 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Revokes a key for good: every secret of it is refused from now on. Revoking a
     revoked key changes nothing.
     """
+    GetTenantSettings: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetTenantSettingsRequest, _admin_service_pb2.GetTenantSettingsResponse]  # type: ignore[assignment]
+    """Returns a tenant's settings: its own recipient limits and the ones in force. An
+    admin key reads its own tenant's; one of the default tenant, any tenant's.
+    """
+    UpdateTenantSettings: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.UpdateTenantSettingsRequest, _admin_service_pb2.UpdateTenantSettingsResponse]  # type: ignore[assignment]
+    """Replaces a tenant's settings (same rule as GetTenantSettings for which tenant).
+    Every gateway applies them within a few seconds (its key cache's lifetime).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages API keys, served by the gateway (which checks them): create one
     (its secret is shown once, only its hash is kept), list, read, rotate (the old secret
     keeps working for a grace period) and revoke (refused by every gateway within a few
-    seconds). Needs the `admin` scope.
+    seconds); and each tenant's settings (its recipient limits). Needs the `admin` scope.
     """
 
     @_abc_1.abstractmethod
@@ -125,6 +141,26 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_service_pb2.RevokeApiKeyResponse, _abc.Awaitable[_admin_service_pb2.RevokeApiKeyResponse]]:
         """Revokes a key for good: every secret of it is refused from now on. Revoking a
         revoked key changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTenantSettings(
+        self,
+        request: _admin_service_pb2.GetTenantSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.GetTenantSettingsResponse, _abc.Awaitable[_admin_service_pb2.GetTenantSettingsResponse]]:
+        """Returns a tenant's settings: its own recipient limits and the ones in force. An
+        admin key reads its own tenant's; one of the default tenant, any tenant's.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateTenantSettings(
+        self,
+        request: _admin_service_pb2.UpdateTenantSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.UpdateTenantSettingsResponse, _abc.Awaitable[_admin_service_pb2.UpdateTenantSettingsResponse]]:
+        """Replaces a tenant's settings (same rule as GetTenantSettings for which tenant).
+        Every gateway applies them within a few seconds (its key cache's lifetime).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
