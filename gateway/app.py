@@ -12,12 +12,12 @@ from notify.v1 import (
     admin_service_pb2_grpc,
     dead_letter_service_pb2,
     dead_letter_service_pb2_grpc,
+    delivery_service_pb2_grpc,
     notification_service_pb2,
     notification_service_pb2_grpc,
     template_service_pb2,
     template_service_pb2_grpc,
     user_service_pb2,
-    user_service_pb2_grpc,
 )
 
 from gateway.admin_server import AdminServicer
@@ -87,7 +87,7 @@ class App:
                 config.template_svc_addr, tls, default_timeout=config.upstream_timeout
             )
             stack.push_async_callback(template_channel.close)
-            users = user_service_pb2_grpc.UserServiceStub(user_channel)
+            users = delivery_service_pb2_grpc.DeliveryServiceStub(user_channel)
             records = RecordWriter(
                 users, timeout=config.upstream_timeout, max_batch=config.record_batch_max
             )
@@ -109,7 +109,7 @@ class App:
             dead_letter_admin = DeadLetterServicer(
                 dead_letters,
                 publisher,
-                user_service_pb2_grpc.UserServiceStub(user_channel),
+                delivery_service_pb2_grpc.DeliveryServiceStub(user_channel),
                 upstream_timeout=config.upstream_timeout,
             )
             forwarding = ForwardingHandler(
@@ -154,7 +154,7 @@ class App:
             await consumer.start()
             stack.push_async_callback(consumer.stop)
             reconciler = Reconciler(
-                user_service_pb2_grpc.UserServiceStub(user_channel),
+                delivery_service_pb2_grpc.DeliveryServiceStub(user_channel),
                 publisher,
                 dead_letters,
                 after=config.reconcile_after,

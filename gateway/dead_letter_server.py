@@ -24,9 +24,9 @@ from notify.v1 import (
     common_pb2,
     dead_letter_service_pb2,
     dead_letter_service_pb2_grpc,
+    delivery_service_pb2_grpc,
     jobs_pb2,
     user_service_pb2,
-    user_service_pb2_grpc,
 )
 
 from gateway.auth import current_api_key
@@ -193,7 +193,7 @@ class DeadLetterServicer(dead_letter_service_pb2_grpc.DeadLetterServiceServicer)
         self,
         store: DeadLetterStore,
         publisher: Publisher,
-        users: user_service_pb2_grpc.UserServiceStub,
+        users: delivery_service_pb2_grpc.DeliveryServiceStub,
         *,
         upstream_timeout: float,
     ) -> None:

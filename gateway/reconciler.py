@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 
 from google.protobuf import duration_pb2
-from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
+from notify.v1 import common_pb2, delivery_service_pb2_grpc, user_service_pb2
 
 from gateway.dead_letters import KIND_OF_CHANNEL, DeadLetterStore
 from notify_kit import rpc
@@ -53,7 +53,7 @@ class Reconciler:
 
     def __init__(
         self,
-        users: user_service_pb2_grpc.UserServiceStub,
+        users: delivery_service_pb2_grpc.DeliveryServiceStub,
         publisher: Publisher,
         dead_letters: DeadLetterStore,
         *,

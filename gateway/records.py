@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
+from notify.v1 import common_pb2, delivery_service_pb2_grpc, user_service_pb2
 
 from notify_kit.batching import Batcher
 from notify_kit.errors import InvalidArgument, NotFound, Unavailable
@@ -31,7 +31,11 @@ class RecordWriter:
     """
 
     def __init__(
-        self, users: user_service_pb2_grpc.UserServiceStub, *, timeout: float, max_batch: int = 64
+        self,
+        users: delivery_service_pb2_grpc.DeliveryServiceStub,
+        *,
+        timeout: float,
+        max_batch: int = 64,
     ) -> None:
         self._users = users
         self._timeout = timeout

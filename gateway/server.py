@@ -20,13 +20,13 @@ import redis.asyncio as aioredis
 from google.protobuf import duration_pb2, timestamp_pb2
 from notify.v1 import (
     common_pb2,
+    delivery_service_pb2_grpc,
     jobs_pb2,
     notification_service_pb2,
     notification_service_pb2_grpc,
     template_service_pb2,
     template_service_pb2_grpc,
     user_service_pb2,
-    user_service_pb2_grpc,
 )
 
 from gateway import variables
@@ -129,7 +129,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
 
     def __init__(
         self,
-        users: user_service_pb2_grpc.UserServiceStub,
+        users: delivery_service_pb2_grpc.DeliveryServiceStub,
         records: RecordWriter,
         templates: template_service_pb2_grpc.TemplateServiceStub,
         publisher: Publisher,

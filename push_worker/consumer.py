@@ -14,9 +14,9 @@ from typing import Protocol
 
 from notify.v1 import (
     common_pb2,
+    delivery_service_pb2_grpc,
     jobs_pb2,
     user_service_pb2,
-    user_service_pb2_grpc,
 )
 
 from notify_kit import rpc
@@ -68,7 +68,7 @@ class PushJobHandler:
     """Decodes ``PushJob`` and delivers it: RenderTemplate, the chain, token clean-up.
 
     Delivered when at least one device accepted it. Devices a provider calls
-    UNREGISTERED are removed from the user (UserService.RemoveDeviceToken). With none
+    UNREGISTERED are removed from the user (DeliveryService.RemoveDeviceToken). With none
     delivered, any transient failure makes the whole job transient; otherwise it
     failed for good.
     """
@@ -79,7 +79,7 @@ class PushJobHandler:
     def __init__(
         self,
         templates: Templates,
-        users: user_service_pb2_grpc.UserServiceStub,
+        users: delivery_service_pb2_grpc.DeliveryServiceStub,
         chain: ProviderChain[OutgoingPush, PushResult],
         *,
         rpc_timeout: float = 5.0,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from google.protobuf import descriptor_pool
+
 from notify_kit import acl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +21,8 @@ END = "<!-- end of access matrix -->"
 
 
 def table() -> str:
-    """One row per RPC: where it is served, who may call it there, the scope it needs."""
+    """One row per RPC: where it is served, who may call it there, the scope it needs
+    (and whether the contract deprecates it)."""
     rows = [
         "| method | served by | callers (mTLS identity) | API-key scope |",
         "|---|---|---|---|",
@@ -35,7 +38,10 @@ def table() -> str:
             served = ", ".join(sorted(access.servers))
             callers = ", ".join(sorted(access.callers))
             scope = "internal"
-        rows.append(f"| `{service}.{method}` | {served} | {callers} | {scope} |")
+        full_name = access.path.lstrip("/").replace("/", ".")
+        options = descriptor_pool.Default().FindMethodByName(full_name).GetOptions()
+        name = f"`{service}.{method}`" + (" (deprecated)" if options.deprecated else "")
+        rows.append(f"| {name} | {served} | {callers} | {scope} |")
     return "\n".join(rows) + "\n"
 
 

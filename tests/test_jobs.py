@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 import pytest
 from google.protobuf import timestamp_pb2
-from notify.v1 import common_pb2, jobs_pb2, template_service_pb2_grpc, user_service_pb2_grpc
+from notify.v1 import common_pb2, delivery_service_pb2_grpc, jobs_pb2, template_service_pb2_grpc
 
 from notify_kit import db
 from notify_kit.amqp import EMAIL, Topology
@@ -263,7 +263,9 @@ async def test_a_report_user_svc_refuses_is_dropped_alone(
     """A report the contract refuses fails its whole batch; the others must still land."""
     channel = secure_channel(f"127.0.0.1:{upstreams[0]}", tls_for("email_worker"))
     reporter = StatusReporter(
-        user_service_pb2_grpc.UserServiceStub(channel), common_pb2.CHANNEL_EMAIL, window=0.05
+        delivery_service_pb2_grpc.DeliveryServiceStub(channel),
+        common_pb2.CHANNEL_EMAIL,
+        window=0.05,
     )
     reporter.start()
     good, bad = str(uuid.uuid4()), str(uuid.uuid4())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import aio_pika
 import pytest
 from google.protobuf import timestamp_pb2
-from notify.v1 import common_pb2, jobs_pb2, user_service_pb2, user_service_pb2_grpc
+from notify.v1 import common_pb2, delivery_service_pb2_grpc, jobs_pb2, user_service_pb2
 
 from gateway.dead_letters import DeadLetterStore, Incoming
 from gateway.reconciler import Reconciler
@@ -30,7 +30,7 @@ QUEUED = common_pb2.NOTIFICATION_STATUS_QUEUED
 @dataclass
 class Parts:
     reconciler: Reconciler
-    users: user_service_pb2_grpc.UserServiceStub
+    users: delivery_service_pb2_grpc.DeliveryServiceStub
     dead_letters: DeadLetterStore
 
 
@@ -38,7 +38,7 @@ class Parts:
 async def parts(e2e: E2E, tls_for: Callable[[str], TlsSettings]) -> AsyncIterator[Parts]:
     cfg = e2e.cfg
     channel = rpc.secure_channel(f"127.0.0.1:{cfg.ports.user_svc}", tls_for("gateway"))
-    users = user_service_pb2_grpc.UserServiceStub(channel)
+    users = delivery_service_pb2_grpc.DeliveryServiceStub(channel)
     connection = await aio_pika.connect_robust(cfg.amqp_url, timeout=10)
     publisher = Publisher(connection, Topology(prefix=cfg.amqp_prefix))
     await publisher.start()

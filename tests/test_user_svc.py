@@ -21,7 +21,7 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from notify.v1 import common_pb2, user_service_pb2, user_service_pb2_grpc
+from notify.v1 import common_pb2, delivery_service_pb2_grpc, user_service_pb2, user_service_pb2_grpc
 
 from email_worker import mime
 from gateway.records import RecordWriter
@@ -38,8 +38,9 @@ from user_svc.cache import ProfileCache
 from user_svc.config import Config
 
 if TYPE_CHECKING:
-    # The async stub type exists for type checkers only.
-    from notify.v1.user_service_pb2_grpc import UserServiceAsyncStub as Stub
+    # The async stub types exist for type checkers only.
+    from notify.v1.delivery_service_pb2_grpc import DeliveryServiceAsyncStub
+    from notify.v1.user_service_pb2_grpc import UserServiceAsyncStub
 
 pb = user_service_pb2
 TIMEOUT = 5.0
@@ -71,9 +72,20 @@ async def _connect(port: int, tls: TlsSettings) -> grpc.aio.Channel:
     return channel
 
 
+class Stub:
+    """user_svc's two services on one channel: the public UserService and the internal
+    DeliveryService (records, status reports, profiles, dead tokens)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        # grpc has no type information, so the stubs' overloads cannot pick the async one.
+        self.users = cast("UserServiceAsyncStub", user_service_pb2_grpc.UserServiceStub(channel))
+        self.delivery = cast(
+            "DeliveryServiceAsyncStub", delivery_service_pb2_grpc.DeliveryServiceStub(channel)
+        )
+
+
 def _stub(channel: grpc.aio.Channel) -> Stub:
-    # grpc has no type information, so the stub's overloads cannot pick the async one.
-    return cast("Stub", user_service_pb2_grpc.UserServiceStub(channel))
+    return Stub(channel)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +140,7 @@ def unique_email() -> str:
 async def create_user(stub: Stub, **fields: Any) -> pb.User:
     fields.setdefault("email", unique_email())
     request = pb.CreateUserRequest(user=pb.User(**fields))
-    response: pb.CreateUserResponse = await stub.CreateUser(request, timeout=TIMEOUT)
+    response: pb.CreateUserResponse = await stub.users.CreateUser(request, timeout=TIMEOUT)
     return response.user
 
 
@@ -137,14 +149,14 @@ def android(token: str) -> pb.Device:
 
 
 async def register(stub: Stub, user_id: str, token: str) -> pb.Device:
-    response: pb.RegisterDeviceResponse = await stub.RegisterDevice(
+    response: pb.RegisterDeviceResponse = await stub.users.RegisterDevice(
         pb.RegisterDeviceRequest(user_id=user_id, device=android(token)), timeout=TIMEOUT
     )
     return response.device
 
 
 async def profile(stub: Stub, user_id: str) -> pb.DeliveryProfile:
-    response: pb.GetDeliveryProfileResponse = await stub.GetDeliveryProfile(
+    response: pb.GetDeliveryProfileResponse = await stub.delivery.GetDeliveryProfile(
         pb.GetDeliveryProfileRequest(user_id=user_id), timeout=TIMEOUT
     )
     return response.profile
@@ -162,7 +174,7 @@ def notification(
 
 
 async def record(stub: Stub, note: common_pb2.Notification) -> common_pb2.Notification:
-    response: pb.CreateNotificationRecordResponse = await stub.CreateNotificationRecord(
+    response: pb.CreateNotificationRecordResponse = await stub.delivery.CreateNotificationRecord(
         pb.CreateNotificationRecordRequest(notification=note), timeout=TIMEOUT
     )
     return response.notification
@@ -191,7 +203,7 @@ async def report(
     detail: str = "",
     channel: common_pb2.Channel.ValueType = S.CHANNEL_EMAIL,
 ) -> common_pb2.Delivery:
-    response: pb.UpdateDeliveryStatusResponse = await stub.UpdateDeliveryStatus(
+    response: pb.UpdateDeliveryStatusResponse = await stub.delivery.UpdateDeliveryStatus(
         pb.UpdateDeliveryStatusRequest(
             notification_id=notification_id,
             channel=channel,
@@ -214,7 +226,7 @@ async def test_create_and_get_user_with_defaults(gateway: Stub) -> None:
     assert not created.preferences.email_opt_out and not created.preferences.push_opt_out
     assert created.create_time.seconds > 0
 
-    got = (await gateway.GetUser(pb.GetUserRequest(id=created.id), timeout=TIMEOUT)).user
+    got = (await gateway.users.GetUser(pb.GetUserRequest(id=created.id), timeout=TIMEOUT)).user
     assert got == created
 
     plain = await create_user(gateway, timezone="Europe/Paris")
@@ -253,7 +265,7 @@ async def test_invalid_user_is_rejected_with_its_field(
     user = pb.User(email=unique_email())
     for name, value in fields.items():
         setattr(user, name, value)
-    err = await failure(gateway.CreateUser(pb.CreateUserRequest(user=user)))
+    err = await failure(gateway.users.CreateUser(pb.CreateUserRequest(user=user)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason(err) == expected
     assert violated_fields(err) == {field}
@@ -343,10 +355,10 @@ async def test_user_svc_accepts_exactly_the_addresses_the_email_builder_sends_to
     assert builder_accepts(address) is sendable
     request = pb.CreateUserRequest(user=pb.User(email=address))
     if sendable:
-        created = (await gateway.CreateUser(request, timeout=TIMEOUT)).user
+        created = (await gateway.users.CreateUser(request, timeout=TIMEOUT)).user
         assert created.email == address
     else:
-        err = await failure(gateway.CreateUser(request, timeout=TIMEOUT))
+        err = await failure(gateway.users.CreateUser(request, timeout=TIMEOUT))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert violated_fields(err) == {"user.email"}
 
@@ -354,19 +366,21 @@ async def test_user_svc_accepts_exactly_the_addresses_the_email_builder_sends_to
 @pytest.mark.parametrize(
     "call",
     [
-        lambda s, uid: s.GetUser(pb.GetUserRequest(id=uid)),
-        lambda s, uid: s.GetDeliveryProfile(pb.GetDeliveryProfileRequest(user_id=uid)),
-        lambda s, uid: s.UpdatePreferences(pb.UpdatePreferencesRequest(user_id=uid)),
-        lambda s, uid: s.RegisterDevice(
+        lambda s, uid: s.users.GetUser(pb.GetUserRequest(id=uid)),
+        lambda s, uid: s.delivery.GetDeliveryProfile(pb.GetDeliveryProfileRequest(user_id=uid)),
+        lambda s, uid: s.users.UpdatePreferences(pb.UpdatePreferencesRequest(user_id=uid)),
+        lambda s, uid: s.users.RegisterDevice(
             pb.RegisterDeviceRequest(user_id=uid, device=android(uuid.uuid4().hex))
         ),
-        lambda s, uid: s.DeleteDevice(
+        lambda s, uid: s.users.DeleteDevice(
             pb.DeleteDeviceRequest(user_id=uid, device_id=str(uuid.uuid4()))
         ),
-        lambda s, uid: s.CreateNotificationRecord(
+        lambda s, uid: s.delivery.CreateNotificationRecord(
             pb.CreateNotificationRecordRequest(notification=notification(uid))
         ),
-        lambda s, uid: s.ListNotificationRecords(pb.ListNotificationRecordsRequest(user_id=uid)),
+        lambda s, uid: s.delivery.ListNotificationRecords(
+            pb.ListNotificationRecordsRequest(user_id=uid)
+        ),
     ],
     ids=["get", "profile", "preferences", "device", "delete", "record", "list"],
 )
@@ -381,14 +395,16 @@ async def test_unknown_user_is_not_found(
 @pytest.mark.parametrize(
     "call",
     [
-        lambda s: s.GetUser(pb.GetUserRequest(id="42")),
-        lambda s: s.GetUser(pb.GetUserRequest(id="")),
-        lambda s: s.GetDeliveryProfile(pb.GetDeliveryProfileRequest(user_id="not-a-uuid")),
-        lambda s: s.GetNotificationRecord(pb.GetNotificationRecordRequest(id="'; DROP TABLE")),
-        lambda s: s.DeleteDevice(
+        lambda s: s.users.GetUser(pb.GetUserRequest(id="42")),
+        lambda s: s.users.GetUser(pb.GetUserRequest(id="")),
+        lambda s: s.delivery.GetDeliveryProfile(pb.GetDeliveryProfileRequest(user_id="not-a-uuid")),
+        lambda s: s.delivery.GetNotificationRecord(
+            pb.GetNotificationRecordRequest(id="'; DROP TABLE")
+        ),
+        lambda s: s.users.DeleteDevice(
             pb.DeleteDeviceRequest(user_id=str(uuid.uuid4()), device_id="{" + "0" * 32 + "}")
         ),
-        lambda s: s.UpdateDeliveryStatus(
+        lambda s: s.delivery.UpdateDeliveryStatus(
             pb.UpdateDeliveryStatusRequest(
                 notification_id="x", channel=S.CHANNEL_EMAIL, status=S.NOTIFICATION_STATUS_QUEUED
             )
@@ -405,14 +421,14 @@ async def test_malformed_id_is_invalid(
 
 async def test_update_preferences_replaces_them(gateway: Stub) -> None:
     user = await create_user(gateway)
-    response = await gateway.UpdatePreferences(
+    response = await gateway.users.UpdatePreferences(
         pb.UpdatePreferencesRequest(
             user_id=user.id, preferences=pb.Preferences(email_opt_out=True)
         ),
         timeout=TIMEOUT,
     )
     assert response.preferences == pb.Preferences(email_opt_out=True, push_opt_out=False)
-    got = (await gateway.GetUser(pb.GetUserRequest(id=user.id), timeout=TIMEOUT)).user
+    got = (await gateway.users.GetUser(pb.GetUserRequest(id=user.id), timeout=TIMEOUT)).user
     assert got.preferences == response.preferences
 
 
@@ -451,7 +467,7 @@ async def test_register_device_is_idempotent_per_token_and_moves_between_users(
 async def test_invalid_device_is_rejected(gateway: Stub, device: pb.Device, field: str) -> None:
     user = await create_user(gateway)
     err = await failure(
-        gateway.RegisterDevice(pb.RegisterDeviceRequest(user_id=user.id, device=device))
+        gateway.users.RegisterDevice(pb.RegisterDeviceRequest(user_id=user.id, device=device))
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason(err) == "INVALID_REQUEST"  # the contract's rules on Device
@@ -462,11 +478,11 @@ async def test_delete_device(gateway: Stub) -> None:
     user = await create_user(gateway)
     device = await register(gateway, user.id, uuid.uuid4().hex)
     request = pb.DeleteDeviceRequest(user_id=user.id, device_id=device.id)
-    await gateway.DeleteDevice(request, timeout=TIMEOUT)
-    got = (await gateway.GetUser(pb.GetUserRequest(id=user.id), timeout=TIMEOUT)).user
+    await gateway.users.DeleteDevice(request, timeout=TIMEOUT)
+    got = (await gateway.users.GetUser(pb.GetUserRequest(id=user.id), timeout=TIMEOUT)).user
     assert list(got.devices) == []
 
-    err = await failure(gateway.DeleteDevice(request))
+    err = await failure(gateway.users.DeleteDevice(request))
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert reason(err) == "DEVICE_NOT_FOUND"
 
@@ -497,25 +513,25 @@ async def test_profile_is_cached_and_invalidated_on_every_change(
     assert fresh.display_name == "Changed"
     assert [d.id for d in fresh.devices] == [device.id]
 
-    await gateway.UpdatePreferences(
+    await gateway.users.UpdatePreferences(
         pb.UpdatePreferencesRequest(user_id=user.id, preferences=pb.Preferences(push_opt_out=True)),
         timeout=TIMEOUT,
     )
     assert (await profile(gateway, user.id)).preferences.push_opt_out
 
-    removed = await push_worker.RemoveDeviceToken(
+    removed = await push_worker.delivery.RemoveDeviceToken(
         pb.RemoveDeviceTokenRequest(user_id=user.id, token=device.token), timeout=TIMEOUT
     )
     assert removed.removed == 1
     assert list((await profile(gateway, user.id)).devices) == []
-    again = await push_worker.RemoveDeviceToken(
+    again = await push_worker.delivery.RemoveDeviceToken(
         pb.RemoveDeviceTokenRequest(user_id=user.id, token=device.token), timeout=TIMEOUT
     )
     assert again.removed == 0
 
     other = await register(gateway, user.id, uuid.uuid4().hex)
     assert len((await profile(gateway, user.id)).devices) == 1
-    await gateway.DeleteDevice(
+    await gateway.users.DeleteDevice(
         pb.DeleteDeviceRequest(user_id=user.id, device_id=other.id), timeout=TIMEOUT
     )
     assert list((await profile(gateway, user.id)).devices) == []
@@ -595,7 +611,7 @@ async def test_create_notification_record_is_idempotent(gateway: Stub) -> None:
     note = notification(user.id, S.CHANNEL_EMAIL, S.CHANNEL_PUSH)
     note.deliveries[1].status = S.NOTIFICATION_STATUS_SUPPRESSED
     note.deliveries[1].detail = "push_opt_out"
-    response = await gateway.CreateNotificationRecord(
+    response = await gateway.delivery.CreateNotificationRecord(
         pb.CreateNotificationRecordRequest(notification=note),
         metadata=(("x-correlation-id", "corr-idem-1"),),
         timeout=TIMEOUT,
@@ -621,7 +637,7 @@ async def test_create_notification_record_is_idempotent(gateway: Stub) -> None:
         (S.CHANNEL_EMAIL, S.NOTIFICATION_STATUS_QUEUED),
         (S.CHANNEL_PUSH, S.NOTIFICATION_STATUS_SUPPRESSED),
     ]
-    got = await gateway.GetNotificationRecord(
+    got = await gateway.delivery.GetNotificationRecord(
         pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
     )
     assert got.notification == again
@@ -661,7 +677,9 @@ async def test_invalid_notification_record_is_rejected(
     note = notification(user.id)
     mutate(note)
     err = await failure(
-        gateway.CreateNotificationRecord(pb.CreateNotificationRecordRequest(notification=note))
+        gateway.delivery.CreateNotificationRecord(
+            pb.CreateNotificationRecordRequest(notification=note)
+        )
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason(err) == expected
@@ -670,7 +688,9 @@ async def test_invalid_notification_record_is_rejected(
 
 async def test_unknown_notification_is_not_found(gateway: Stub) -> None:
     err = await failure(
-        gateway.GetNotificationRecord(pb.GetNotificationRecordRequest(id=str(uuid.uuid4())))
+        gateway.delivery.GetNotificationRecord(
+            pb.GetNotificationRecordRequest(id=str(uuid.uuid4()))
+        )
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert reason(err) == "NOTIFICATION_NOT_FOUND"
@@ -693,12 +713,12 @@ async def test_terminal_status_is_never_overwritten(gateway: Stub) -> None:
     assert failed == delivered
 
     # Push is still in flight, so the notification reports it; then both are terminal.
-    stored = await gateway.GetNotificationRecord(
+    stored = await gateway.delivery.GetNotificationRecord(
         pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
     )
     assert stored.notification.status == S.NOTIFICATION_STATUS_ACCEPTED
     await report(gateway, note.id, S.NOTIFICATION_STATUS_FAILED, channel=S.CHANNEL_PUSH)
-    stored = await gateway.GetNotificationRecord(
+    stored = await gateway.delivery.GetNotificationRecord(
         pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
     )
     assert stored.notification.status == S.NOTIFICATION_STATUS_DELIVERED
@@ -751,7 +771,7 @@ async def test_a_batch_of_reports_applies_each_in_order(gateway: Stub, push_work
             notification_id=nid, channel=S.CHANNEL_EMAIL, status=status, attempt=1
         )
 
-    response = await push_worker.UpdateDeliveryStatuses(
+    response = await push_worker.delivery.UpdateDeliveryStatuses(
         pb.UpdateDeliveryStatusesRequest(
             reports=[
                 one(first.id, S.NOTIFICATION_STATUS_SENDING),
@@ -768,7 +788,7 @@ async def test_a_batch_of_reports_applies_each_in_order(gateway: Stub, push_work
         (False, S.NOTIFICATION_STATUS_UNSPECIFIED),
         (True, S.NOTIFICATION_STATUS_DELIVERED),
     ]
-    got = await gateway.GetNotificationRecord(
+    got = await gateway.delivery.GetNotificationRecord(
         pb.GetNotificationRecordRequest(id=first.id), timeout=TIMEOUT
     )
     assert got.notification.deliveries[0].status == S.NOTIFICATION_STATUS_DELIVERED
@@ -795,7 +815,7 @@ async def test_a_batch_of_records_is_recorded_each_as_alone(gateway: Stub) -> No
     ) -> pb.CreateNotificationRecordRequest:
         return pb.CreateNotificationRecordRequest(notification=note, outbox=jobs)
 
-    response = await gateway.CreateNotificationRecords(
+    response = await gateway.delivery.CreateNotificationRecords(
         pb.CreateNotificationRecordsRequest(
             records=[create(fresh, outbox), create(earlier), create(orphan), create(again)]
         ),
@@ -811,12 +831,12 @@ async def test_a_batch_of_records_is_recorded_each_as_alone(gateway: Stub) -> No
     assert new.user_id == user.id and new.HasField("create_time")
     assert same == new
     assert old.deliveries[0].status == S.NOTIFICATION_STATUS_DELIVERED  # not reset
-    stored = await gateway.GetNotificationRecord(
+    stored = await gateway.delivery.GetNotificationRecord(
         pb.GetNotificationRecordRequest(id=fresh.id), timeout=TIMEOUT
     )
     assert stored.notification == new
     err = await failure(
-        gateway.GetNotificationRecord(
+        gateway.delivery.GetNotificationRecord(
             pb.GetNotificationRecordRequest(id=orphan.id), timeout=TIMEOUT
         )
     )
@@ -828,7 +848,9 @@ async def test_the_gateway_record_writer_answers_each_send_on_its_own(gateway: S
     as invalid (which refuses its whole batch) and a record of an unknown user fail alone
     while the others are stored."""
     user = await create_user(gateway)
-    writer = RecordWriter(gateway, timeout=TIMEOUT)
+    writer = RecordWriter(
+        cast("delivery_service_pb2_grpc.DeliveryServiceStub", gateway.delivery), timeout=TIMEOUT
+    )
     writer.start()
     try:
         good = [notification(user.id) for _ in range(6)]
@@ -868,7 +890,7 @@ async def test_list_notification_records_pages_newest_first(gateway: Stub) -> No
     pages: list[list[str]] = []
     token = ""
     while True:
-        response = await gateway.ListNotificationRecords(
+        response = await gateway.delivery.ListNotificationRecords(
             pb.ListNotificationRecordsRequest(user_id=user.id, page_size=2, page_token=token),
             timeout=TIMEOUT,
         )
@@ -880,7 +902,7 @@ async def test_list_notification_records_pages_newest_first(gateway: Stub) -> No
     newest_first = [n.id for n in reversed(created)]
     assert pages == [newest_first[0:2], newest_first[2:4], newest_first[4:5]]
 
-    whole = await gateway.ListNotificationRecords(
+    whole = await gateway.delivery.ListNotificationRecords(
         pb.ListNotificationRecordsRequest(user_id=user.id), timeout=TIMEOUT
     )
     assert [n.id for n in whole.notifications] == newest_first
@@ -902,7 +924,7 @@ async def test_bad_paging_is_invalid(
 ) -> None:
     user = await create_user(gateway)
     err = await failure(
-        gateway.ListNotificationRecords(
+        gateway.delivery.ListNotificationRecords(
             pb.ListNotificationRecordsRequest(
                 user_id=user.id, page_size=page_size, page_token=page_token
             )
@@ -929,7 +951,7 @@ async def test_worker_may_report_status_but_not_manage_users(
             create_user(worker),
             report(worker, note.id, S.NOTIFICATION_STATUS_DELIVERED),
             profile(worker, user.id),
-            worker.RemoveDeviceToken(
+            worker.delivery.RemoveDeviceToken(
                 pb.RemoveDeviceTokenRequest(user_id=user.id, token="t"), timeout=TIMEOUT
             ),
         ):
@@ -937,7 +959,9 @@ async def test_worker_may_report_status_but_not_manage_users(
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED
             assert reason(err) == "ACCESS_DENIED"
 
-        response = await worker.UpdateDeliveryStatuses(delivered_report(note.id), timeout=TIMEOUT)
+        response = await worker.delivery.UpdateDeliveryStatuses(
+            delivered_report(note.id), timeout=TIMEOUT
+        )
         assert response.results[0].delivery.status == S.NOTIFICATION_STATUS_DELIVERED
 
 
@@ -1007,11 +1031,11 @@ async def test_a_worker_certificate_without_its_service_key_is_refused_with_no_e
         stub = _stub(channel)
         for metadata in ((), ((SERVICE_KEY_HEADER, other.service_key),)):
             err = await failure(
-                stub.UpdateDeliveryStatuses(report, timeout=TIMEOUT, metadata=metadata)
+                stub.delivery.UpdateDeliveryStatuses(report, timeout=TIMEOUT, metadata=metadata)
             )
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             assert reason(err) == "SERVICE_KEY_INVALID"
-    got = await gateway.GetNotificationRecord(
+    got = await gateway.delivery.GetNotificationRecord(
         pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
     )
     assert got.notification.deliveries[0].status == note.deliveries[0].status  # untouched
@@ -1019,7 +1043,45 @@ async def test_a_worker_certificate_without_its_service_key_is_refused_with_no_e
     async with grpc.aio.secure_channel(
         f"127.0.0.1:{user_app.port}", channel_credentials(worker)
     ) as channel:
-        answer = await _stub(channel).UpdateDeliveryStatuses(
+        answer = await _stub(channel).delivery.UpdateDeliveryStatuses(
             report, timeout=TIMEOUT, metadata=((SERVICE_KEY_HEADER, worker.service_key),)
         )
         assert answer.results[0].delivery.status == S.NOTIFICATION_STATUS_DELIVERED
+
+
+async def test_user_service_still_answers_the_methods_that_moved(
+    gateway: Stub, push_worker: Stub
+) -> None:
+    """A gateway or worker from before DeliveryService (mid rolling upgrade) calls
+    UserService's deprecated copies: same answers, same access matrix."""
+    user = await create_user(gateway)
+    note = notification(user.id)
+    old: pb.CreateNotificationRecordResponse = await gateway.users.CreateNotificationRecord(
+        pb.CreateNotificationRecordRequest(notification=note), timeout=TIMEOUT
+    )
+    got = await gateway.delivery.GetNotificationRecord(
+        pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
+    )
+    assert got.notification == old.notification
+    answer = await push_worker.users.UpdateDeliveryStatuses(
+        delivered_report(note.id), timeout=TIMEOUT
+    )
+    assert answer.results[0].delivery.status == S.NOTIFICATION_STATUS_DELIVERED
+    got = await gateway.users.GetNotificationRecord(
+        pb.GetNotificationRecordRequest(id=note.id), timeout=TIMEOUT
+    )
+    assert got.notification.status == S.NOTIFICATION_STATUS_DELIVERED
+    profiled = await gateway.users.GetDeliveryProfile(
+        pb.GetDeliveryProfileRequest(user_id=user.id), timeout=TIMEOUT
+    )
+    assert profiled.profile.user_id == user.id
+    for denied in (
+        push_worker.users.GetDeliveryProfile(
+            pb.GetDeliveryProfileRequest(user_id=user.id), timeout=TIMEOUT
+        ),
+        push_worker.delivery.GetDeliveryProfile(
+            pb.GetDeliveryProfileRequest(user_id=user.id), timeout=TIMEOUT
+        ),
+    ):
+        err = await failure(denied)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err

@@ -25,10 +25,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from notify.v1 import (
     common_pb2,
+    delivery_service_pb2_grpc,
     jobs_pb2,
     template_service_pb2_grpc,
     user_service_pb2,
-    user_service_pb2_grpc,
 )
 
 from notify_kit import rpc
@@ -49,7 +49,7 @@ WAIT = 15.0
 # --- stand-ins ------------------------------------------------------------------------
 
 
-class RecordingUsers(user_service_pb2_grpc.UserServiceServicer):
+class RecordingUsers(delivery_service_pb2_grpc.DeliveryServiceServicer):
     """Records status reports and token removals so tests can wait for them."""
 
     def __init__(self) -> None:
@@ -84,7 +84,7 @@ class RecordingUsers(user_service_pb2_grpc.UserServiceServicer):
         request: user_service_pb2.UpdateDeliveryStatusesRequest,
         context: grpc.aio.ServicerContext,
     ) -> user_service_pb2.UpdateDeliveryStatusesResponse:
-        """The batch as UserService applies it: each report in order (a refused status
+        """The batch as DeliveryService applies it: each report in order (a refused status
         fails the whole call, as a database outage would)."""
         for report in request.reports:
             if self.refuse.get(report.status, 0) > 0:
@@ -216,8 +216,8 @@ async def upstreams(
     """The stand-in user_svc and template_svc, with their real certificates."""
     user_server = GrpcServer(
         common_for("user_svc"),
-        [lambda s: user_service_pb2_grpc.add_UserServiceServicer_to_server(users, s)],
-        ["notify.v1.UserService"],
+        [lambda s: delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(users, s)],
+        ["notify.v1.DeliveryService"],
     )
     template_server = GrpcServer(
         common_for("template_svc"),

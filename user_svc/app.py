@@ -13,13 +13,19 @@ import logging
 from pathlib import Path
 
 import grpc
-from notify.v1 import user_service_pb2, user_service_pb2_grpc
+from notify.v1 import (
+    delivery_service_pb2,
+    delivery_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
 
 from notify_kit.db import close_pool, create_pool, ensure_database, migrate
 from notify_kit.kv import redis_client
 from notify_kit.server import GrpcServer
 from user_svc.cache import ProfileCache
 from user_svc.config import Config
+from user_svc.delivery import DeliveryServicer
 from user_svc.server import UserServicer
 from user_svc.store import UserStore
 
@@ -43,17 +49,20 @@ class App:
             await migrate(pool, Path(__file__).with_name("migrations"))
             redis = redis_client(config.redis_url)
             stack.push_async_callback(redis.aclose)
-            servicer = UserServicer(
-                UserStore(pool), ProfileCache(redis, ttl=config.profile_cache_ttl)
-            )
+            store, cache = UserStore(pool), ProfileCache(redis, ttl=config.profile_cache_ttl)
+            delivery, users = DeliveryServicer(store, cache), UserServicer(store, cache)
 
             def register(server: grpc.aio.Server) -> None:
-                user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
+                user_service_pb2_grpc.add_UserServiceServicer_to_server(users, server)
+                delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(delivery, server)
 
             server = GrpcServer(
                 config.common,
                 [register],
-                [user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name],
+                [
+                    user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
+                    delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name,
+                ],
             )
             stack.push_async_callback(server.stop)
             port = await server.start()

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from notify.v1 import template_service_pb2_grpc, user_service_pb2_grpc, worker_admin_pb2_grpc
+from notify.v1 import delivery_service_pb2_grpc, template_service_pb2_grpc, worker_admin_pb2_grpc
 
 from notify_kit import db, rpc
 from notify_kit.amqp import Publisher, connect
@@ -38,7 +38,7 @@ class Upstreams:
     """Stubs of our own services a handler may call (over mTLS, the access matrix)."""
 
     templates: Templates  # renders the jobs' pinned versions in our render processes
-    users: user_service_pb2_grpc.UserServiceStub
+    users: delivery_service_pb2_grpc.DeliveryServiceStub
 
 
 HandlerFactory = Callable[[Upstreams, contextlib.AsyncExitStack], Awaitable[JobHandler[Any]]]
@@ -79,7 +79,7 @@ class WorkerApp:
             stack.push_async_callback(templates.close)
             users = rpc.secure_channel(settings.user_svc_addr, common.tls)
             stack.push_async_callback(users.close)
-            users_stub = user_service_pb2_grpc.UserServiceStub(users)
+            users_stub = delivery_service_pb2_grpc.DeliveryServiceStub(users)
             renderer = Renderer(settings.render)
             await renderer.start()
             stack.push_async_callback(renderer.close)

@@ -14,10 +14,10 @@ from typing import Literal, TypeAlias
 from google.protobuf import struct_pb2
 from notify.v1 import (
     common_pb2,
+    delivery_service_pb2_grpc,
     template_service_pb2,
     template_service_pb2_grpc,
     user_service_pb2,
-    user_service_pb2_grpc,
 )
 
 from notify_kit import rpc
@@ -79,7 +79,7 @@ class StatusReporter:
 
     def __init__(
         self,
-        users: user_service_pb2_grpc.UserServiceStub,
+        users: delivery_service_pb2_grpc.DeliveryServiceStub,
         channel: common_pb2.Channel.ValueType,
         *,
         timeout: float = 5.0,

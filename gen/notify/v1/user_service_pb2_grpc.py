@@ -29,8 +29,9 @@ class UserServiceStub:
     """UserService owns users, their preferences and devices, and the status records of
     the notifications sent to them.
 
-    External clients reach the RPCs that carry an HTTP binding through the gateway;
-    the others are internal (gateway and workers only, enforced by mTLS identity).
+    External clients reach its RPCs through the gateway. The internal ones (records,
+    status reports, profiles, dead tokens) are DeliveryService's; the copies marked
+    deprecated here are served by the same code until every caller has moved.
     """
 
     def __init__(self, channel):
@@ -115,8 +116,9 @@ class UserServiceServicer:
     """UserService owns users, their preferences and devices, and the status records of
     the notifications sent to them.
 
-    External clients reach the RPCs that carry an HTTP binding through the gateway;
-    the others are internal (gateway and workers only, enforced by mTLS identity).
+    External clients reach its RPCs through the gateway. The internal ones (records,
+    status reports, profiles, dead tokens) are DeliveryService's; the copies marked
+    deprecated here are served by the same code until every caller has moved.
     """
 
     def CreateUser(self, request, context):
@@ -156,68 +158,72 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetDeliveryProfile(self, request, context):
-        """Internal: everything a sender needs to reach a user, in one call.
+        """Deprecated: use DeliveryService.GetDeliveryProfile.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateNotificationRecord(self, request, context):
-        """Internal: records a notification accepted by the gateway. Idempotent on the id.
+        """Deprecated: use DeliveryService.CreateNotificationRecord.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateNotificationRecords(self, request, context):
-        """Internal: several records at once (the gateway groups concurrent sends while its
-        previous call is out), each recorded as CreateNotificationRecord records it, in one
-        statement, and answered in order.
+        """Deprecated: use DeliveryService.CreateNotificationRecords.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetNotificationRecord(self, request, context):
-        """Internal: reads one notification record.
+        """Deprecated: use DeliveryService.GetNotificationRecord.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListNotificationRecords(self, request, context):
-        """Internal: lists a user's notification records, newest first.
+        """Deprecated: use DeliveryService.ListNotificationRecords.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateDeliveryStatus(self, request, context):
-        """Internal: a worker reports the progress of one delivery. Terminal statuses are
-        never overwritten.
+        """Deprecated: use DeliveryService.UpdateDeliveryStatus.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateDeliveryStatuses(self, request, context):
-        """Internal: several reports at once (a worker collects them over a few milliseconds),
-        each applied as UpdateDeliveryStatus applies it, in order, and answered in order.
+        """Deprecated: use DeliveryService.UpdateDeliveryStatuses.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveDeviceToken(self, request, context):
-        """Internal: removes a push token the provider reported as no longer registered.
+        """Deprecated: use DeliveryService.RemoveDeviceToken.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ClaimStaleDeliveries(self, request, context):
-        """Internal: hands the reconciler deliveries that stayed non-terminal longer than a
-        bound, each claimed (its update time moves on) so concurrent reconcilers share them.
+        """Deprecated: use DeliveryService.ClaimStaleDeliveries.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -308,8 +314,9 @@ class UserService:
     """UserService owns users, their preferences and devices, and the status records of
     the notifications sent to them.
 
-    External clients reach the RPCs that carry an HTTP binding through the gateway;
-    the others are internal (gateway and workers only, enforced by mTLS identity).
+    External clients reach its RPCs through the gateway. The internal ones (records,
+    status reports, profiles, dead tokens) are DeliveryService's; the copies marked
+    deprecated here are served by the same code until every caller has moved.
     """
 
     @staticmethod

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from notify.v1 import user_service_pb2 as _user_service_pb2
 import abc as _abc_1
+import builtins as _builtins
 import grpc as _grpc
 import sys
 import typing as _typing
@@ -15,6 +16,11 @@ if sys.version_info >= (3, 11):
     from typing import Self as _Self
 else:
     from typing_extensions import Self as _Self
+
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
 
 _T = _typing.TypeVar("_T")
 
@@ -30,8 +36,9 @@ class UserServiceStub:
     """UserService owns users, their preferences and devices, and the status records of
     the notifications sent to them.
 
-    External clients reach the RPCs that carry an HTTP binding through the gateway;
-    the others are internal (gateway and workers only, enforced by mTLS identity).
+    External clients reach its RPCs through the gateway. The internal ones (records,
+    status reports, profiles, dead tokens) are DeliveryService's; the copies marked
+    deprecated here are served by the same code until every caller has moved.
     """
 
     @_typing.overload
@@ -50,41 +57,69 @@ class UserServiceStub:
     """
     DeleteDevice: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteDeviceRequest, _user_service_pb2.DeleteDeviceResponse]
     """Removes a push device."""
-    GetDeliveryProfile: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetDeliveryProfileRequest, _user_service_pb2.GetDeliveryProfileResponse]
-    """Internal: everything a sender needs to reach a user, in one call."""
-    CreateNotificationRecord: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordRequest, _user_service_pb2.CreateNotificationRecordResponse]
-    """Internal: records a notification accepted by the gateway. Idempotent on the id."""
-    CreateNotificationRecords: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordsRequest, _user_service_pb2.CreateNotificationRecordsResponse]
-    """Internal: several records at once (the gateway groups concurrent sends while its
-    previous call is out), each recorded as CreateNotificationRecord records it, in one
-    statement, and answered in order.
-    """
-    GetNotificationRecord: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetNotificationRecordRequest, _user_service_pb2.GetNotificationRecordResponse]
-    """Internal: reads one notification record."""
-    ListNotificationRecords: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListNotificationRecordsRequest, _user_service_pb2.ListNotificationRecordsResponse]
-    """Internal: lists a user's notification records, newest first."""
-    UpdateDeliveryStatus: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusRequest, _user_service_pb2.UpdateDeliveryStatusResponse]
-    """Internal: a worker reports the progress of one delivery. Terminal statuses are
-    never overwritten.
-    """
-    UpdateDeliveryStatuses: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusesRequest, _user_service_pb2.UpdateDeliveryStatusesResponse]
-    """Internal: several reports at once (a worker collects them over a few milliseconds),
-    each applied as UpdateDeliveryStatus applies it, in order, and answered in order.
-    """
-    RemoveDeviceToken: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RemoveDeviceTokenRequest, _user_service_pb2.RemoveDeviceTokenResponse]
-    """Internal: removes a push token the provider reported as no longer registered."""
-    ClaimStaleDeliveries: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ClaimStaleDeliveriesRequest, _user_service_pb2.ClaimStaleDeliveriesResponse]
-    """Internal: hands the reconciler deliveries that stayed non-terminal longer than a
-    bound, each claimed (its update time moves on) so concurrent reconcilers share them.
-    """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def GetDeliveryProfile(self) -> _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetDeliveryProfileRequest, _user_service_pb2.GetDeliveryProfileResponse]:
+        """Deprecated: use DeliveryService.GetDeliveryProfile.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def CreateNotificationRecord(self) -> _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordRequest, _user_service_pb2.CreateNotificationRecordResponse]:
+        """Deprecated: use DeliveryService.CreateNotificationRecord.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def CreateNotificationRecords(self) -> _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordsRequest, _user_service_pb2.CreateNotificationRecordsResponse]:
+        """Deprecated: use DeliveryService.CreateNotificationRecords.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def GetNotificationRecord(self) -> _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetNotificationRecordRequest, _user_service_pb2.GetNotificationRecordResponse]:
+        """Deprecated: use DeliveryService.GetNotificationRecord.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def ListNotificationRecords(self) -> _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListNotificationRecordsRequest, _user_service_pb2.ListNotificationRecordsResponse]:
+        """Deprecated: use DeliveryService.ListNotificationRecords.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def UpdateDeliveryStatus(self) -> _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusRequest, _user_service_pb2.UpdateDeliveryStatusResponse]:
+        """Deprecated: use DeliveryService.UpdateDeliveryStatus.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def UpdateDeliveryStatuses(self) -> _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusesRequest, _user_service_pb2.UpdateDeliveryStatusesResponse]:
+        """Deprecated: use DeliveryService.UpdateDeliveryStatuses.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def RemoveDeviceToken(self) -> _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RemoveDeviceTokenRequest, _user_service_pb2.RemoveDeviceTokenResponse]:
+        """Deprecated: use DeliveryService.RemoveDeviceToken.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def ClaimStaleDeliveries(self) -> _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ClaimStaleDeliveriesRequest, _user_service_pb2.ClaimStaleDeliveriesResponse]:
+        """Deprecated: use DeliveryService.ClaimStaleDeliveries.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
     """UserService owns users, their preferences and devices, and the status records of
     the notifications sent to them.
 
-    External clients reach the RPCs that carry an HTTP binding through the gateway;
-    the others are internal (gateway and workers only, enforced by mTLS identity).
+    External clients reach its RPCs through the gateway. The internal ones (records,
+    status reports, profiles, dead tokens) are DeliveryService's; the copies marked
+    deprecated here are served by the same code until every caller has moved.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -100,40 +135,68 @@ class UserServiceAsyncStub(UserServiceStub):
     """
     DeleteDevice: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteDeviceRequest, _user_service_pb2.DeleteDeviceResponse]  # type: ignore[assignment]
     """Removes a push device."""
-    GetDeliveryProfile: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetDeliveryProfileRequest, _user_service_pb2.GetDeliveryProfileResponse]  # type: ignore[assignment]
-    """Internal: everything a sender needs to reach a user, in one call."""
-    CreateNotificationRecord: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordRequest, _user_service_pb2.CreateNotificationRecordResponse]  # type: ignore[assignment]
-    """Internal: records a notification accepted by the gateway. Idempotent on the id."""
-    CreateNotificationRecords: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordsRequest, _user_service_pb2.CreateNotificationRecordsResponse]  # type: ignore[assignment]
-    """Internal: several records at once (the gateway groups concurrent sends while its
-    previous call is out), each recorded as CreateNotificationRecord records it, in one
-    statement, and answered in order.
-    """
-    GetNotificationRecord: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetNotificationRecordRequest, _user_service_pb2.GetNotificationRecordResponse]  # type: ignore[assignment]
-    """Internal: reads one notification record."""
-    ListNotificationRecords: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListNotificationRecordsRequest, _user_service_pb2.ListNotificationRecordsResponse]  # type: ignore[assignment]
-    """Internal: lists a user's notification records, newest first."""
-    UpdateDeliveryStatus: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusRequest, _user_service_pb2.UpdateDeliveryStatusResponse]  # type: ignore[assignment]
-    """Internal: a worker reports the progress of one delivery. Terminal statuses are
-    never overwritten.
-    """
-    UpdateDeliveryStatuses: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusesRequest, _user_service_pb2.UpdateDeliveryStatusesResponse]  # type: ignore[assignment]
-    """Internal: several reports at once (a worker collects them over a few milliseconds),
-    each applied as UpdateDeliveryStatus applies it, in order, and answered in order.
-    """
-    RemoveDeviceToken: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RemoveDeviceTokenRequest, _user_service_pb2.RemoveDeviceTokenResponse]  # type: ignore[assignment]
-    """Internal: removes a push token the provider reported as no longer registered."""
-    ClaimStaleDeliveries: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ClaimStaleDeliveriesRequest, _user_service_pb2.ClaimStaleDeliveriesResponse]  # type: ignore[assignment]
-    """Internal: hands the reconciler deliveries that stayed non-terminal longer than a
-    bound, each claimed (its update time moves on) so concurrent reconcilers share them.
-    """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def GetDeliveryProfile(self) -> _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetDeliveryProfileRequest, _user_service_pb2.GetDeliveryProfileResponse]:  # type: ignore[override]
+        """Deprecated: use DeliveryService.GetDeliveryProfile.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def CreateNotificationRecord(self) -> _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordRequest, _user_service_pb2.CreateNotificationRecordResponse]:  # type: ignore[override]
+        """Deprecated: use DeliveryService.CreateNotificationRecord.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def CreateNotificationRecords(self) -> _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateNotificationRecordsRequest, _user_service_pb2.CreateNotificationRecordsResponse]:  # type: ignore[override]
+        """Deprecated: use DeliveryService.CreateNotificationRecords.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def GetNotificationRecord(self) -> _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetNotificationRecordRequest, _user_service_pb2.GetNotificationRecordResponse]:  # type: ignore[override]
+        """Deprecated: use DeliveryService.GetNotificationRecord.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def ListNotificationRecords(self) -> _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListNotificationRecordsRequest, _user_service_pb2.ListNotificationRecordsResponse]:  # type: ignore[override]
+        """Deprecated: use DeliveryService.ListNotificationRecords.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def UpdateDeliveryStatus(self) -> _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusRequest, _user_service_pb2.UpdateDeliveryStatusResponse]:  # type: ignore[override]
+        """Deprecated: use DeliveryService.UpdateDeliveryStatus.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def UpdateDeliveryStatuses(self) -> _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateDeliveryStatusesRequest, _user_service_pb2.UpdateDeliveryStatusesResponse]:  # type: ignore[override]
+        """Deprecated: use DeliveryService.UpdateDeliveryStatuses.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def RemoveDeviceToken(self) -> _aio.UnaryUnaryMultiCallable[_user_service_pb2.RemoveDeviceTokenRequest, _user_service_pb2.RemoveDeviceTokenResponse]:  # type: ignore[override]
+        """Deprecated: use DeliveryService.RemoveDeviceToken.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def ClaimStaleDeliveries(self) -> _aio.UnaryUnaryMultiCallable[_user_service_pb2.ClaimStaleDeliveriesRequest, _user_service_pb2.ClaimStaleDeliveriesResponse]:  # type: ignore[override]
+        """Deprecated: use DeliveryService.ClaimStaleDeliveries.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     """UserService owns users, their preferences and devices, and the status records of
     the notifications sent to them.
 
-    External clients reach the RPCs that carry an HTTP binding through the gateway;
-    the others are internal (gateway and workers only, enforced by mTLS identity).
+    External clients reach its RPCs through the gateway. The internal ones (records,
+    status reports, profiles, dead tokens) are DeliveryService's; the copies marked
+    deprecated here are served by the same code until every caller has moved.
     """
 
     @_abc_1.abstractmethod
@@ -178,85 +241,103 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.DeleteDeviceResponse, _abc.Awaitable[_user_service_pb2.DeleteDeviceResponse]]:
         """Removes a push device."""
 
+    @_deprecated("""Deprecated: use DeliveryService.GetDeliveryProfile.\nbuf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE""")
     @_abc_1.abstractmethod
     def GetDeliveryProfile(
         self,
         request: _user_service_pb2.GetDeliveryProfileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.GetDeliveryProfileResponse, _abc.Awaitable[_user_service_pb2.GetDeliveryProfileResponse]]:
-        """Internal: everything a sender needs to reach a user, in one call."""
+        """Deprecated: use DeliveryService.GetDeliveryProfile.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
+    @_deprecated("""Deprecated: use DeliveryService.CreateNotificationRecord.\nbuf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE""")
     @_abc_1.abstractmethod
     def CreateNotificationRecord(
         self,
         request: _user_service_pb2.CreateNotificationRecordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.CreateNotificationRecordResponse, _abc.Awaitable[_user_service_pb2.CreateNotificationRecordResponse]]:
-        """Internal: records a notification accepted by the gateway. Idempotent on the id."""
+        """Deprecated: use DeliveryService.CreateNotificationRecord.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
+    @_deprecated("""Deprecated: use DeliveryService.CreateNotificationRecords.\nbuf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE""")
     @_abc_1.abstractmethod
     def CreateNotificationRecords(
         self,
         request: _user_service_pb2.CreateNotificationRecordsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.CreateNotificationRecordsResponse, _abc.Awaitable[_user_service_pb2.CreateNotificationRecordsResponse]]:
-        """Internal: several records at once (the gateway groups concurrent sends while its
-        previous call is out), each recorded as CreateNotificationRecord records it, in one
-        statement, and answered in order.
+        """Deprecated: use DeliveryService.CreateNotificationRecords.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
+    @_deprecated("""Deprecated: use DeliveryService.GetNotificationRecord.\nbuf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE""")
     @_abc_1.abstractmethod
     def GetNotificationRecord(
         self,
         request: _user_service_pb2.GetNotificationRecordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.GetNotificationRecordResponse, _abc.Awaitable[_user_service_pb2.GetNotificationRecordResponse]]:
-        """Internal: reads one notification record."""
+        """Deprecated: use DeliveryService.GetNotificationRecord.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
+    @_deprecated("""Deprecated: use DeliveryService.ListNotificationRecords.\nbuf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE""")
     @_abc_1.abstractmethod
     def ListNotificationRecords(
         self,
         request: _user_service_pb2.ListNotificationRecordsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ListNotificationRecordsResponse, _abc.Awaitable[_user_service_pb2.ListNotificationRecordsResponse]]:
-        """Internal: lists a user's notification records, newest first."""
+        """Deprecated: use DeliveryService.ListNotificationRecords.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
+    @_deprecated("""Deprecated: use DeliveryService.UpdateDeliveryStatus.\nbuf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE""")
     @_abc_1.abstractmethod
     def UpdateDeliveryStatus(
         self,
         request: _user_service_pb2.UpdateDeliveryStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.UpdateDeliveryStatusResponse, _abc.Awaitable[_user_service_pb2.UpdateDeliveryStatusResponse]]:
-        """Internal: a worker reports the progress of one delivery. Terminal statuses are
-        never overwritten.
+        """Deprecated: use DeliveryService.UpdateDeliveryStatus.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
+    @_deprecated("""Deprecated: use DeliveryService.UpdateDeliveryStatuses.\nbuf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE""")
     @_abc_1.abstractmethod
     def UpdateDeliveryStatuses(
         self,
         request: _user_service_pb2.UpdateDeliveryStatusesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.UpdateDeliveryStatusesResponse, _abc.Awaitable[_user_service_pb2.UpdateDeliveryStatusesResponse]]:
-        """Internal: several reports at once (a worker collects them over a few milliseconds),
-        each applied as UpdateDeliveryStatus applies it, in order, and answered in order.
+        """Deprecated: use DeliveryService.UpdateDeliveryStatuses.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
+    @_deprecated("""Deprecated: use DeliveryService.RemoveDeviceToken.\nbuf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE""")
     @_abc_1.abstractmethod
     def RemoveDeviceToken(
         self,
         request: _user_service_pb2.RemoveDeviceTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.RemoveDeviceTokenResponse, _abc.Awaitable[_user_service_pb2.RemoveDeviceTokenResponse]]:
-        """Internal: removes a push token the provider reported as no longer registered."""
+        """Deprecated: use DeliveryService.RemoveDeviceToken.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
+    @_deprecated("""Deprecated: use DeliveryService.ClaimStaleDeliveries.\nbuf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE""")
     @_abc_1.abstractmethod
     def ClaimStaleDeliveries(
         self,
         request: _user_service_pb2.ClaimStaleDeliveriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ClaimStaleDeliveriesResponse, _abc.Awaitable[_user_service_pb2.ClaimStaleDeliveriesResponse]]:
-        """Internal: hands the reconciler deliveries that stayed non-terminal longer than a
-        bound, each claimed (its update time moves on) so concurrent reconcilers share them.
+        """Deprecated: use DeliveryService.ClaimStaleDeliveries.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
