@@ -34,6 +34,7 @@ from gateway.server import NotificationServicer
 from gateway.store import KeyStore, TenantStore
 from notify_kit import acl, amqp, db
 from notify_kit.kv import redis_client
+from notify_kit.queue_watch import QueueWatch
 from notify_kit.rpc import secure_channel
 from notify_kit.server import GrpcServer
 
@@ -153,6 +154,9 @@ class App:
             consumer = DeadLetterConsumer(connection, config.topology, dead_letters)
             await consumer.start()
             stack.push_async_callback(consumer.stop)
+            depth = QueueWatch(connection, config.topology, [config.topology.failed_queue])
+            depth.start()
+            stack.push_async_callback(depth.close)
             reconciler = Reconciler(
                 delivery_service_pb2_grpc.DeliveryServiceStub(user_channel),
                 publisher,

@@ -31,7 +31,7 @@ import grpc
 
 from gateway.limits import LeasedBuckets, Rate, RateLimiter, address_bucket, key_bucket
 from gateway.store import ApiKey, KeyStore, hash_key
-from notify_kit import acl
+from notify_kit import acl, metrics
 from notify_kit.cache import LruCache
 from notify_kit.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from notify_kit.interceptors import metadata_value, wrap_unary
@@ -85,6 +85,7 @@ class Authenticator:
         limiter = self._limiter
         wait = await (limiter.take(bucket, rate) if spend else limiter.would_take(bucket, rate))
         if wait:
+            metrics.RATE_LIMITED.labels("failed_key_lookups").inc()
             raise ResourceExhausted(
                 "TOO_MANY_FAILED_KEYS",
                 "too many calls with unknown API keys from this address; retry later",
@@ -149,6 +150,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             if rate is not None:
                 wait = await limiter.take(key_bucket(key.id), rate)
                 if wait:
+                    metrics.RATE_LIMITED.labels("api_key").inc()
                     raise ResourceExhausted(
                         "API_KEY_RATE_LIMITED",
                         f"this API key may make {rate.per_second:g} calls a second"

@@ -22,6 +22,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from notify_kit import metrics
 from notify_kit.errors import Aborted, FailedPrecondition, Unavailable
 
 _PENDING = b"P"
@@ -80,6 +81,7 @@ class IdempotencyCache:
                 return Claim(redis_key, None, pending)
             stored = cast("bytes | None", await self._redis.get(redis_key))
         except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("idempotency_claim").inc()
             raise Unavailable("IDEMPOTENCY_STORE_UNAVAILABLE", "idempotency store is down") from exc
         if stored is None:  # expired between the two calls: try once more
             return await self.claim(api_key_id, key, fingerprint)
@@ -105,6 +107,7 @@ class IdempotencyCache:
         try:
             await self._complete(keys=[claim.redis_key], args=[claim.pending, done, self._ttl])
         except RedisError:
+            metrics.REDIS_ERRORS.labels("idempotency_complete").inc()
             # The work is done and durable; a lost record only weakens dedupe of a later
             # retry, which the deterministic notification id still absorbs.
             pass
@@ -114,4 +117,4 @@ class IdempotencyCache:
         try:
             await self._release(keys=[claim.redis_key], args=[claim.pending])
         except RedisError:
-            pass  # the lease expires on its own
+            metrics.REDIS_ERRORS.labels("idempotency_release").inc()  # the lease expires

@@ -39,7 +39,7 @@ from gateway.dead_letters import (
     Replayable,
     to_message,
 )
-from notify_kit import rpc
+from notify_kit import metrics, rpc
 from notify_kit.amqp import EMAIL, KIND_BY_KEY, KIND_BY_TYPE, Publisher, Topology
 from notify_kit.errors import InvalidArgument, NotFound, PermissionDenied
 from notify_kit.outage import INFRA_ERRORS
@@ -305,6 +305,7 @@ class DeadLetterServicer(dead_letter_service_pb2_grpc.DeadLetterServiceServicer)
         )
         await rpc.unary(self._users.UpdateDeliveryStatus, report, timeout=self._timeout)
         await self._store.mark_replayed(target.id, target.generation)
+        metrics.DEAD_LETTER_REPLAYS.labels(kind.key).inc()
         log.warning(
             "dead letter replayed",
             extra={"notification_id": meta.notification_id, "replay": meta.replay},

@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from notify_kit import metrics
 from notify_kit.cache import LruCache
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class RateLimiter:
         try:
             return await script(keys=list(keys), args=list(args))
         except (RedisError, OSError, TimeoutError) as exc:
+            metrics.REDIS_ERRORS.labels("rate_limit").inc()
             now = time.monotonic()
             if now - self._warned >= _WARN_EVERY:
                 self._warned = now

@@ -34,6 +34,7 @@ from gateway.auth import current_api_key
 from gateway.cache import IdempotencyCache
 from gateway.limits import RateLimiter, Window, in_force, recipient_log
 from gateway.records import RecordWriter
+from notify_kit import metrics
 from notify_kit.amqp import EMAIL, PUSH, JobKind, Publisher
 from notify_kit.cache import LruCache
 from notify_kit.context import get_correlation_id
@@ -61,6 +62,10 @@ _MAX_VARIABLES_BYTES = 32 * 1024
 
 S = common_pb2
 CHANNEL_KINDS: dict[int, JobKind] = {S.CHANNEL_EMAIL: EMAIL, S.CHANNEL_PUSH: PUSH}
+_STATUS_LABELS = {
+    S.NOTIFICATION_STATUS_QUEUED: "queued",
+    S.NOTIFICATION_STATUS_SUPPRESSED: "suppressed",
+}
 
 
 def _idempotency_key(req: notification_service_pb2.SendNotificationRequest, header: str) -> str:
@@ -197,6 +202,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         if claim.response is not None:
             replay = notification_service_pb2.SendNotificationResponse.FromString(claim.response)
             replay.idempotent_replayed = True
+            metrics.IDEMPOTENT_REPLAYS.inc()
             return replay
         # The body's fingerprint is part of the name: reusing a key for another request
         # once the idempotency record is gone (24 h, or a Redis loss) makes a new
@@ -277,6 +283,10 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             if d.status == S.NOTIFICATION_STATUS_QUEUED and d.channel in jobs
         ]
         await asyncio.gather(*(self._publish(c, jobs[c]) for c in to_queue))
+        for delivery in stored.deliveries:
+            metrics.NOTIFICATIONS_ACCEPTED.labels(
+                CHANNEL_KINDS[delivery.channel].key, _STATUS_LABELS.get(delivery.status, "other")
+            ).inc()
         return notification_service_pb2.SendNotificationResponse(notification=stored)
 
     async def _within_recipient_limits(
@@ -302,6 +312,7 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
             described = ", ".join(
                 f"{w.limit} {kind} per {w.seconds:g}s" for kind, w in limited.items()
             )
+            metrics.RATE_LIMITED.labels("recipient").inc()
             raise ResourceExhausted(
                 "RECIPIENT_RATE_LIMITED",
                 f"this user has had the most notifications allowed ({described}); retry later",

@@ -26,6 +26,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from pamqp.common import FieldTable
 
+from notify_kit import metrics
 from notify_kit.errors import Unavailable
 from notify_kit.settings import SettingsError, env_optional
 
@@ -126,13 +127,18 @@ class Topology:
         tier = max(tier, min(attempt, len(tiers)))
         return self.retry_queue(kind, tier), min(wait_ms, tiers[tier - 1]) / 1000
 
+    def queues_of(self, kind: JobKind) -> list[str]:
+        """The work queue of ``kind`` and its retry delay queues."""
+        delays = range(1, len(self.retry_delays_ms) + 1)
+        return [self.queue(kind), *(self.retry_queue(kind, a) for a in delays)]
+
+    def label(self, name: str) -> str:
+        """A queue's name without this deployment's prefix: its metrics label."""
+        return name.removeprefix(self.prefix)
+
     def all_queues(self) -> list[str]:
         """Every queue name, for purging and deleting in tests and tooling."""
-        names = [self.failed_queue]
-        for kind in KINDS:
-            names.append(self.queue(kind))
-            names += [self.retry_queue(kind, a) for a in range(1, len(self.retry_delays_ms) + 1)]
-        return names
+        return [self.failed_queue, *(name for kind in KINDS for name in self.queues_of(kind))]
 
     @property
     def max_attempts(self) -> int:
@@ -257,3 +263,6 @@ class Publisher:
             raise Unavailable("QUEUE_UNAVAILABLE", "the message broker did not confirm") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise Unavailable("QUEUE_REJECTED", f"the broker refused the message: {confirmation!r}")
+        # Every routing key of the exchange is bound to the queue named after it.
+        queue = self._topology.label(routing_key) if direct_to_queue else f"{routing_key}.queue"
+        metrics.QUEUE_PUBLISHED.labels(queue).inc()

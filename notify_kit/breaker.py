@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from notify_kit import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -90,6 +92,8 @@ class CircuitBreaker:
         self._probing = 0
         self._last_failure = ""
         self._transitions = 0
+        self._labels = metrics.breaker_labels(name)
+        metrics.BREAKER_STATE.labels(*self._labels).set(0)  # exists before any change
 
     @property
     def state(self) -> State:
@@ -170,6 +174,8 @@ class CircuitBreaker:
     def _move(self, new: State, reason: str) -> None:
         old, self._state = self._state, new
         self._transitions += 1
+        metrics.BREAKER_STATE.labels(*self._labels).set(metrics.BREAKER_STATES[new.value])
+        metrics.BREAKER_TRANSITIONS.labels(*self._labels, new.value).inc()
         if new is not State.HALF_OPEN:
             self._probing = 0
         level = logging.WARNING if new is State.OPEN else logging.INFO

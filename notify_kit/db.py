@@ -14,6 +14,8 @@ from pathlib import Path
 
 import asyncpg
 
+from notify_kit import metrics
+
 log = logging.getLogger(__name__)
 
 _MIGRATION = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
@@ -52,11 +54,13 @@ async def create_pool(
         },
     )
     assert pool is not None
+    metrics.POOLS.add(pool, application)  # notify_db_pool_* at scrape time
     return pool
 
 
 async def close_pool(pool: asyncpg.Pool, *, timeout: float = 10.0) -> None:
     """Close a pool; a connection leaked by a stuck task must not hang shutdown."""
+    metrics.POOLS.discard(pool)
     try:
         await asyncio.wait_for(pool.close(), timeout)
     except TimeoutError:

@@ -14,6 +14,7 @@ code (in the answer and the access log) and loses only transport detail.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from notify_kit import metrics
 from notify_kit.acl import OPEN_TO_MESH, SERVICE_KEY_HEADER, AccessPolicy
 from notify_kit.context import (
     CORRELATION_HEADER,
@@ -175,6 +177,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 outcome, reason = answer.code.name, answer.reason
                 await context.abort_with_status(_status(answer))
             finally:
+                elapsed = time.perf_counter() - start
+                metrics.RPC_SERVER_SECONDS.labels(method, outcome).observe(elapsed)
                 # One access-log line per call (INFO), so every hop of a request shows up
                 # under its correlation id; NOTIFY_LOG_LEVEL=WARNING silences it.
                 log.info(
@@ -184,7 +188,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         "code": outcome,
                         "reason": reason,
                         "forwarded": forwarded,
-                        "ms": round((time.perf_counter() - start) * 1000, 2),
+                        "ms": round(elapsed * 1000, 2),
                     },
                 )
 
@@ -254,7 +258,8 @@ class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        """Fill in what the caller left out; never override what it set."""
+        """Fill in what the caller left out; never override what it set. The call's time
+        and code go to ``notify_rpc_client_duration_seconds`` when it ends."""
         metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
         if CORRELATION_HEADER not in metadata:
             metadata.add(CORRELATION_HEADER, get_correlation_id() or new_correlation_id())
@@ -268,4 +273,19 @@ class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             credentials=client_call_details.credentials,
             wait_for_ready=client_call_details.wait_for_ready,
         )
-        return await continuation(details, request)
+        start = time.perf_counter()
+        call = await continuation(details, request)
+        code = "OK"
+        try:
+            await call  # the caller's own await then finds it finished
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            method = client_call_details.method
+            metrics.RPC_CLIENT_SECONDS.labels(
+                method.decode() if isinstance(method, bytes) else method, code
+            ).observe(time.perf_counter() - start)
+        return call

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from notify.v1 import user_service_pb2
 from redis.exceptions import RedisError
 
+from notify_kit import metrics
 from notify_kit.tenancy import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ async def cached_profile(
     try:
         raw = await client.get(profile_key(user_id))
     except RedisError as exc:
+        metrics.REDIS_ERRORS.labels("profile_read").inc()
         log.warning("profile cache unreadable, asking user_svc: %s", exc)
         return None
     if not isinstance(raw, bytes):  # None: not cached (our clients never decode replies)

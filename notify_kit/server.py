@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from notify_kit import metrics
 from notify_kit.acl import AccessPolicy
 from notify_kit.interceptors import ServerInterceptor
 from notify_kit.settings import CommonSettings
@@ -53,10 +54,12 @@ class GrpcServer:
         )
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
+        self._metrics: metrics.MetricsServer | None = None
 
     async def start(self) -> int:
-        """Bind, start, mark every service SERVING; return the bound port."""
+        """Bind, start, serve the metrics, mark every service SERVING; return the bound port."""
         server = grpc.aio.server(
             interceptors=self._interceptors,
             options=[
@@ -76,6 +79,13 @@ class GrpcServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self._settings.listen}")
         await server.start()
+        if self._settings.metrics_listen:
+            try:
+                self._metrics = metrics.serve(self._settings.metrics_listen)
+            except OSError:
+                await server.stop(None)
+                raise
+            self.metrics_port = self._metrics.port
         for name in ("", *self._service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
@@ -89,6 +99,9 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self._settings.shutdown_grace)
         self._server = None
+        if self._metrics is not None:  # last: a scrape during the drain still answers
+            await asyncio.to_thread(self._metrics.close)
+            self._metrics = None
 
 
 async def wait_for_shutdown_signal() -> None:

@@ -15,6 +15,15 @@ from pathlib import Path
 
 # NOTIFY_TRACING values (notify_kit.telemetry).
 TRACING_MODES = ("off", "console")
+# Where each process serves its Prometheus metrics unless NOTIFY_<SERVICE>_METRICS_LISTEN
+# says otherwise (empty: not served).
+METRICS_PORTS = {
+    "gateway": 9461,
+    "user_svc": 9462,
+    "template_svc": 9463,
+    "email_worker": 9464,
+    "push_worker": 9465,
+}
 
 
 class SettingsError(RuntimeError):
@@ -104,12 +113,15 @@ class CommonSettings:
     shutdown_grace: float
     # NOTIFY_TRACING: where spans go, off (no instrumentation at all) or console.
     tracing: str = "off"
+    # NOTIFY_<SERVICE>_METRICS_LISTEN: host:port of /metrics; empty: none served.
+    metrics_listen: str = ""
 
     @classmethod
     def from_env(
         cls, service: str, default_port: int, env: Mapping[str, str] | None = None
     ) -> CommonSettings:
-        """Read ``NOTIFY_<SERVICE>_LISTEN``, TLS paths, ``NOTIFY_LOG_LEVEL``, grace, tracing."""
+        """Read ``NOTIFY_<SERVICE>_LISTEN``, TLS paths, ``NOTIFY_LOG_LEVEL``, grace, tracing,
+        ``NOTIFY_<SERVICE>_METRICS_LISTEN``."""
         key = service.upper()
         tracing = env_str("NOTIFY_TRACING", "off", env)
         if tracing not in TRACING_MODES:
@@ -121,6 +133,11 @@ class CommonSettings:
             log_level=env_str("NOTIFY_LOG_LEVEL", "INFO", env),
             shutdown_grace=env_float("NOTIFY_SHUTDOWN_GRACE", 5.0, env),
             tracing=tracing,
+            metrics_listen=env_str(
+                f"NOTIFY_{key}_METRICS_LISTEN",
+                f"127.0.0.1:{METRICS_PORTS[service]}" if service in METRICS_PORTS else "",
+                env,
+            ),
         )
 
 

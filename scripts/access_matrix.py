@@ -7,12 +7,12 @@ disagree, so the document can only show what the interceptors enforce.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from google.protobuf import descriptor_pool
 
 from notify_kit import acl
+from scripts import generated
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENT = ROOT / "docs" / "SECURITY.md"
@@ -47,20 +47,8 @@ def table() -> str:
 
 def document_with_table(text: str) -> str:
     """``text`` with the part between the markers replaced by the current table."""
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table()}{END}{tail}"
-
-
-def main() -> None:
-    """Print the table, or write it into docs/SECURITY.md."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="update docs/SECURITY.md")
-    if parser.parse_args().write:
-        DOCUMENT.write_text(document_with_table(DOCUMENT.read_text()))
-    else:
-        print(table(), end="")
+    return generated.splice(text, BEGIN, END, table())
 
 
 if __name__ == "__main__":
-    main()
+    generated.main(__doc__ or "", DOCUMENT, BEGIN, END, table)

@@ -93,6 +93,17 @@ class Ports:
     fcm: int = 8089
     sendgrid: int = 8090
     onesignal: int = 8091
+    # Each process's Prometheus metrics (notify_kit.settings.METRICS_PORTS).
+    gateway_metrics: int = 9461
+    user_svc_metrics: int = 9462
+    template_svc_metrics: int = 9463
+    email_worker_metrics: int = 9464
+    push_worker_metrics: int = 9465
+
+    def metrics(self, service: str) -> int:
+        """The metrics port of ``service``."""
+        port: int = getattr(self, f"{service}_metrics")
+        return port
 
     @classmethod
     def free(cls) -> Ports:
@@ -101,12 +112,17 @@ class Ports:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Ports:
-        """The documented ports, except where ``NOTIFY_<SERVICE>_LISTEN`` says otherwise."""
+        """The documented ports, except where ``NOTIFY_<SERVICE>_LISTEN`` or
+        ``NOTIFY_<SERVICE>_METRICS_LISTEN`` says otherwise."""
         ports = cls()
         chosen = {
-            s: int(env[f"NOTIFY_{s.upper()}_LISTEN"].rsplit(":", 1)[1])
+            field: int(env[name].rsplit(":", 1)[1])
             for s in SERVICES
-            if f"NOTIFY_{s.upper()}_LISTEN" in env
+            for field, name in (
+                (s, f"NOTIFY_{s.upper()}_LISTEN"),
+                (f"{s}_metrics", f"NOTIFY_{s.upper()}_METRICS_LISTEN"),
+            )
+            if env.get(name)
         }
         return dataclasses.replace(ports, **chosen)
 
@@ -210,6 +226,7 @@ def service_env(cfg: SystemConfig, service: str) -> dict[str, str]:
         "NOTIFY_TEMPLATE_SVC_LISTEN": f"127.0.0.1:{p.template_svc}",
         "NOTIFY_EMAIL_WORKER_LISTEN": f"127.0.0.1:{p.email_worker}",
         "NOTIFY_PUSH_WORKER_LISTEN": f"127.0.0.1:{p.push_worker}",
+        **{f"NOTIFY_{s.upper()}_METRICS_LISTEN": f"127.0.0.1:{p.metrics(s)}" for s in SERVICES},
         "NOTIFY_GATEWAY_DSN": f"{cfg.pg_base}/{cfg.db_prefix}gateway",
         "NOTIFY_USER_SVC_DSN": f"{cfg.pg_base}/{cfg.db_prefix}user",
         "NOTIFY_TEMPLATE_SVC_DSN": f"{cfg.pg_base}/{cfg.db_prefix}template",

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.api import DEMO_TEMPLATE, call
 from scripts.harness import Running, running_system
@@ -31,8 +34,43 @@ IN_FLIGHT = {
 }
 
 
+@dataclass(frozen=True)
+class Samples:
+    """One scrape of a process's /metrics."""
+
+    samples: tuple[tuple[str, Mapping[str, str], float], ...]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples named ``name`` whose labels include ``labels``."""
+        return sum(
+            v for n, have, v in self.samples
+            if n == name and all(have.get(k) == want for k, want in labels.items())
+        )  # fmt: skip
+
+    def names(self) -> set[str]:
+        """Every sample name in the scrape."""
+        return {n for n, _, _ in self.samples}
+
+
+def _scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return Samples(
+        tuple(
+            (s.name, dict(s.labels), s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        )
+    )
+
+
 class E2E(Running):
     """The running system plus the client helpers the tests share."""
+
+    async def metrics(self, service: str) -> Samples:
+        """A scrape of ``service``'s Prometheus endpoint."""
+        url = f"http://127.0.0.1:{self.cfg.ports.metrics(service)}/metrics"
+        return await asyncio.to_thread(_scrape, url)
 
     async def api(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
         """One JSON request through Envoy (off the event loop)."""

@@ -31,7 +31,7 @@ from notify_kit import rpc
 from notify_kit.settings import TlsSettings
 from scripts.system import poll
 from tests.conftest import RUN_ID
-from tests.e2e_support import E2E, IN_FLIGHT, e2e_system
+from tests.e2e_support import E2E, IN_FLIGHT, Samples, e2e_system
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -481,6 +481,7 @@ async def test_an_always_deferred_recipient_is_dead_lettered_and_replayed_once(
     # Both providers defer this mail on every attempt (SendGrid is down, so only this one
     # notification is sent while they are scripted): each attempt counts one failure
     # against each breaker, so with THRESHOLD == MAX_ATTEMPTS both open on the last one.
+    worker_before, gateway_before = await sys.metrics("email_worker"), await sys.metrics("gateway")
     sys.mail.refuse(address, "451 4.2.0 mailbox busy")
     sys.sendgrid.set_down(503)
     try:
@@ -523,6 +524,35 @@ async def test_an_always_deferred_recipient_is_dead_lettered_and_replayed_once(
     assert barrier["status"] == DELIVERED, barrier
     assert engine.arrivals(nid) == 1
     assert (await engine.settled(nid))["status"] == DELIVERED
+
+    # The metrics saw all of it: retries, the failure, the dead letter, both breakers
+    # opening, two replays (the second found nothing to send).
+    worker, gateway = await sys.metrics("email_worker"), await sys.metrics("gateway")
+
+    def moved(after: Samples, before: Samples, name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    assert moved(worker, worker_before, "notify_delivery_retries_total", channel="email") == (
+        MAX_ATTEMPTS - 1
+    )
+    assert moved(worker, worker_before, "notify_deliveries_total", channel="email",
+                 provider="none", outcome="failed") == 1  # fmt: skip
+    assert moved(worker, worker_before, "notify_dead_letters_total", channel="email") == 1
+    for provider in ("smtp", "sendgrid"):
+        assert moved(worker, worker_before, "notify_breaker_transitions_total",
+                     channel="email", provider=provider, state="open") >= 1, provider  # fmt: skip
+        assert (
+            moved(
+                worker,
+                worker_before,
+                "notify_provider_call_duration_seconds_count",
+                channel="email",
+                provider=provider,
+                outcome="transient",
+            )
+            == MAX_ATTEMPTS
+        )
+    assert moved(gateway, gateway_before, "notify_dead_letter_replays_total", channel="email") == 2
 
 
 async def test_push_fails_over_to_onesignal_and_unregistered_devices_are_removed(

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from notify.v1 import user_service_pb2
 from redis.exceptions import RedisError
 
+from notify_kit import metrics
 from notify_kit.profiles import generation_key, profile_key
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class ProfileCache:
                 pipe.get(generation_key(user_id))
                 raw, generation = await pipe.execute()
         except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("profile_read").inc()
             log.warning(
                 "profile cache read failed for user %s, using the database: %s", user_id, exc
             )
@@ -96,6 +98,7 @@ class ProfileCache:
                 args=[generation, profile.SerializeToString(), self._ttl],
             )
         except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("profile_fill").inc()
             log.warning("profile cache fill failed for user %s: %s", user_id, exc)
             return False
         return bool(stored)
@@ -115,6 +118,7 @@ class ProfileCache:
                     pipe.delete(profile_key(user_id))
                 await pipe.execute()
         except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("profile_invalidate").inc()
             # The change is committed; failing the RPC would only make the caller retry a
             # write that already happened. The TTL bounds how long the old profile lives.
             log.error("profile cache invalidation failed for users %s: %s", user_ids, exc)

@@ -24,6 +24,7 @@ from notify_kit.jobs.runner import JobHandler, JobRunner
 from notify_kit.jobs.settings import WorkerSettings
 from notify_kit.jobs.templates import Templates
 from notify_kit.jobs.upstream import StatusReporter
+from notify_kit.queue_watch import QueueWatch
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings
 from notify_kit.templating.renderer import Renderer
@@ -122,6 +123,11 @@ class WorkerApp:
             stack.push_async_callback(server.stop)
             await runner.start()
             stack.push_async_callback(runner.stop)
+            depth = QueueWatch(
+                consuming, settings.topology, settings.topology.queues_of(handler.kind)
+            )
+            depth.start()
+            stack.push_async_callback(depth.close)
             log.info("%s consuming %s", common.service, settings.topology.queue(handler.kind))
             return cls(port, store, runner, stack.pop_all())
 

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from notify_kit import metrics
 from notify_kit.breaker import BreakerSettings, BreakerStatus, CircuitBreaker
 from notify_kit.jobs.errors import Blocked, OutcomeUnknown, PermanentError, TransientError
 
@@ -112,7 +113,7 @@ class ProviderChain(Generic[M, R]):
             if not breaker.allow():
                 continue
             try:
-                result = await self._attempt(provider, message)
+                result = await self._try(provider, message)
             except Skip:
                 breaker.release()
                 skipped += 1
@@ -142,6 +143,33 @@ class ProviderChain(Generic[M, R]):
             wait = min(b.retry_in() for b in self.breakers.values())
             raise Blocked(f"every {self.channel} provider's breaker is open", retry_after=wait)
         raise TransientError("; ".join(failures), retry_after=retry_after)
+
+    async def _try(self, provider: Provider[M, R], message: M) -> R:
+        """One provider's try, timed by outcome (``notify_provider_call_duration_seconds``;
+        a provider that skips the recipient made no call)."""
+        started, outcome = time.perf_counter(), "error"
+        try:
+            result = await self._attempt(provider, message)
+        except Skip:
+            outcome = "skipped"
+            raise
+        except OutcomeUnknown:
+            outcome = "unknown"
+            raise
+        except TransientError:
+            outcome = "transient"
+            raise
+        except PermanentError:
+            outcome = "permanent"
+            raise
+        else:
+            outcome = "ok"
+            return result
+        finally:
+            if outcome != "skipped":
+                metrics.PROVIDER_CALLS.labels(self.channel, provider.name, outcome).observe(
+                    time.perf_counter() - started
+                )
 
     def status(self) -> list[BreakerStatus]:
         """Each provider's breaker, in failover order."""

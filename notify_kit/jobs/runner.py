@@ -48,6 +48,7 @@ from notify.v1 import common_pb2, jobs_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from notify_kit import metrics
 from notify_kit.amqp import FAILED_KEY, JobKind, Publisher, Topology
 from notify_kit.context import new_correlation_id, set_correlation_id
 from notify_kit.jobs.errors import Blocked, OutcomeUnknown, PermanentError, TransientError
@@ -67,6 +68,8 @@ FAILED = common_pb2.NOTIFICATION_STATUS_FAILED
 RETRYING = common_pb2.NOTIFICATION_STATUS_RETRYING
 SENDING = common_pb2.NOTIFICATION_STATUS_SENDING
 EXPIRED = common_pb2.NOTIFICATION_STATUS_EXPIRED
+# The terminal outcomes as notify_deliveries_total names them.
+_OUTCOME_LABELS = {DELIVERED: "delivered", FAILED: "failed", EXPIRED: "expired"}
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -231,6 +234,8 @@ class JobRunner(Generic[J]):
                 self._inflight.discard(task)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        queue = self._topology.label(self._topology.queue(self._handler.kind))
+        metrics.QUEUE_CONSUMED.labels(queue).inc()
         async with message.process(requeue=True, ignore_processed=True):
             try:
                 await self._handle(message)
@@ -240,8 +245,10 @@ class JobRunner(Generic[J]):
                 # consumption pauses for a backoff that grows while bugs repeat, so a
                 # crashing job does not spin the queue; its delivery limit parks it.
                 log.exception("job failed unexpectedly; requeued")
+                metrics.QUEUE_SETTLED.labels(queue, "requeued").inc()
                 await self.pause.trip("a job failed unexpectedly")
                 raise
+        metrics.QUEUE_SETTLED.labels(queue, "acked").inc()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -424,9 +431,16 @@ class JobRunner(Generic[J]):
         log.error("delivery failed", extra={"notification_id": turn.nid, "reason": reason})
 
     async def _record(self, turn: Turn, status: Status, detail: str, provider: str = "") -> None:
+        """Record the attempt's outcome in the ledger, then count it (once: a job whose
+        outcome was recorded before is re-reported, never recorded again)."""
         await self._ours(
             self._ledger.record, turn.nid, turn.attempt, status, detail, provider, turn.replay
         )
+        channel = self._handler.kind.key
+        if status == RETRYING:
+            metrics.RETRIES.labels(channel).inc()
+        elif status in _OUTCOME_LABELS:
+            metrics.DELIVERIES.labels(channel, provider or "none", _OUTCOME_LABELS[status]).inc()
 
     async def _dead_letter(
         self,
@@ -449,6 +463,7 @@ class JobRunner(Generic[J]):
                 "x-notify-history": history_json(history),
             },
         )
+        metrics.DEAD_LETTERS.labels(self._handler.kind.key).inc()
 
     def _correlation(self, body: bytes) -> str:
         """The correlation id inside ``body``, or a fresh one if it does not decode."""

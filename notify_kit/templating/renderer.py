@@ -14,12 +14,14 @@ its caller had left may succeed with more: DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from notify.v1 import common_pb2
 
+from notify_kit import metrics
 from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
 from notify_kit.settings import SettingsError, env_float, env_int
 from notify_kit.templating.content import SINGLE_LINE_FIELDS, Content
@@ -33,6 +35,7 @@ _CHILD = "notify_kit.templating.render_process"
 # The child stops itself at its deadline; this much earlier than the parent gives up, so
 # that normally the child answers "timeout" and is kept, instead of being killed.
 _CHILD_MARGIN = 0.1
+_CHANNEL_LABELS = {common_pb2.CHANNEL_EMAIL: "email", common_pb2.CHANNEL_PUSH: "push"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +185,12 @@ class Renderer:
             "timeout": _child_timeout(timeout),
             "max_bytes": self._max_bytes,
         }
+        started, outcome = time.perf_counter(), "failed"
         try:
             answer = await self._pool.call(request, timeout)
+            if "failed" in answer:
+                raise self._render_error(answer["failed"], timeout, where)
+            outcome = "ok"
         except TimeoutError as exc:
             raise self._timeout_error(timeout, where) from exc
         except ProcessStopped as exc:
@@ -191,8 +198,10 @@ class Renderer:
             raise FailedPrecondition(
                 "RENDER_FAILED", "rendering stopped the render process", metadata=where
             ) from exc
-        if "failed" in answer:
-            raise self._render_error(answer["failed"], timeout, where)
+        finally:
+            metrics.RENDER_SECONDS.labels(_CHANNEL_LABELS.get(channel, "other"), outcome).observe(
+                time.perf_counter() - started
+            )
         rendered: dict[str, str] = answer["rendered"]
         return rendered
 
