@@ -32,7 +32,7 @@ from gateway.reconciler import Reconciler
 from gateway.records import RecordWriter
 from gateway.server import NotificationServicer
 from gateway.store import KeyStore, TenantStore
-from notify_kit import acl, amqp, db
+from notify_kit import acl, amqp, db, health
 from notify_kit.kv import redis_client
 from notify_kit.queue_watch import QueueWatch
 from notify_kit.rpc import secure_channel
@@ -145,6 +145,11 @@ class App:
                         limiter,
                         default_rate=config.key_rate,
                     )
+                ],
+                dependencies=[
+                    health.postgres(pool),
+                    health.broker(connection),
+                    health.redis(redis),
                 ],
             )
             await server.start()

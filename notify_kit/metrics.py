@@ -81,6 +81,13 @@ POOL_CONNECTIONS = (
 POOL_MAX = ("notify_db_pool_max", "The most connections a pool opens.", ("pool",))
 POOL_WAITING = ("notify_db_pool_waiting", "Callers waiting for a pool's connection.", ("pool",))
 
+# --- Health (notify_kit.health) ----------------------------------------------------------
+DEPENDENCY_UP = Gauge(
+    "notify_dependency_up",
+    "Whether a dependency answered this process's last health probe (1) or not (0).",
+    ["dependency"],
+)
+
 # --- Redis ---------------------------------------------------------------------------------
 REDIS_ERRORS = Counter(
     "notify_redis_errors",

@@ -14,11 +14,12 @@ import signal
 from collections.abc import Callable, Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from notify_kit import metrics
 from notify_kit.acl import AccessPolicy
+from notify_kit.health import Dependency, DependencyHealth
 from notify_kit.interceptors import ServerInterceptor
 from notify_kit.settings import CommonSettings
 from notify_kit.tls import server_credentials
@@ -39,6 +40,7 @@ class GrpcServer:
         service_names: Sequence[str],
         *,
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        dependencies: Sequence[Dependency] = (),
     ) -> None:
         self._settings = settings
         self._registrars = registrars
@@ -53,13 +55,20 @@ class GrpcServer:
             *extra_interceptors,
         )
         self.health = health.aio.HealthServicer()
+        self.dependencies = DependencyHealth(
+            self.health,
+            ("", *self._service_names),
+            dependencies,
+            interval=settings.health_interval,
+        )
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
         self._metrics: metrics.MetricsServer | None = None
 
     async def start(self) -> int:
-        """Bind, start, serve the metrics, mark every service SERVING; return the bound port."""
+        """Bind, start, serve the metrics, set health from the dependencies (SERVING when
+        they all answer) and keep it in step; return the bound port."""
         server = grpc.aio.server(
             interceptors=self._interceptors,
             options=[
@@ -86,8 +95,8 @@ class GrpcServer:
                 await server.stop(None)
                 raise
             self.metrics_port = self._metrics.port
-        for name in ("", *self._service_names):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.dependencies.check()
+        self.dependencies.start()
         self._server = server
         log.info("serving", extra={"listen": self._settings.listen, "port": self.port})
         return self.port
@@ -96,7 +105,8 @@ class GrpcServer:
         """Drain: NOT_SERVING first, then stop with the configured grace."""
         if self._server is None:
             return
-        await self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()  # for good: later probes change nothing
+        await self.dependencies.stop()
         await self._server.stop(self._settings.shutdown_grace)
         self._server = None
         if self._metrics is not None:  # last: a scrape during the drain still answers

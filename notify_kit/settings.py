@@ -115,6 +115,8 @@ class CommonSettings:
     tracing: str = "off"
     # NOTIFY_<SERVICE>_METRICS_LISTEN: host:port of /metrics; empty: none served.
     metrics_listen: str = ""
+    # NOTIFY_HEALTH_INTERVAL: seconds between dependency probes (notify_kit.health).
+    health_interval: float = 2.0
 
     @classmethod
     def from_env(
@@ -138,6 +140,7 @@ class CommonSettings:
                 f"127.0.0.1:{METRICS_PORTS[service]}" if service in METRICS_PORTS else "",
                 env,
             ),
+            health_interval=env_float("NOTIFY_HEALTH_INTERVAL", 2.0, env),
         )
 
 

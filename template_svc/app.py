@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 from notify.v1 import template_service_pb2, template_service_pb2_grpc
 
+from notify_kit import health
 from notify_kit.cache import LruCache
 from notify_kit.db import close_pool, create_pool, ensure_database, migrate
 from notify_kit.server import GrpcServer
@@ -61,7 +62,9 @@ class App:
             def register(server: grpc.aio.Server) -> None:
                 template_service_pb2_grpc.add_TemplateServiceServicer_to_server(servicer, server)
 
-            server = GrpcServer(config.common, [register], [SERVICE_NAME])
+            server = GrpcServer(
+                config.common, [register], [SERVICE_NAME], dependencies=[health.postgres(pool)]
+            )
             stack.push_async_callback(server.stop)
             await server.start()
             app = cls(server, renderer, stack.pop_all())

@@ -72,6 +72,11 @@ class E2E(Running):
         url = f"http://127.0.0.1:{self.cfg.ports.metrics(service)}/metrics"
         return await asyncio.to_thread(_scrape, url)
 
+    async def envoy_metrics(self) -> Samples:
+        """A scrape of Envoy's own stats (its admin port)."""
+        url = f"http://127.0.0.1:{self.cfg.ports.envoy_admin}/stats/prometheus"
+        return await asyncio.to_thread(_scrape, url)
+
     async def api(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
         """One JSON request through Envoy (off the event loop)."""
         kw.setdefault("api_key", API_KEY)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from notify.v1 import worker_admin_pb2, worker_admin_pb2_grpc
 
 from notify_kit import rpc
@@ -52,6 +53,7 @@ ENV = {
     "NOTIFY_BREAKER_PROBES": str(PROBES),
     "NOTIFY_RETRY_DELAYS_MS": ",".join(map(str, RETRY_DELAYS_MS)),
     "NOTIFY_PREFETCH": str(PREFETCH),
+    "NOTIFY_HEALTH_INTERVAL": "0.2",
 }
 
 CLOSED = worker_admin_pb2.BREAKER_STATE_CLOSED
@@ -75,6 +77,12 @@ class Engine:
 
     sys: E2E
     admin: dict[str, worker_admin_pb2_grpc.WorkerAdminServiceStub]
+    health: dict[str, health_pb2_grpc.HealthStub]
+
+    async def serving(self, channel: str) -> bool:
+        """Whether the worker's gRPC health says SERVING."""
+        reply = await self.health[channel].Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def status(self, channel: str) -> Status:
         """``GetProviderStatus`` of the ``email`` or ``push`` worker."""
@@ -276,6 +284,10 @@ async def engine(
                     "email": worker_admin_pb2_grpc.WorkerAdminServiceStub(email),
                     "push": worker_admin_pb2_grpc.WorkerAdminServiceStub(push),
                 },
+                {
+                    "email": health_pb2_grpc.HealthStub(email),
+                    "push": health_pb2_grpc.HealthStub(push),
+                },
             )
 
 
@@ -316,6 +328,12 @@ async def test_outage_of_every_email_provider_opens_the_breakers_and_loses_nothi
             lambda s: not s.consuming and all(p.state != CLOSED for p in s.providers),
             "both e-mail breakers open, consumption paused",
         )
+        # No provider can take a message: the worker says so in its health (the breakers
+        # alternate between open and a half-open probe, so wait for a moment of both open).
+        await poll(
+            lambda: engine.serving("email"), lambda ok: not ok, timeout=10, what="NOT_SERVING"
+        )
+        assert await engine.serving("push")
         # The outage lasts until SMTP's breaker has re-opened after two failed probes:
         # closed -> open -> half_open -> open -> half_open -> open.
         await engine.wait_status(
@@ -339,6 +357,7 @@ async def test_outage_of_every_email_provider_opens_the_breakers_and_loses_nothi
         assert delivery["status"] == DELIVERED, (nid, delivery)
         assert 1 <= delivery["attempts"] <= MAX_ATTEMPTS, (nid, delivery)
         assert engine.arrivals(nid) == 1, nid
+    assert await poll(lambda: engine.serving("email"), bool, timeout=10, what="SERVING again")
     dead = {d["notificationId"] for d in await engine.dead_letters()}
     assert not dead & set(ids)
     print(

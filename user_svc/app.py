@@ -20,6 +20,7 @@ from notify.v1 import (
     user_service_pb2_grpc,
 )
 
+from notify_kit import health
 from notify_kit.db import close_pool, create_pool, ensure_database, migrate
 from notify_kit.kv import redis_client
 from notify_kit.server import GrpcServer
@@ -63,6 +64,7 @@ class App:
                     user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
                     delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name,
                 ],
+                dependencies=[health.postgres(pool), health.redis(redis)],
             )
             stack.push_async_callback(server.stop)
             port = await server.start()

@@ -16,7 +16,7 @@ from typing import Any
 
 from notify.v1 import delivery_service_pb2_grpc, template_service_pb2_grpc, worker_admin_pb2_grpc
 
-from notify_kit import db, rpc
+from notify_kit import db, health, rpc
 from notify_kit.amqp import Publisher, connect
 from notify_kit.jobs.admin import WorkerAdmin
 from notify_kit.jobs.ledger import MIGRATIONS, DeliveryLog
@@ -118,6 +118,13 @@ class WorkerApp:
                     )
                 ],
                 service_names=[ADMIN_SERVICE],
+                # Serving while this worker can deliver: its ledger, the broker, and at
+                # least one provider of its channel whose breaker is not open.
+                dependencies=[
+                    health.postgres(pool),
+                    health.broker(consuming, publishing),
+                    health.providers(handler.chain),
+                ],
             )
             port = await server.start()
             stack.push_async_callback(server.stop)

@@ -1,0 +1,99 @@
+"""Health follows the dependencies: NOT_SERVING within seconds of losing one that matters,
+SERVING again once it is back; a degraded one (Redis) is reported, never a reason to
+leave the rotation. The worker side (every breaker open) is in test_delivery_engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from notify_kit import health, metrics, rpc
+from notify_kit.server import GrpcServer
+from notify_kit.settings import CommonSettings, TlsSettings
+from scripts.system import poll
+from template_svc.app import App
+from template_svc.config import Config
+from tests.tcp_proxy import TcpProxy
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_critical_dependency_decides_and_a_degraded_one_does_not(
+    common_for: Callable[[str], CommonSettings],
+) -> None:
+    state = {"postgresql": True, "redis": True}
+
+    def probe(name: str) -> health.Probe:
+        async def check() -> bool:
+            return state[name]
+
+        return check
+
+    server = GrpcServer(
+        common_for("user_svc"),
+        [],
+        ["notify.v1.UserService"],
+        dependencies=[
+            health.Dependency("postgresql", probe("postgresql")),
+            health.Dependency("redis", probe("redis"), critical=False),
+        ],
+    )
+    await server.start()
+    try:
+        watch = server.dependencies
+
+        async def status(name: str = "") -> int:
+            answer = await server.health.Check(health_pb2.HealthCheckRequest(service=name), None)
+            return int(answer.status)
+
+        assert await status() == SERVING
+        state["redis"] = False
+        assert await watch.check() is True and await status() == SERVING
+        assert metrics.DEPENDENCY_UP.labels("redis")._value.get() == 0
+        state["postgresql"] = False
+        assert await watch.check() is False
+        assert await status() == NOT_SERVING
+        assert await status("notify.v1.UserService") == NOT_SERVING
+        state.update(postgresql=True, redis=True)
+        assert await watch.check() is True and await status() == SERVING
+    finally:
+        await server.stop()
+    assert await status() == NOT_SERVING  # draining stays NOT_SERVING
+
+
+async def test_template_svc_leaves_and_rejoins_as_postgresql_goes_and_comes(
+    common_for: Callable[[str], CommonSettings],
+    tls_for: Callable[[str], TlsSettings],
+    database: Callable[[str], Awaitable[str]],
+) -> None:
+    dsn = urlsplit(await database("template_svc_health"))
+    proxy = TcpProxy(dsn.hostname or "127.0.0.1", dsn.port or 5432)
+    port = await proxy.start()
+    through = urlunsplit(dsn._replace(netloc=f"{dsn.username}@127.0.0.1:{port}"))
+    common = dataclasses.replace(common_for("template_svc"), health_interval=0.2)
+    app = await App.start(Config(common=common, dsn=through))
+    channel = rpc.secure_channel(f"127.0.0.1:{app.port}", tls_for("gateway"))
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    async def status() -> int:
+        try:
+            answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return -1
+        return int(answer.status)
+
+    try:
+        assert await status() == SERVING
+        await proxy.cut()
+        await poll(status, lambda s: s == NOT_SERVING, timeout=5, what="NOT_SERVING")
+        await proxy.restore()
+        await poll(status, lambda s: s == SERVING, timeout=10, what="SERVING again")
+    finally:
+        await channel.close()
+        await app.stop()
+        await proxy.cut()
