@@ -5,8 +5,12 @@
 # services, an open port for the peers), so compose.yaml declares each probe.
 FROM python:3.11-slim
 
+# GRPC_ENABLE_FORK_SUPPORT=false: the processes fork only to exec a fresh interpreter
+# (render processes), and gRPC's fork handlers can crash a child forked while channels
+# are active (grpc/grpc#43055); scripts/system.py sets the same for local processes.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    GRPC_ENABLE_FORK_SUPPORT=false \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 

@@ -40,7 +40,7 @@ class RecordWriter:
         self._users = users
         self._timeout = timeout
         self._batcher: Batcher[Record, common_pb2.Notification] = Batcher(
-            self._send, window=0.0, max_batch=max_batch
+            self._send, window=0.0, max_batch=max_batch, name="notification record"
         )
 
     def start(self) -> None:

@@ -3,6 +3,10 @@
 Used where many small writes to our own services would each cost a round trip through
 two gRPC stacks and a statement: the workers' status reports, the gateway's notification
 records. Every caller still learns the fate of its own item.
+
+Traces: each caller's wait is a span in its own trace (named after the batcher), and the
+one call of a batch is a span that links to every item's, so a notification's trace
+shows its status report or record, and the batch call shows whose items it carried.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from opentelemetry import trace
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -26,6 +32,7 @@ Flush = Callable[[list[T]], Awaitable[Sequence["R | BaseException"]]]
 class _Pending(Generic[T, R]):
     item: T
     answer: asyncio.Future[R]
+    caller: trace.SpanContext  # the submitting caller's wait, linked from the batch call
 
 
 class Batcher(Generic[T, R]):
@@ -38,8 +45,12 @@ class Batcher(Generic[T, R]):
     leaves its item in its batch, where it may still be applied; nobody waits for it.
     """
 
-    def __init__(self, flush: Flush[T, R], *, window: float, max_batch: int) -> None:
+    def __init__(
+        self, flush: Flush[T, R], *, window: float, max_batch: int, name: str = "batch"
+    ) -> None:
         self._flush = flush
+        self._name = name
+        self._tracer = trace.get_tracer(__name__)
         self._window = window
         self._max_batch = max_batch
         # An item is always in exactly one of these until it is answered, so close()
@@ -71,9 +82,10 @@ class Batcher(Generic[T, R]):
         if self._closed is not None:
             raise self._closed
         answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Pending(item, answer))
-        self._arrived.set()
-        return await answer
+        with self._tracer.start_as_current_span(self._name) as waiting:
+            self._waiting.append(_Pending(item, answer, waiting.get_span_context()))
+            self._arrived.set()
+            return await answer
 
     async def _run(self) -> None:
         while True:
@@ -89,8 +101,12 @@ class Batcher(Generic[T, R]):
 
     async def _apply(self, batch: list[_Pending[T, R]]) -> None:
         outcomes: Sequence[R | BaseException]
+        links = [trace.Link(p.caller) for p in batch if p.caller.is_valid]
         try:
-            outcomes = await self._flush([p.item for p in batch])
+            with self._tracer.start_as_current_span(
+                f"{self._name} batch", links=links, attributes={"batch.size": len(batch)}
+            ):
+                outcomes = await self._flush([p.item for p in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} answers for a batch of {len(batch)}")
         except Exception as exc:  # the call failed: every caller of the batch learns why

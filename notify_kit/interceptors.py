@@ -34,6 +34,7 @@ from notify_kit.context import (
 )
 from notify_kit.errors import Internal, InvalidArgument, ServiceError, error_info, to_status
 from notify_kit.outage import DEPENDENCY_UNAVAILABLE, describe, is_outage, outage_error
+from notify_kit.telemetry import tag_current_span
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             correlation_id = sanitize_correlation_id(metadata_value(context, CORRELATION_HEADER))
             set_correlation_id(correlation_id)
+            tag_current_span(correlation_id)  # the server span began before the id was known
             start = time.perf_counter()
             outcome, reason, forwarded = "OK", "", False
             try:

@@ -42,7 +42,13 @@ def main(load: Callable[[], C], start: Callable[[C], Awaitable[Stoppable]]) -> N
     """The body of every ``__main__``: config once, logs, tracing, serve until SIGTERM."""
     config = load()
     setup_logging(config.common.service, config.common.log_level)
-    setup_tracing(config.common.service, config.common.tracing)
+    common = config.common
+    setup_tracing(
+        common.service,
+        common.tracing,
+        endpoint=common.otlp_endpoint,
+        sample_ratio=common.trace_sample_ratio,
+    )
     run(lambda: serve_until_signal(start(config)))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # NOTIFY_TRACING values (notify_kit.telemetry).
-TRACING_MODES = ("off", "console")
+TRACING_MODES = ("off", "console", "otlp")
 # Where each process serves its Prometheus metrics unless NOTIFY_<SERVICE>_METRICS_LISTEN
 # says otherwise (empty: not served).
 METRICS_PORTS = {
@@ -111,8 +111,14 @@ class CommonSettings:
     tls: TlsSettings
     log_level: str
     shutdown_grace: float
-    # NOTIFY_TRACING: where spans go, off (no instrumentation at all) or console.
+    # NOTIFY_TRACING: where spans go: off (no instrumentation at all), console, or otlp
+    # (the default when NOTIFY_OTLP_ENDPOINT names a collector).
     tracing: str = "off"
+    # NOTIFY_OTLP_ENDPOINT: the OTLP/gRPC collector, e.g. http://collector:4317.
+    otlp_endpoint: str = ""
+    # NOTIFY_TRACE_SAMPLE_RATIO: the share of traces started here that are kept (a trace
+    # continued from a caller keeps the caller's decision).
+    trace_sample_ratio: float = 0.1
     # NOTIFY_<SERVICE>_METRICS_LISTEN: host:port of /metrics; empty: none served.
     metrics_listen: str = ""
     # NOTIFY_HEALTH_INTERVAL: seconds between dependency probes (notify_kit.health).
@@ -125,9 +131,15 @@ class CommonSettings:
         """Read ``NOTIFY_<SERVICE>_LISTEN``, TLS paths, ``NOTIFY_LOG_LEVEL``, grace, tracing,
         ``NOTIFY_<SERVICE>_METRICS_LISTEN``."""
         key = service.upper()
-        tracing = env_str("NOTIFY_TRACING", "off", env)
+        endpoint = env_optional("NOTIFY_OTLP_ENDPOINT", env)
+        tracing = env_str("NOTIFY_TRACING", "otlp" if endpoint else "off", env)
         if tracing not in TRACING_MODES:
             raise SettingsError(f"NOTIFY_TRACING must be one of {', '.join(TRACING_MODES)}")
+        if tracing == "otlp" and not endpoint:
+            raise SettingsError("NOTIFY_TRACING=otlp needs NOTIFY_OTLP_ENDPOINT")
+        ratio = env_float("NOTIFY_TRACE_SAMPLE_RATIO", 0.1, env)
+        if not 0.0 <= ratio <= 1.0:
+            raise SettingsError("NOTIFY_TRACE_SAMPLE_RATIO must be between 0 and 1")
         return cls(
             service=service,
             listen=env_str(f"NOTIFY_{key}_LISTEN", f"127.0.0.1:{default_port}", env),
@@ -135,10 +147,12 @@ class CommonSettings:
             log_level=env_str("NOTIFY_LOG_LEVEL", "INFO", env),
             shutdown_grace=env_float("NOTIFY_SHUTDOWN_GRACE", 5.0, env),
             tracing=tracing,
-            metrics_listen=env_str(
+            otlp_endpoint=endpoint,
+            trace_sample_ratio=ratio,
+            # Set but empty: not served.
+            metrics_listen=(os.environ if env is None else env).get(
                 f"NOTIFY_{key}_METRICS_LISTEN",
                 f"127.0.0.1:{METRICS_PORTS[service]}" if service in METRICS_PORTS else "",
-                env,
             ),
             health_interval=env_float("NOTIFY_HEALTH_INTERVAL", 2.0, env),
         )

@@ -1,48 +1,109 @@
-"""OpenTelemetry: tracer provider, grpc.aio instrumentation, context across the queue.
+"""OpenTelemetry: tracer provider, instrumentation, context across the queue.
 
-Tracing is set up only when spans have somewhere to go (``NOTIFY_TRACING``: ``off``, the
-default, or ``console``). Spans that are made and dropped are not free: the grpc.aio
-interceptors alone took 11-27% of the Python samples on the send path (py-spy, bench.e2e,
-2026-12-02). When tracing is on, the context crosses gRPC through the instrumentation and
-queue jobs through ``inject_trace_context``/``extract_trace_context``; when it is off
-both are no-ops (no active span: nothing to inject, nothing to continue).
+Tracing is set up once per process from its settings, and only when spans have somewhere
+to go: ``NOTIFY_OTLP_ENDPOINT`` (an OTLP/gRPC collector, e.g. ``http://collector:4317``)
+or ``NOTIFY_TRACING=console``. Without either nothing is instrumented at all: spans that
+are made and dropped are not free (the grpc.aio interceptors alone took 11-27% of the
+Python samples on the send path, py-spy, bench.e2e, 2026-12-02).
+
+When tracing is on: grpc.aio servers and clients, asyncpg and Redis are instrumented
+(the kept OpenTelemetry instrumentations); the trace context crosses RabbitMQ in the job
+(``inject_trace_context`` at publish, ``extract_trace_context`` at consume, the W3C
+headers in ``JobMeta.trace_context``); renders and each provider call get spans of
+their own (``span``). Sampling is parent-based: a trace Envoy started (or a caller
+continued) keeps its decision across every hop; a root made here (a job without
+context) is kept at ``NOTIFY_TRACE_SAMPLE_RATIO``. Every span carries the correlation id
+of the work it belongs to (``correlation_id``), so a trace and the logs find each other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from notify_kit.context import get_correlation_id
+
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import Span, TracerProvider
+
+CORRELATION_ATTRIBUTE = "correlation_id"
 
 
-def setup_tracing(service: str, mode: str) -> TracerProvider | None:
-    """Install a tracer provider and instrument grpc.aio servers and clients, unless off."""
+def setup_tracing(
+    service: str, mode: str, *, endpoint: str = "", sample_ratio: float = 1.0
+) -> TracerProvider | None:
+    """Install a tracer provider exporting to ``mode`` and instrument, unless off."""
     if mode == "off":
         return None
     # Imported here: a service that does not trace does not load the SDK either.
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor  # noqa: PLC0415
     from opentelemetry.instrumentation.grpc import (  # noqa: PLC0415
         GrpcAioInstrumentorClient,
         GrpcAioInstrumentorServer,
     )
+    from opentelemetry.instrumentation.redis import RedisInstrumentor  # noqa: PLC0415
     from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider  # noqa: PLC0415
     from opentelemetry.sdk.trace.export import (  # noqa: PLC0415
         BatchSpanProcessor,
         ConsoleSpanExporter,
+        SpanExporter,
+    )
+    from opentelemetry.sdk.trace.sampling import (  # noqa: PLC0415
+        ParentBased,
+        TraceIdRatioBased,
     )
 
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    if mode == "console":
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    class CorrelationProcessor(SpanProcessor):
+        """Puts the correlation id of the work in progress on every span."""
+
+        def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
+            correlation_id = get_correlation_id()
+            if correlation_id:
+                span.set_attribute(CORRELATION_ATTRIBUTE, correlation_id)
+
+    exporter: SpanExporter
+    if mode == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter,
+        )
+
+        exporter = OTLPSpanExporter(
+            endpoint=endpoint, insecure=endpoint.startswith("http://"), timeout=5
+        )
+    else:
+        exporter = ConsoleSpanExporter()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service}),
+        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+    )
+    provider.add_span_processor(CorrelationProcessor())
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     GrpcAioInstrumentorServer().instrument()  # type: ignore[no-untyped-call]
     GrpcAioInstrumentorClient().instrument()  # type: ignore[no-untyped-call]
+    AsyncPGInstrumentor().instrument()  # type: ignore[no-untyped-call]
+    RedisInstrumentor().instrument()
     return provider
+
+
+@contextmanager
+def span(name: str, **attributes: Any) -> Iterator[None]:
+    """A span of our own around a step (a render, a provider call); a no-op without
+    tracing. Exceptions are recorded on it and re-raised."""
+    with trace.get_tracer("notify").start_as_current_span(name, attributes=attributes):
+        yield
+
+
+def tag_current_span(correlation_id: str) -> None:
+    """Put ``correlation_id`` on the current span (a no-op when not recording)."""
+    current = trace.get_current_span()
+    if current.is_recording():
+        current.set_attribute(CORRELATION_ATTRIBUTE, correlation_id)
 
 
 def inject_trace_context() -> dict[str, str]:

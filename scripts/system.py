@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import grpc
 import yaml
@@ -189,8 +190,66 @@ def render_envoy_config(cfg: SystemConfig, out: Path) -> Path:
     tls["tls_certificates"][0]["certificate_chain"]["filename"] = str(cfg.certs / "envoy.pem")
     tls["tls_certificates"][0]["private_key"]["filename"] = str(cfg.certs / "envoy-key.pem")
     tls["validation_context"]["trusted_ca"]["filename"] = str(cfg.certs / "ca.pem")
+    endpoint = cfg.extra_env.get("NOTIFY_OTLP_ENDPOINT", "")
+    if endpoint:
+        ratio = float(cfg.extra_env.get("NOTIFY_TRACE_SAMPLE_RATIO", "0.1"))
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["tracing"], collector = envoy_tracing(endpoint, ratio)
+        doc["static_resources"]["clusters"].append(collector)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
+
+
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def envoy_tracing(endpoint: str, ratio: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Envoy's tracing block and collector cluster for an OTLP/gRPC ``endpoint``: Envoy
+    starts each trace (or continues the caller's ``traceparent``), keeps ``ratio`` of the
+    ones it starts, and passes its decision on, which every service follows."""
+    where = urlsplit(endpoint)
+    tracing = {
+        "random_sampling": {"value": ratio * 100},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otlp_collector"}, "timeout": "2s"},
+                "service_name": "envoy",
+            },
+        },
+    }
+    cluster = {
+        "name": "otlp_collector",
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            _HTTP_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_OPTIONS}",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "otlp_collector",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": where.hostname or "127.0.0.1",
+                                        "port_value": where.port or 4317,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    return tracing, cluster
 
 
 def service_env(cfg: SystemConfig, service: str) -> dict[str, str]:
@@ -234,6 +293,10 @@ def service_env(cfg: SystemConfig, service: str) -> dict[str, str]:
         "NOTIFY_PUSH_WORKER_DSN": f"{cfg.pg_base}/{cfg.db_prefix}push",
         "NOTIFY_BOOTSTRAP_API_KEY": cfg.api_key,
         "PYTHONUNBUFFERED": "1",
+        # Render processes are forked and exec'd while gRPC channels are active; gRPC's
+        # fork handlers can crash such a child (grpc/grpc#43055), and nothing here
+        # forks to keep using gRPC in the child.
+        "GRPC_ENABLE_FORK_SUPPORT": "false",
         **peers,
         **cfg.extra_env,
     }

@@ -243,6 +243,18 @@ def test_tracing_is_off_unless_spans_have_somewhere_to_go(certs_dir: Path) -> No
     assert CommonSettings.from_env("gateway", 1, env).tracing == "off"
     with pytest.raises(SettingsError, match="NOTIFY_TRACING must be one of off, console"):
         CommonSettings.from_env("gateway", 1, {**env, "NOTIFY_TRACING": "jaeger"})
+    # A collector turns it on (sampled at 10% unless told); otlp needs one.
+    collector = {**env, "NOTIFY_OTLP_ENDPOINT": "http://collector:4317"}
+    traced = CommonSettings.from_env("gateway", 1, collector)
+    assert (traced.tracing, traced.otlp_endpoint, traced.trace_sample_ratio) == (
+        "otlp",
+        "http://collector:4317",
+        0.1,
+    )
+    with pytest.raises(SettingsError, match="needs NOTIFY_OTLP_ENDPOINT"):
+        CommonSettings.from_env("gateway", 1, {**env, "NOTIFY_TRACING": "otlp"})
+    with pytest.raises(SettingsError, match="between 0 and 1"):
+        CommonSettings.from_env("gateway", 1, {**collector, "NOTIFY_TRACE_SAMPLE_RATIO": "2"})
     before = trace.get_tracer_provider()
     assert setup_tracing("gateway", "off") is None
     assert trace.get_tracer_provider() is before
@@ -437,3 +449,12 @@ def test_an_rpc_without_its_access_declaration_is_refused_not_opened() -> None:
     declared = acl._declaration(service, service.methods[0], acl.scope_names(), identities)
     assert declared.allowed_on("user_svc") == {"push_worker"}
     assert declared.allowed_on("gateway") == set()  # not served there: nobody
+
+
+def test_metrics_are_served_where_configured_and_not_when_empty(certs_dir: Path) -> None:
+    env = {"NOTIFY_TLS_DIR": str(certs_dir)}
+    assert CommonSettings.from_env("gateway", 1, env).metrics_listen == "127.0.0.1:9461"
+    moved = {**env, "NOTIFY_GATEWAY_METRICS_LISTEN": "0.0.0.0:9000"}
+    assert CommonSettings.from_env("gateway", 1, moved).metrics_listen == "0.0.0.0:9000"
+    off = {**env, "NOTIFY_GATEWAY_METRICS_LISTEN": ""}
+    assert CommonSettings.from_env("gateway", 1, off).metrics_listen == ""

@@ -21,6 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from notify_kit import metrics
 from notify_kit.breaker import BreakerSettings, BreakerStatus, CircuitBreaker
 from notify_kit.jobs.errors import Blocked, OutcomeUnknown, PermanentError, TransientError
+from notify_kit.telemetry import span
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,10 @@ class ProviderChain(Generic[M, R]):
         a provider that skips the recipient made no call)."""
         started, outcome = time.perf_counter(), "error"
         try:
-            result = await self._attempt(provider, message)
+            with span(
+                f"{self.channel} {provider.name}", channel=self.channel, provider=provider.name
+            ):
+                result = await self._attempt(provider, message)
         except Skip:
             outcome = "skipped"
             raise

@@ -90,7 +90,7 @@ class StatusReporter:
         self._channel = channel
         self._timeout = timeout
         self._batcher: Batcher[user_service_pb2.UpdateDeliveryStatusRequest, None] = Batcher(
-            self._send, window=window, max_batch=max_batch
+            self._send, window=window, max_batch=max_batch, name="status report"
         )
 
     def start(self) -> None:

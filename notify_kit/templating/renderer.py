@@ -24,6 +24,7 @@ from notify.v1 import common_pb2
 from notify_kit import metrics
 from notify_kit.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
 from notify_kit.settings import SettingsError, env_float, env_int
+from notify_kit.telemetry import span
 from notify_kit.templating.content import SINGLE_LINE_FIELDS, Content
 from notify_kit.templating.frames import Message
 from notify_kit.templating.messages import CHANNEL_FIELDS
@@ -187,7 +188,8 @@ class Renderer:
         }
         started, outcome = time.perf_counter(), "failed"
         try:
-            answer = await self._pool.call(request, timeout)
+            with span("render", template_id=template_id, version=version, tenant=tenant):
+                answer = await self._pool.call(request, timeout)
             if "failed" in answer:
                 raise self._render_error(answer["failed"], timeout, where)
             outcome = "ok"
