@@ -10,7 +10,6 @@ test cuts and restores) and asks through Envoy.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import json
@@ -19,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -39,8 +38,9 @@ from notify_kit.rpc import secure_channel, unary
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, TlsSettings
 from notify_kit.tls import channel_credentials
-from scripts.system import free_port, poll
+from scripts.system import poll
 from tests.conftest import PG_BASE, RUN_ID
+from tests.database_link import DatabaseLink, via
 from tests.e2e_support import E2E, e2e_system
 
 SOME_USER = "00000000-0000-4000-8000-00000000f001"
@@ -418,60 +418,6 @@ async def test_the_gateway_forwarder_hides_a_dead_upstreams_address(
 # --- end to end: a database outage through Envoy ---------------------------------------
 
 
-class DatabaseLink:
-    """A TCP relay between one service and PostgreSQL that a test can cut and restore.
-
-    Cut: every open connection is reset and new ones are refused, as when the database
-    host goes away; restored: connections pass again on the same port.
-    """
-
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self._upstream = (upstream_host, upstream_port)
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._open: set[asyncio.StreamWriter] = set()
-
-    async def restore(self) -> None:
-        """Accept connections (again)."""
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        """Refuse new connections and reset the open ones."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in list(self._open):
-            writer.transport.abort()
-        self._open.clear()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._open |= {writer, up_writer}
-        await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-        )
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while chunk := await reader.read(65536):
-                writer.write(chunk)
-                await writer.drain()
-        finally:
-            self._open.discard(writer)
-            writer.transport.abort()
-
-
-def _via(link: DatabaseLink, database: str) -> str:
-    """The DSN of ``database`` on the suite's PostgreSQL, reached through ``link``."""
-    base = urlsplit(PG_BASE)
-    netloc = f"{base.username}@127.0.0.1:{link.port}" if base.username else f"127.0.0.1:{link.port}"
-    return urlunsplit((base.scheme, netloc, f"/{database}", "", ""))
-
-
 @pytest.fixture
 async def outage_system(
     tmp_path: Path, certs_dir: Path
@@ -486,8 +432,8 @@ async def outage_system(
         await link.restore()
     tag = f"t{RUN_ID}f{uuid.uuid4().hex[:4]}"
     env = {
-        "NOTIFY_USER_SVC_DSN": _via(links["user_svc"], f"notify_{tag}_user"),
-        "NOTIFY_TEMPLATE_SVC_DSN": _via(links["template_svc"], f"notify_{tag}_template"),
+        "NOTIFY_USER_SVC_DSN": via(links["user_svc"], f"notify_{tag}_user"),
+        "NOTIFY_TEMPLATE_SVC_DSN": via(links["template_svc"], f"notify_{tag}_template"),
     }
     try:
         async with e2e_system(tmp_path, certs_dir, tag, extra_env=env) as system:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,7 +17,8 @@ from notify_kit.settings import CommonSettings, TlsSettings
 from scripts.system import poll
 from template_svc.app import App
 from template_svc.config import Config
-from tests.tcp_proxy import TcpProxy
+from tests.conftest import PG_BASE, RUN_ID
+from tests.database_link import DatabaseLink, via
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -71,10 +72,11 @@ async def test_template_svc_leaves_and_rejoins_as_postgresql_goes_and_comes(
     tls_for: Callable[[str], TlsSettings],
     database: Callable[[str], Awaitable[str]],
 ) -> None:
-    dsn = urlsplit(await database("template_svc_health"))
-    proxy = TcpProxy(dsn.hostname or "127.0.0.1", dsn.port or 5432)
-    port = await proxy.start()
-    through = urlunsplit(dsn._replace(netloc=f"{dsn.username}@127.0.0.1:{port}"))
+    await database("template_svc_health")
+    base = urlsplit(PG_BASE)
+    link = DatabaseLink(base.hostname or "127.0.0.1", base.port or 5432)
+    await link.restore()
+    through = via(link, f"notify_t{RUN_ID}_template_svc_health")
     common = dataclasses.replace(common_for("template_svc"), health_interval=0.2)
     app = await App.start(Config(common=common, dsn=through))
     channel = rpc.secure_channel(f"127.0.0.1:{app.port}", tls_for("gateway"))
@@ -89,11 +91,11 @@ async def test_template_svc_leaves_and_rejoins_as_postgresql_goes_and_comes(
 
     try:
         assert await status() == SERVING
-        await proxy.cut()
+        await link.cut()
         await poll(status, lambda s: s == NOT_SERVING, timeout=5, what="NOT_SERVING")
-        await proxy.restore()
+        await link.restore()
         await poll(status, lambda s: s == SERVING, timeout=10, what="SERVING again")
     finally:
         await channel.close()
         await app.stop()
-        await proxy.cut()
+        await link.cut()
