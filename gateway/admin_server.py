@@ -22,8 +22,8 @@ from google.protobuf import duration_pb2
 from notify.v1 import access_pb2, admin_service_pb2, admin_service_pb2_grpc
 
 from gateway.auth import current_api_key
-from gateway.dead_letters import CHANNEL_OF_KIND, KIND_OF_CHANNEL
 from gateway.limits import Rate, Window, in_force
+from gateway.server import CHANNEL_OF_KIND, KIND_OF_CHANNEL
 from gateway.store import KeyStore, TenantSettings, TenantStore
 from notify_kit import acl
 from notify_kit.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied

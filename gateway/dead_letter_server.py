@@ -31,14 +31,13 @@ from notify.v1 import (
 
 from gateway.auth import current_api_key
 from gateway.dead_letters import (
-    CHANNEL_OF_KIND,
-    KIND_OF_CHANNEL,
     DeadLetterStore,
     Filter,
     Incoming,
     Replayable,
     to_message,
 )
+from gateway.server import CHANNEL_OF_KIND, KIND_OF_CHANNEL
 from notify_kit import metrics, rpc
 from notify_kit.amqp import EMAIL, KIND_BY_KEY, KIND_BY_TYPE, Publisher, Topology
 from notify_kit.errors import InvalidArgument, NotFound, PermissionDenied

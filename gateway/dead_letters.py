@@ -17,16 +17,12 @@ from typing import Any
 import asyncpg
 from notify.v1 import common_pb2, dead_letter_service_pb2
 
-from gateway.server import CHANNEL_KINDS
+from gateway.server import CHANNEL_OF_KIND
 from notify_kit.paging import Cursor
 from notify_kit.timestamps import to_timestamp
 
 PARKED = dead_letter_service_pb2.DEAD_LETTER_STATE_PARKED
 REPLAYED = dead_letter_service_pb2.DEAD_LETTER_STATE_REPLAYED
-CHANNEL_OF_KIND = {
-    kind.key: common_pb2.Channel.ValueType(channel) for channel, kind in CHANNEL_KINDS.items()
-}
-KIND_OF_CHANNEL = {channel: kind.key for channel, kind in CHANNEL_KINDS.items()}
 
 _UPSERT = """
 INSERT INTO dead_letters

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from google.protobuf import duration_pb2
 from notify.v1 import common_pb2, delivery_service_pb2_grpc, user_service_pb2
 
-from gateway.dead_letters import KIND_OF_CHANNEL, DeadLetterStore
+from gateway.dead_letters import DeadLetterStore
+from gateway.server import KIND_OF_CHANNEL
 from notify_kit import rpc
 from notify_kit.amqp import KIND_BY_KEY, Publisher
 from notify_kit.errors import ServiceError

@@ -62,6 +62,11 @@ _MAX_VARIABLES_BYTES = 32 * 1024
 
 S = common_pb2
 CHANNEL_KINDS: dict[int, JobKind] = {S.CHANNEL_EMAIL: EMAIL, S.CHANNEL_PUSH: PUSH}
+# The same both ways by the kind's key (how the dead letters and limits store channels).
+CHANNEL_OF_KIND = {
+    kind.key: S.Channel.ValueType(channel) for channel, kind in CHANNEL_KINDS.items()
+}
+KIND_OF_CHANNEL = {channel: kind.key for channel, kind in CHANNEL_KINDS.items()}
 _STATUS_LABELS = {
     S.NOTIFICATION_STATUS_QUEUED: "queued",
     S.NOTIFICATION_STATUS_SUPPRESSED: "suppressed",

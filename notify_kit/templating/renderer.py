@@ -36,7 +36,6 @@ _CHILD = "notify_kit.templating.render_process"
 # The child stops itself at its deadline; this much earlier than the parent gives up, so
 # that normally the child answers "timeout" and is kept, instead of being killed.
 _CHILD_MARGIN = 0.1
-_CHANNEL_LABELS = {common_pb2.CHANNEL_EMAIL: "email", common_pb2.CHANNEL_PUSH: "push"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +200,8 @@ class Renderer:
                 "RENDER_FAILED", "rendering stopped the render process", metadata=where
             ) from exc
         finally:
-            metrics.RENDER_SECONDS.labels(_CHANNEL_LABELS.get(channel, "other"), outcome).observe(
-                time.perf_counter() - started
-            )
+            label = common_pb2.Channel.Name(channel).removeprefix("CHANNEL_").lower()
+            metrics.RENDER_SECONDS.labels(label, outcome).observe(time.perf_counter() - started)
         rendered: dict[str, str] = answer["rendered"]
         return rendered
 
