@@ -4,6 +4,7 @@ leave the rotation. The worker side (every breaker open) is in test_delivery_eng
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -12,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from notify_kit import health, metrics, rpc
+from notify_kit.kv import redis_client
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, TlsSettings
 from scripts.system import poll
@@ -99,3 +101,36 @@ async def test_template_svc_leaves_and_rejoins_as_postgresql_goes_and_comes(
         await channel.close()
         await app.stop()
         await link.cut()
+
+
+async def test_the_broker_and_redis_probes_say_down_when_they_are(
+    common_for: Callable[[str], CommonSettings],
+) -> None:
+    """The probes themselves: a broker connection closed or reconnecting is down, a Redis
+    that does not answer is down (and only degraded)."""
+
+    @dataclasses.dataclass
+    class Connection:  # what health.broker reads of aio-pika's robust connection
+        is_closed: bool = False
+        reconnecting: bool = False
+        connected: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    up, closed, reconnecting = Connection(), Connection(is_closed=True), Connection()
+    for connection in (up, closed, reconnecting):
+        connection.connected.set()
+    reconnecting.reconnecting = True
+    assert await health.broker(up).probe()  # type: ignore[arg-type]
+    assert not await health.broker(up, closed).probe()  # type: ignore[arg-type]
+    assert not await health.broker(reconnecting).probe()  # type: ignore[arg-type]
+
+    gone = redis_client("redis://127.0.0.1:1/0")  # nothing listens there
+    try:
+        probe = health.redis(gone)
+        assert not probe.critical
+        watch = health.DependencyHealth(
+            GrpcServer(common_for("user_svc"), [], []).health, [""], [probe]
+        )
+        assert await watch.check() is True  # degraded: still serving
+        assert watch.up == {"redis": False}
+    finally:
+        await gone.aclose()
