@@ -14,11 +14,12 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from scripts.system import free_port
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 _COUNT = re.compile(rb"mesg=(\d+)")
@@ -41,14 +42,6 @@ def ensure_tools() -> None:
         env=env,
         timeout=600,
     )
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Sink:

@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -71,12 +72,43 @@ async def poll(
         await asyncio.sleep(interval)  # the probe interval
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux's default otherwise)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_issued: set[int] = set()
+
+
 def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A port nothing listens on now, outside the kernel's ephemeral range.
+
+    A port the OS picks with ``bind(0)`` comes from the ephemeral range, and between
+    releasing it here and a service binding it, any process's outgoing connection may
+    take it as its local port (seen in CI: ``Address already in use`` starting a worker
+    with sixteen such ports chosen per system). Ports below or above the range are never
+    handed out implicitly, so only another listener can race us; those we check by
+    binding, and this process never returns one port twice.
+    """
+    low, high = _ephemeral_range()
+    pools = [range(10000, low), range(high + 1, 65536)]
+    pool = max(pools, key=len)
+    for _ in range(1000):
+        port = random.choice(pool)
+        if port in _issued:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _issued.add(port)
         return port
+    raise RuntimeError(f"no free port in {pool.start}..{pool.stop - 1}")
 
 
 @dataclass(frozen=True, slots=True)
