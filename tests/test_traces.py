@@ -51,19 +51,22 @@ def _trace_of(spans: list[ExportedSpan], correlation_id: str) -> list[ExportedSp
     return [s for s in spans if s.trace_id in ids]
 
 
-async def test_one_notification_is_one_trace_from_envoy_to_the_provider(
-    traced: E2E, sink: OtlpSink
-) -> None:
+async def _send(traced: E2E, correlation_id: str, headers: dict[str, str] | None = None) -> None:
+    """One e-mail notification through Envoy, settled (its terminal status recorded)."""
     user_id = await traced.new_user(devices=0)
-    correlation_id = f"trace-{uuid.uuid4().hex[:12]}"
     status, sent = await traced.api(
         "POST",
         "/v1/notifications",
         {"userId": user_id, "templateId": "welcome", "variables": {"name": "Tia"}},
-        headers={"x-correlation-id": correlation_id},
+        headers={"x-correlation-id": correlation_id, **(headers or {})},
     )
     assert status == 200, sent
     await traced.settle(sent["notification"]["id"])
+
+
+async def _traced_send(traced: E2E, sink: OtlpSink, correlation_id: str) -> list[ExportedSpan]:
+    """Send one notification and wait until its whole trace has been exported."""
+    await _send(traced, correlation_id)
 
     def complete(spans: list[ExportedSpan]) -> bool:
         trace = _trace_of(spans, correlation_id)
@@ -75,7 +78,14 @@ async def test_one_notification_is_one_trace_from_envoy_to_the_provider(
             and any(s.name == "status report batch" and set(s.links) & reports for s in spans)
         )
 
-    trace = _trace_of(await sink.wait_for(complete), correlation_id)
+    return _trace_of(await sink.wait_for(complete), correlation_id)
+
+
+async def test_one_notification_is_one_trace_from_envoy_to_the_provider(
+    traced: E2E, sink: OtlpSink
+) -> None:
+    correlation_id = f"trace-{uuid.uuid4().hex[:12]}"
+    trace = await _traced_send(traced, sink, correlation_id)
     assert len({s.trace_id for s in trace}) == 1, "one notification, one trace"
     by_id = {s.span_id: s for s in trace}
     roots = [s for s in trace if not s.parent_id]
@@ -109,3 +119,40 @@ async def test_one_notification_is_one_trace_from_envoy_to_the_provider(
     assert all(s.attributes.get("correlation_id") == correlation_id for s in ours), [
         (s.service, s.name) for s in ours if s.attributes.get("correlation_id") != correlation_id
     ]
+
+
+async def test_a_caller_that_does_not_sample_gets_no_span_anywhere(
+    traced: E2E, sink: OtlpSink
+) -> None:
+    """The caller's "not sampled" (W3C flags 00) holds on every hop: no service starts a
+    trace of its own for that request, on either side of the queue."""
+    trace_id = uuid.uuid4().hex
+    correlation_id = f"unsampled-{uuid.uuid4().hex[:12]}"
+    parent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-00"
+    await _send(traced, correlation_id, headers={"traceparent": parent})
+    spans = [
+        *await _traced_send(traced, sink, f"after-{correlation_id}"),
+        *sink.spans,
+    ]  # a later trace, exported
+    assert not [(s.service, s.name) for s in spans if s.trace_id == trace_id]
+    assert not [
+        (s.service, s.name) for s in spans if s.attributes.get("correlation_id") == correlation_id
+    ]
+
+
+async def test_sql_redis_and_health_checks_make_no_traces_of_their_own(
+    traced: E2E, sink: OtlpSink
+) -> None:
+    """Only work done for a request (or a job, or a batch) is traced: the dependency
+    probes' queries and Envoy's health checks, which run with no request around them,
+    would otherwise each start a trace of one span."""
+    await _traced_send(
+        traced, sink, f"trace-{uuid.uuid4().hex[:12]}"
+    )  # the probes at start-up are long exported by now
+    spans = list(sink.spans)
+    assert any(s.attributes.get("db.system") for s in spans)
+    orphans = [
+        (s.service, s.name) for s in spans if s.attributes.get("db.system") and not s.parent_id
+    ]
+    assert not orphans
+    assert not [(s.service, s.name) for s in spans if "grpc.health.v1.Health" in s.name]
