@@ -159,6 +159,8 @@ def _filter(proto: dead_letter_service_pb2.DeadLetterFilter) -> Filter:
         since=proto.since.ToDatetime(tzinfo=UTC) if proto.HasField("since") else None,
         until=proto.until.ToDatetime(tzinfo=UTC) if proto.HasField("until") else None,
         state=int(proto.state),
+        notification_id=proto.notification_id,
+        correlation_id=proto.correlation_id,
     )
 
 

@@ -44,14 +44,16 @@ AND ($2 = '' OR strpos(lower(reason), lower($2)) > 0)
 AND ($3::timestamptz IS NULL OR created_at >= $3)
 AND ($4::timestamptz IS NULL OR created_at < $4)
 AND ($5 = 0 OR state = $5)
+AND ($6 = '' OR notification_id = $6)
+AND ($7 = '' OR correlation_id = $7)
 """
 
 # Composed of the constants above only (no caller text): hence the S608 waivers.
 _LIST = f"""
 SELECT {_COLUMNS} FROM dead_letters
-WHERE {_WHERE} AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7))
+WHERE {_WHERE} AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9))
 ORDER BY created_at DESC, id DESC
-LIMIT $8
+LIMIT $10
 """  # noqa: S608
 
 _GET = f"SELECT {_COLUMNS}, body, history FROM dead_letters WHERE id = $1"  # noqa: S608
@@ -74,10 +76,20 @@ class Filter:
     since: datetime | None = None
     until: datetime | None = None
     state: int = 0
+    notification_id: str = ""
+    correlation_id: str = ""
 
     def args(self) -> tuple[Any, ...]:
-        """The five ``_WHERE`` parameters."""
-        return (self.kind, self.reason, self.since, self.until, self.state)
+        """The seven ``_WHERE`` parameters."""
+        return (
+            self.kind,
+            self.reason,
+            self.since,
+            self.until,
+            self.state,
+            self.notification_id,
+            self.correlation_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from tests.e2e_support import E2E
 EMAIL_ONLY = ["CHANNEL_EMAIL"]
 
 
-async def send_email(e2e: E2E, user_id: str) -> str:
+async def send_email(e2e: E2E, user_id: str, correlation_id: str = "") -> str:
     status, body = await e2e.api(
         "POST",
         "/v1/notifications",
@@ -26,6 +26,7 @@ async def send_email(e2e: E2E, user_id: str) -> str:
             "variables": {"name": "Ada"},
             "idempotencyKey": uuid.uuid4().hex,
         },
+        headers={"x-correlation-id": correlation_id} if correlation_id else None,
     )
     assert status == 200, body
     nid: str = body["notification"]["id"]
@@ -36,11 +37,11 @@ async def dead_letter_of(e2e: E2E, nid: str) -> dict[str, Any]:
     """Wait until the gateway filed the notification's dead letter; return it."""
 
     async def listed() -> list[dict[str, Any]]:
-        status, body = await e2e.api(
-            "GET", "/v1/dead-letters?filter.channel=CHANNEL_EMAIL&pageSize=500"
-        )
+        status, body = await e2e.api("GET", f"/v1/dead-letters?filter.notificationId={nid}")
         assert status == 200, body
-        return [d for d in body.get("deadLetters", []) if d["notificationId"] == nid]
+        letters: list[dict[str, Any]] = body.get("deadLetters", [])
+        assert all(d["notificationId"] == nid for d in letters), letters
+        return letters
 
     found = await poll(listed, bool, timeout=20, what=f"dead letter of {nid}")
     return found[0]
@@ -115,3 +116,29 @@ async def test_purge_removes_what_the_filter_names(e2e: E2E) -> None:
     assert (status, purged["purged"]) == (200, 1)
     status, _ = await e2e.api("GET", f"/v1/dead-letters/{letter['id']}")
     assert status == 404
+
+
+async def test_a_notification_or_a_correlation_id_finds_its_dead_letters(e2e: E2E) -> None:
+    """What an operator holding a support ticket has: the id a send answered with, or
+    the correlation id the client sent."""
+    address = f"df{uuid.uuid4().hex[:10]}@example.com"
+    e2e.mail.refuse(address, "550 5.1.1 no such user")
+    user_id = await e2e.new_user(devices=0, email=address)
+    first = await send_email(e2e, user_id)
+    correlation_id = f"ticket-{uuid.uuid4().hex[:12]}"
+    second = await send_email(e2e, user_id, correlation_id)
+    await e2e.settle(first)
+    await e2e.settle(second)
+    assert (await dead_letter_of(e2e, first))["notificationId"] == first
+    await dead_letter_of(e2e, second)
+
+    status, body = await e2e.api("GET", f"/v1/dead-letters?filter.correlationId={correlation_id}")
+    assert status == 200, body
+    assert [d["notificationId"] for d in body["deadLetters"]] == [second]
+    assert body["deadLetters"][0]["correlationId"] == correlation_id
+    both = f"filter.notificationId={first}&filter.correlationId={correlation_id}"
+    status, body = await e2e.api("GET", f"/v1/dead-letters?{both}")
+    assert (status, body.get("deadLetters", [])) == (200, [])
+
+    status, body = await e2e.api("GET", "/v1/dead-letters?filter.notificationId=nope")
+    assert status == 400 and body["details"][0]["reason"] == "INVALID_REQUEST", body

@@ -29,7 +29,7 @@ from notify.v1 import access_pb2 as notify_dot_v1_dot_access__pb2
 from notify.v1 import common_pb2 as notify_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#notify/v1/dead_letter_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/access.proto\x1a\x16notify/v1/common.proto\"\xad\x01\n\x0f\x44\x65liveryAttempt\x12\x0e\n\x06replay\x18\x01 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.notify.v1.NotificationStatus\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe0\x02\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0fnotification_id\x18\x02 \x01(\t\x12#\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x12.notify.v1.Channel\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05state\x18\x08 \x01(\x0e\x32\x1a.notify.v1.DeadLetterState\x12\x14\n\x0creplay_count\x18\t \x01(\x05\x12/\n\x0breplay_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07history\x18\x0b \x03(\x0b\x32\x1a.notify.v1.DeliveryAttempt\"\xef\x01\n\x10\x44\x65\x61\x64LetterFilter\x12-\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x12.notify.v1.ChannelB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12!\n\x0freason_contains\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x05state\x18\x05 \x01(\x0e\x32\x1a.notify.v1.DeadLetterStateB\x08\xbaH\x05\x82\x01\x02\x10\x01\"x\n\x16ListDeadLettersRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.notify.v1.DeadLetterFilter\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x17ListDeadLettersResponse\x12+\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x15.notify.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x14GetDeadLetterRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"C\n\x15GetDeadLetterResponse\x12*\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x15.notify.v1.DeadLetter\"m\n\x18ReplayDeadLettersRequest\x12\x17\n\x02id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12+\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1b.notify.v1.DeadLetterFilter\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\">\n\x19ReplayDeadLettersResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x05\x12\x0f\n\x07skipped\x18\x02 \x01(\x05\"l\n\x17PurgeDeadLettersRequest\x12\x17\n\x02id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12+\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1b.notify.v1.DeadLetterFilter\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"*\n\x18PurgeDeadLettersResponse\x12\x0e\n\x06purged\x18\x01 \x01(\x05*r\n\x0f\x44\x65\x61\x64LetterState\x12!\n\x1d\x44\x45\x41\x44_LETTER_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x41\x44_LETTER_STATE_PARKED\x10\x01\x12\x1e\n\x1a\x44\x45\x41\x44_LETTER_STATE_REPLAYED\x10\x02\x32\xa1\x04\n\x11\x44\x65\x61\x64LetterService\x12x\n\x0fListDeadLetters\x12!.notify.v1.ListDeadLettersRequest\x1a\".notify.v1.ListDeadLettersResponse\"\x1e\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/dead-letters\x12w\n\rGetDeadLetter\x12\x1f.notify.v1.GetDeadLetterRequest\x1a .notify.v1.GetDeadLetterResponse\"#\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/dead-letters/{id}\x12\x88\x01\n\x11ReplayDeadLetters\x12#.notify.v1.ReplayDeadLettersRequest\x1a$.notify.v1.ReplayDeadLettersResponse\"(\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/dead-letters:replay:\x01*\x12\x84\x01\n\x10PurgeDeadLetters\x12\".notify.v1.PurgeDeadLettersRequest\x1a#.notify.v1.PurgeDeadLettersResponse\"\'\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/dead-letters:purge:\x01*\x1a\x07\xe2\xf3\x18\x03\n\x01\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#notify/v1/dead_letter_service.proto\x12\tnotify.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16notify/v1/access.proto\x1a\x16notify/v1/common.proto\"\xad\x01\n\x0f\x44\x65liveryAttempt\x12\x0e\n\x06replay\x18\x01 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.notify.v1.NotificationStatus\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe0\x02\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0fnotification_id\x18\x02 \x01(\t\x12#\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x12.notify.v1.Channel\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05state\x18\x08 \x01(\x0e\x32\x1a.notify.v1.DeadLetterState\x12\x14\n\x0creplay_count\x18\t \x01(\x05\x12/\n\x0breplay_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07history\x18\x0b \x03(\x0b\x32\x1a.notify.v1.DeliveryAttempt\"\xc0\x02\n\x10\x44\x65\x61\x64LetterFilter\x12-\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x12.notify.v1.ChannelB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12!\n\x0freason_contains\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x05state\x18\x05 \x01(\x0e\x32\x1a.notify.v1.DeadLetterStateB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12$\n\x0fnotification_id\x18\x06 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12)\n\x0e\x63orrelation_id\x18\x07 \x01(\tB\x11\xbaH\x0er\x0c\x18@2\x08^[!-~]*$\"x\n\x16ListDeadLettersRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.notify.v1.DeadLetterFilter\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x17ListDeadLettersResponse\x12+\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x15.notify.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x14GetDeadLetterRequest\x12\x14\n\x02id\x18\x01 \x01(\tB\x08\xbaH\x05r\x03\xb0\x01\x01\"C\n\x15GetDeadLetterResponse\x12*\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x15.notify.v1.DeadLetter\"m\n\x18ReplayDeadLettersRequest\x12\x17\n\x02id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12+\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1b.notify.v1.DeadLetterFilter\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\">\n\x19ReplayDeadLettersResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x05\x12\x0f\n\x07skipped\x18\x02 \x01(\x05\"l\n\x17PurgeDeadLettersRequest\x12\x17\n\x02id\x18\x01 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\x12+\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x1b.notify.v1.DeadLetterFilter\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"*\n\x18PurgeDeadLettersResponse\x12\x0e\n\x06purged\x18\x01 \x01(\x05*r\n\x0f\x44\x65\x61\x64LetterState\x12!\n\x1d\x44\x45\x41\x44_LETTER_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x41\x44_LETTER_STATE_PARKED\x10\x01\x12\x1e\n\x1a\x44\x45\x41\x44_LETTER_STATE_REPLAYED\x10\x02\x32\xa1\x04\n\x11\x44\x65\x61\x64LetterService\x12x\n\x0fListDeadLetters\x12!.notify.v1.ListDeadLettersRequest\x1a\".notify.v1.ListDeadLettersResponse\"\x1e\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/dead-letters\x12w\n\rGetDeadLetter\x12\x1f.notify.v1.GetDeadLetterRequest\x1a .notify.v1.GetDeadLetterResponse\"#\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/dead-letters/{id}\x12\x88\x01\n\x11ReplayDeadLetters\x12#.notify.v1.ReplayDeadLettersRequest\x1a$.notify.v1.ReplayDeadLettersResponse\"(\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/dead-letters:replay:\x01*\x12\x84\x01\n\x10PurgeDeadLetters\x12\".notify.v1.PurgeDeadLettersRequest\x1a#.notify.v1.PurgeDeadLettersResponse\"\'\xda\xf3\x18\x02\x08\x07\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/dead-letters:purge:\x01*\x1a\x07\xe2\xf3\x18\x03\n\x01\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEADLETTERFILTER'].fields_by_name['reason_contains']._serialized_options = b'\272H\005r\003\030\310\001'
   _globals['_DEADLETTERFILTER'].fields_by_name['state']._loaded_options = None
   _globals['_DEADLETTERFILTER'].fields_by_name['state']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_DEADLETTERFILTER'].fields_by_name['notification_id']._loaded_options = None
+  _globals['_DEADLETTERFILTER'].fields_by_name['notification_id']._serialized_options = b'\272H\010r\003\260\001\001\330\001\001'
+  _globals['_DEADLETTERFILTER'].fields_by_name['correlation_id']._loaded_options = None
+  _globals['_DEADLETTERFILTER'].fields_by_name['correlation_id']._serialized_options = b'\272H\016r\014\030@2\010^[!-~]*$'
   _globals['_LISTDEADLETTERSREQUEST'].fields_by_name['page_size']._loaded_options = None
   _globals['_LISTDEADLETTERSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\007\032\005\030\364\003(\000'
   _globals['_GETDEADLETTERREQUEST'].fields_by_name['id']._loaded_options = None
@@ -60,30 +64,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEADLETTERSERVICE'].methods_by_name['ReplayDeadLetters']._serialized_options = b'\332\363\030\002\010\007\202\323\344\223\002\034\"\027/v1/dead-letters:replay:\001*'
   _globals['_DEADLETTERSERVICE'].methods_by_name['PurgeDeadLetters']._loaded_options = None
   _globals['_DEADLETTERSERVICE'].methods_by_name['PurgeDeadLetters']._serialized_options = b'\332\363\030\002\010\007\202\323\344\223\002\033\"\026/v1/dead-letters:purge:\001*'
-  _globals['_DEADLETTERSTATE']._serialized_start=1626
-  _globals['_DEADLETTERSTATE']._serialized_end=1740
+  _globals['_DEADLETTERSTATE']._serialized_start=1707
+  _globals['_DEADLETTERSTATE']._serialized_end=1821
   _globals['_DELIVERYATTEMPT']._serialized_start=191
   _globals['_DELIVERYATTEMPT']._serialized_end=364
   _globals['_DEADLETTER']._serialized_start=367
   _globals['_DEADLETTER']._serialized_end=719
   _globals['_DEADLETTERFILTER']._serialized_start=722
-  _globals['_DEADLETTERFILTER']._serialized_end=961
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=963
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1083
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1085
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1180
-  _globals['_GETDEADLETTERREQUEST']._serialized_start=1182
-  _globals['_GETDEADLETTERREQUEST']._serialized_end=1226
-  _globals['_GETDEADLETTERRESPONSE']._serialized_start=1228
-  _globals['_GETDEADLETTERRESPONSE']._serialized_end=1295
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=1297
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=1406
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=1408
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=1470
-  _globals['_PURGEDEADLETTERSREQUEST']._serialized_start=1472
-  _globals['_PURGEDEADLETTERSREQUEST']._serialized_end=1580
-  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_start=1582
-  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_end=1624
-  _globals['_DEADLETTERSERVICE']._serialized_start=1743
-  _globals['_DEADLETTERSERVICE']._serialized_end=2288
+  _globals['_DEADLETTERFILTER']._serialized_end=1042
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1044
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1164
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1166
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1261
+  _globals['_GETDEADLETTERREQUEST']._serialized_start=1263
+  _globals['_GETDEADLETTERREQUEST']._serialized_end=1307
+  _globals['_GETDEADLETTERRESPONSE']._serialized_start=1309
+  _globals['_GETDEADLETTERRESPONSE']._serialized_end=1376
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=1378
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=1487
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=1489
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=1551
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_start=1553
+  _globals['_PURGEDEADLETTERSREQUEST']._serialized_end=1661
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_start=1663
+  _globals['_PURGEDEADLETTERSRESPONSE']._serialized_end=1705
+  _globals['_DEADLETTERSERVICE']._serialized_start=1824
+  _globals['_DEADLETTERSERVICE']._serialized_end=2369
 # @@protoc_insertion_point(module_scope)

@@ -170,12 +170,18 @@ class DeadLetterFilter(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     UNTIL_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    NOTIFICATION_ID_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
     channel: _common_pb2.Channel.ValueType
     """Only this channel."""
     reason_contains: _builtins.str
     """Only those whose reason contains this text (case-insensitive)."""
     state: Global___DeadLetterState.ValueType
     """Only those in this state."""
+    notification_id: _builtins.str
+    """Only the deliveries of this notification (the id a send answered with)."""
+    correlation_id: _builtins.str
+    """Only the work of this correlation id (the x-correlation-id of the send)."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Only those that arrived at or after this time."""
@@ -192,10 +198,12 @@ class DeadLetterFilter(_message.Message):
         since: _timestamp_pb2.Timestamp | None = ...,
         until: _timestamp_pb2.Timestamp | None = ...,
         state: Global___DeadLetterState.ValueType = ...,
+        notification_id: _builtins.str = ...,
+        correlation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "reason_contains", b"reason_contains", "since", b"since", "state", b"state", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "correlation_id", b"correlation_id", "notification_id", b"notification_id", "reason_contains", b"reason_contains", "since", b"since", "state", b"state", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
