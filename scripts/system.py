@@ -419,14 +419,23 @@ class LocalSystem:
             await poll(status, lambda s: s == serving, timeout=timeout, what=service)
 
     async def wait_envoy(self, timeout: float) -> None:
-        """Poll Envoy's admin API until the gateway cluster has a healthy host."""
-        url = f"http://127.0.0.1:{self.cfg.ports.envoy_admin}/clusters?format=json"
+        """Poll Envoy's admin API until it is live (its listener accepts requests) and
+        the gateway cluster has a host that passed its health check.
+
+        Both, and that cluster by name: with tracing on, the collector's cluster (no
+        health check) has a healthy host at once, before the listener is up, and the
+        benchmark's first request was refused."""
+        admin = f"http://127.0.0.1:{self.cfg.ports.envoy_admin}"
 
         async def healthy_host() -> bool:
             self._check_alive("envoy")
             with contextlib.suppress(OSError, ValueError):
-                body = await asyncio.to_thread(_get, url)
+                if (await asyncio.to_thread(_get, f"{admin}/ready")).strip() != "LIVE":
+                    return False
+                body = await asyncio.to_thread(_get, f"{admin}/clusters?format=json")
                 for cluster in json.loads(body).get("cluster_statuses", []):
+                    if cluster.get("name") != "gateway":
+                        continue
                     for host in cluster.get("host_statuses", []):
                         if "failed_active_health_check" not in host.get("health_status", {}):
                             return True
