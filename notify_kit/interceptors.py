@@ -34,7 +34,7 @@ from notify_kit.context import (
 )
 from notify_kit.errors import Internal, InvalidArgument, ServiceError, error_info, to_status
 from notify_kit.outage import DEPENDENCY_UNAVAILABLE, describe, is_outage, outage_error
-from notify_kit.telemetry import tag_current_span
+from notify_kit.telemetry import continue_unsampled, detach, pass_on_unsampled, tag_current_span
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             correlation_id = sanitize_correlation_id(metadata_value(context, CORRELATION_HEADER))
             set_correlation_id(correlation_id)
             tag_current_span(correlation_id)  # the server span began before the id was known
+            unsampled = continue_unsampled(context.invocation_metadata())
             start = time.perf_counter()
             outcome, reason, forwarded = "OK", "", False
             try:
@@ -179,6 +180,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 outcome, reason = answer.code.name, answer.reason
                 await context.abort_with_status(_status(answer))
             finally:
+                detach(unsampled)
                 elapsed = time.perf_counter() - start
                 metrics.RPC_SERVER_SECONDS.labels(method, outcome).observe(elapsed)
                 # One access-log line per call (INFO), so every hop of a request shows up
@@ -267,6 +269,7 @@ class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             metadata.add(CORRELATION_HEADER, get_correlation_id() or new_correlation_id())
         if self._service_key and SERVICE_KEY_HEADER not in metadata:
             metadata.add(SERVICE_KEY_HEADER, self._service_key)
+        pass_on_unsampled(metadata)
         timeout = client_call_details.timeout
         details = grpc.aio.ClientCallDetails(
             method=client_call_details.method,
