@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings
 from scripts import gen_certs
-from scripts.system import ROOT, SERVICES
+from scripts.system import ROOT, SERVICES, envoy_tracing
 
 COMPOSE_NAMES = tuple(s.replace("_", "-") for s in SERVICES)
 COMMITTED_ENVOY = ROOT / "envoy" / "envoy.yaml"
@@ -332,10 +332,18 @@ async def test_fcm_fake_names_its_host_flag_in_the_service_account(
     assert (token_uri.scheme, token_uri.hostname, token_uri.path) == ("http", "127.0.0.1", "/token")
 
 
+# Where spans go is no dependency: a process serves without its collector (the exporter
+# drops what it cannot deliver), so nothing waits for it.
+TELEMETRY_VARIABLES = frozenset({"NOTIFY_OTLP_ENDPOINT"})
+COLLECTOR_CLUSTER = "otlp_collector"
+
+
 def _peer_hosts(service: Service) -> set[str]:
-    """Compose services this one connects to, from its environment."""
+    """Compose services this one needs, from its environment."""
     hosts = set()
     for variable, value in _env(service).items():
+        if variable in TELEMETRY_VARIABLES:
+            continue
         if "://" in value:
             hosts.add(urlsplit(value).hostname or "")
         elif variable.endswith("_ADDR"):
@@ -349,6 +357,7 @@ def test_dependencies_are_waited_for(services: dict[str, Service]) -> None:
     envoy_upstreams = {
         lb["endpoint"]["address"]["socket_address"]["address"]
         for cluster in _load(COMPOSE_ENVOY)["static_resources"]["clusters"]
+        if cluster["name"] != COLLECTOR_CLUSTER
         for group in cluster["load_assignment"]["endpoints"]
         for lb in group["lb_endpoints"]
     }
@@ -483,6 +492,8 @@ def _varying(doc: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
         for group in cluster["load_assignment"]["endpoints"]:
             for lb in group["lb_endpoints"]:
                 yield lb["endpoint"]["address"]["socket_address"], "address"
+        if "transport_socket" not in cluster:
+            continue  # the trace collector's, plain gRPC as collectors listen
         tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]
         for pair in tls["tls_certificates"]:
             yield pair["certificate_chain"], "filename"
@@ -502,8 +513,45 @@ def _normalised(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _without_tracing(doc: dict[str, Any]) -> tuple[dict[str, Any], Any, list[Any]]:
+    """``doc`` without Envoy's tracer and the collector cluster, and those two."""
+    doc = copy.deepcopy(doc)
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    tracing = hcm["typed_config"].pop("tracing", None)
+    clusters = doc["static_resources"]["clusters"]
+    collector = [c for c in clusters if c["name"] == COLLECTOR_CLUSTER]
+    clusters[:] = [c for c in clusters if c["name"] != COLLECTOR_CLUSTER]
+    return doc, tracing, collector
+
+
 def test_compose_envoy_config_differs_only_in_addresses_and_paths() -> None:
-    assert _normalised(_load(COMPOSE_ENVOY)) == _normalised(_load(COMMITTED_ENVOY))
+    compose, _, _ = _without_tracing(_load(COMPOSE_ENVOY))
+    assert _normalised(compose) == _normalised(_load(COMMITTED_ENVOY))
+
+
+def test_compose_envoy_traces_as_make_run_does_to_the_services_collector(
+    services: dict[str, Service], certs_dir: Path
+) -> None:
+    """The tracer and its cluster are what ``scripts.system`` gives Envoy when tracing is
+    on, for the collector and ratio the services themselves are configured with."""
+    _, tracing, collector = _without_tracing(_load(COMPOSE_ENVOY))
+    settings = {
+        (common.tracing, common.otlp_endpoint, common.trace_sample_ratio)
+        for name, module in zip(COMPOSE_NAMES, SERVICES, strict=True)
+        for common in [
+            CommonSettings.from_env(
+                module, 1, {**_env(services[name]), "NOTIFY_TLS_DIR": str(certs_dir)}
+            )
+        ]
+    }
+    assert len(settings) == 1, settings
+    [(mode, endpoint, ratio)] = settings
+    assert mode == "otlp", "compose traces: every service exports"
+    expected = envoy_tracing(endpoint, ratio)
+    assert (tracing, collector) == (expected[0], [expected[1]])
+    host = urlsplit(str(endpoint)).hostname
+    assert host in services
+    assert not [name for name, svc in services.items() if host in svc.get("depends_on", {})]
 
 
 def test_compose_envoy_config_points_into_the_containers(
@@ -529,6 +577,7 @@ def test_compose_envoy_config_points_into_the_containers(
     assert {int(p.rpartition(":")[2]) for p in envoy["ports"]} == {
         a["port_value"] for a in listening
     }
+    doc, _, _ = _without_tracing(doc)  # the collector: the test above
     for cluster in doc["static_resources"]["clusters"]:
         assert cluster["type"] == "STRICT_DNS"
         for group in cluster["load_assignment"]["endpoints"]:
