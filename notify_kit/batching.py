@@ -20,6 +20,8 @@ from typing import Generic, TypeVar
 
 from opentelemetry import trace
 
+from notify_kit.telemetry import tracing_enabled
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -82,6 +84,10 @@ class Batcher(Generic[T, R]):
         if self._closed is not None:
             raise self._closed
         answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        if not tracing_enabled():
+            self._waiting.append(_Pending(item, answer, trace.INVALID_SPAN_CONTEXT))
+            self._arrived.set()
+            return await answer
         with self._tracer.start_as_current_span(self._name) as waiting:
             self._waiting.append(_Pending(item, answer, waiting.get_span_context()))
             self._arrived.set()
@@ -103,10 +109,13 @@ class Batcher(Generic[T, R]):
         outcomes: Sequence[R | BaseException]
         links = [trace.Link(p.caller) for p in batch if p.caller.is_valid]
         try:
-            with self._tracer.start_as_current_span(
-                f"{self._name} batch", links=links, attributes={"batch.size": len(batch)}
-            ):
+            if not tracing_enabled():
                 outcomes = await self._flush([p.item for p in batch])
+            else:
+                with self._tracer.start_as_current_span(
+                    f"{self._name} batch", links=links, attributes={"batch.size": len(batch)}
+                ):
+                    outcomes = await self._flush([p.item for p in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} answers for a batch of {len(batch)}")
         except Exception as exc:  # the call failed: every caller of the batch learns why

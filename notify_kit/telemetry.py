@@ -105,8 +105,8 @@ def setup_tracing(
     import asyncpg  # noqa: PLC0415
     import redis.asyncio  # noqa: PLC0415
 
-    global _propagating  # noqa: PLW0603 (set once, by the process's setup)
-    _propagating = True
+    global _tracing_on  # noqa: PLW0603 (set once, by the process's setup)
+    _tracing_on = True
     for owner in (
         asyncpg.connection.Connection,
         asyncpg.prepared_stmt.PreparedStatement,
@@ -120,7 +120,7 @@ def setup_tracing(
 
 
 TRACEPARENT = "traceparent"  # W3C Trace Context: version-trace_id-parent_id-flags
-_propagating = False  # whether setup_tracing turned tracing on in this process
+_tracing_on = False  # whether setup_tracing turned tracing on in this process
 
 
 def _traceparent(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -152,7 +152,7 @@ def continue_unsampled(metadata: Iterable[tuple[str, str | bytes]] | None) -> ob
     request makes say "not sampled" too (``pass_on_unsampled``, ``inject_trace_context``),
     and no service downstream starts a trace of its own for it.
     """
-    if not _propagating:
+    if not _tracing_on:
         return None
     traceparent = _traceparent(metadata)
     if traceparent is None or sampled_or_new(traceparent):
@@ -170,7 +170,7 @@ def pass_on_unsampled(metadata: grpc.aio.Metadata) -> None:
     """Add the current trace context to an outgoing call's ``metadata`` when it is one
     not being recorded (a recorded one the client instrumentation propagates itself,
     with its own span as the parent)."""
-    if not _propagating or TRACEPARENT in metadata:
+    if not _tracing_on or TRACEPARENT in metadata:
         return
     current = trace.get_current_span()
     if current.is_recording() or not current.get_span_context().is_valid:
@@ -218,8 +218,17 @@ def _gate(owner: type, instrumented: Any) -> Any:
 def span(name: str, **attributes: Any) -> Iterator[None]:
     """A span of our own around a step (a render, a provider call); a no-op without
     tracing. Exceptions are recorded on it and re-raised."""
+    if not _tracing_on:
+        yield  # the API's no-op span still costs a context attach and detach
+        return
     with _tracer().start_as_current_span(name, attributes=attributes):
         yield
+
+
+def tracing_enabled() -> bool:
+    """Whether this process traces (``setup_tracing`` ran with a mode other than off):
+    without it, code that would open a span of its own skips it altogether."""
+    return _tracing_on
 
 
 @functools.cache
@@ -240,7 +249,8 @@ def tag_current_span(correlation_id: str) -> None:
 def inject_trace_context() -> dict[str, str]:
     """The current trace context as W3C headers, to put into a queue job."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    if _tracing_on:
+        propagate.inject(carrier)
     return carrier
 
 

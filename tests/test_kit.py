@@ -320,12 +320,14 @@ def test_cache_expires_entries_and_evicts_one_at_a_time() -> None:
     assert (lasting.get("b"), lasting.get("c"), len(lasting)) == ("B", "C", 2)
 
 
-def test_trace_context_survives_the_trip_through_a_job() -> None:
+def test_trace_context_survives_the_trip_through_a_job(monkeypatch: pytest.MonkeyPatch) -> None:
     from opentelemetry import trace  # noqa: PLC0415
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
 
+    from notify_kit import telemetry  # noqa: PLC0415
     from notify_kit.telemetry import extract_trace_context, inject_trace_context  # noqa: PLC0415
 
+    monkeypatch.setattr(telemetry, "_tracing_on", True)  # as setup_tracing leaves a process
     tracer = TracerProvider().get_tracer("test")
     with tracer.start_as_current_span("gateway send") as span:
         carried = inject_trace_context()  # what the gateway puts into JobMeta.trace_context

@@ -59,7 +59,7 @@ from notify_kit.jobs.settings import RunnerSettings
 from notify_kit.jobs.upstream import Status, StatusReport
 from notify_kit.outage import INFRA_ERRORS
 from notify_kit.status import is_past
-from notify_kit.telemetry import extract_trace_context
+from notify_kit.telemetry import extract_trace_context, tracing_enabled
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,9 @@ class JobRunner(Generic[J]):
             return
         meta = job.meta
         set_correlation_id(meta.correlation_id or new_correlation_id())
+        if not tracing_enabled():
+            await self._run(job, meta)
+            return
         token = otel_context.attach(extract_trace_context(meta.trace_context))
         try:
             with self._tracer.start_as_current_span(f"{self._handler.kind.key} job"):
