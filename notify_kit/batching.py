@@ -16,11 +16,11 @@ import collections
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from opentelemetry import trace
 
-from notify_kit.telemetry import tracing_enabled
+from notify_kit.telemetry import span
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,7 +52,6 @@ class Batcher(Generic[T, R]):
     ) -> None:
         self._flush = flush
         self._name = name
-        self._tracer = trace.get_tracer(__name__)
         self._window = window
         self._max_batch = max_batch
         # An item is always in exactly one of these until it is answered, so close()
@@ -84,12 +83,8 @@ class Batcher(Generic[T, R]):
         if self._closed is not None:
             raise self._closed
         answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        if not tracing_enabled():
-            self._waiting.append(_Pending(item, answer, trace.INVALID_SPAN_CONTEXT))
-            self._arrived.set()
-            return await answer
-        with self._tracer.start_as_current_span(self._name) as waiting:
-            self._waiting.append(_Pending(item, answer, waiting.get_span_context()))
+        with span(self._name) as waiting:
+            self._waiting.append(_Pending(item, answer, waiting))
             self._arrived.set()
             return await answer
 
@@ -109,13 +104,9 @@ class Batcher(Generic[T, R]):
         outcomes: Sequence[R | BaseException]
         links = [trace.Link(p.caller) for p in batch if p.caller.is_valid]
         try:
-            if not tracing_enabled():
+            size: dict[str, Any] = {"batch.size": len(batch)}  # a dotted name, as OTel's
+            with span(f"{self._name} batch", links=links, **size):
                 outcomes = await self._flush([p.item for p in batch])
-            else:
-                with self._tracer.start_as_current_span(
-                    f"{self._name} batch", links=links, attributes={"batch.size": len(batch)}
-                ):
-                    outcomes = await self._flush([p.item for p in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} answers for a batch of {len(batch)}")
         except Exception as exc:  # the call failed: every caller of the batch learns why

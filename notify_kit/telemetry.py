@@ -19,7 +19,7 @@ of the work it belongs to (``correlation_id``), so a trace and the logs find eac
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -215,20 +215,27 @@ def _gate(owner: type, instrumented: Any) -> Any:
 
 
 @contextmanager
-def span(name: str, **attributes: Any) -> Iterator[None]:
-    """A span of our own around a step (a render, a provider call); a no-op without
-    tracing. Exceptions are recorded on it and re-raised."""
+def span(
+    name: str,
+    *,
+    parent: Mapping[str, str] | None = None,
+    links: Sequence[trace.Link] = (),
+    **attributes: Any,
+) -> Iterator[trace.SpanContext]:
+    """A span of our own around a step (a render, a provider call, a job, a batch), made
+    current; it yields the span's context (to link to). ``parent`` continues a trace a
+    queue job carried (``inject_trace_context``). Exceptions are recorded on it and
+    re-raised. Without tracing it is nothing at all, not even the API's no-op span, whose
+    context attach and detach per step cost the untraced build 18% of its CPU per
+    notification (bench.e2e, 2026-12-03)."""
     if not _tracing_on:
-        yield  # the API's no-op span still costs a context attach and detach
+        yield trace.INVALID_SPAN_CONTEXT
         return
-    with _tracer().start_as_current_span(name, attributes=attributes):
-        yield
-
-
-def tracing_enabled() -> bool:
-    """Whether this process traces (``setup_tracing`` ran with a mode other than off):
-    without it, code that would open a span of its own skips it altogether."""
-    return _tracing_on
+    context = None if parent is None else extract_trace_context(parent)
+    with _tracer().start_as_current_span(
+        name, context=context, links=links, attributes=attributes
+    ) as current:
+        yield current.get_span_context()
 
 
 @functools.cache

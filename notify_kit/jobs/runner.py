@@ -45,8 +45,6 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from google.protobuf.message import DecodeError
 from notify.v1 import common_pb2, jobs_pb2
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from notify_kit import metrics
 from notify_kit.amqp import FAILED_KEY, JobKind, Publisher, Topology
@@ -59,7 +57,7 @@ from notify_kit.jobs.settings import RunnerSettings
 from notify_kit.jobs.upstream import Status, StatusReport
 from notify_kit.outage import INFRA_ERRORS
 from notify_kit.status import is_past
-from notify_kit.telemetry import extract_trace_context, tracing_enabled
+from notify_kit.telemetry import span
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +170,6 @@ class JobRunner(Generic[J]):
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
-        self._tracer = trace.get_tracer(__name__)
         self._rng = random.Random()
         self.pause = Pause(
             self._cancel_consumer,
@@ -262,15 +259,8 @@ class JobRunner(Generic[J]):
             return
         meta = job.meta
         set_correlation_id(meta.correlation_id or new_correlation_id())
-        if not tracing_enabled():
+        with span(f"{self._handler.kind.key} job", parent=meta.trace_context):
             await self._run(job, meta)
-            return
-        token = otel_context.attach(extract_trace_context(meta.trace_context))
-        try:
-            with self._tracer.start_as_current_span(f"{self._handler.kind.key} job"):
-                await self._run(job, meta)
-        finally:
-            otel_context.detach(token)
 
     async def _ours(self, step: Callable[P, Awaitable[T]], *args: P.args, **kw: P.kwargs) -> T:
         """Run a step against our own infrastructure, holding the job through outages.
