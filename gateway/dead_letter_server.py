@@ -11,6 +11,7 @@ and the worker's ledger makes sure a notification delivered meanwhile is not sen
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import uuid
@@ -159,7 +160,8 @@ def _filter(proto: dead_letter_service_pb2.DeadLetterFilter) -> Filter:
         since=proto.since.ToDatetime(tzinfo=UTC) if proto.HasField("since") else None,
         until=proto.until.ToDatetime(tzinfo=UTC) if proto.HasField("until") else None,
         state=int(proto.state),
-        notification_id=proto.notification_id,
+        # Stored as str(uuid) writes it; the contract accepts any case.
+        notification_id=str(uuid.UUID(proto.notification_id)) if proto.notification_id else "",
         correlation_id=proto.correlation_id,
     )
 
@@ -249,7 +251,9 @@ class DeadLetterServicer(dead_letter_service_pb2_grpc.DeadLetterServiceServicer)
         else:
             where = _filter(request.filter) if request.HasField("filter") else Filter()
             if where.state == 0:  # a bulk replay takes parked ones unless told otherwise
-                where = Filter(where.kind, where.reason, where.since, where.until, 1)
+                where = dataclasses.replace(
+                    where, state=dead_letter_service_pb2.DEAD_LETTER_STATE_PARKED
+                )
             targets = await self._store.replayable(where)
         replayed = skipped = 0
         for target in targets:

@@ -37,7 +37,8 @@ WHERE dead_letters.generation < EXCLUDED.generation
 _COLUMNS = """id, kind, notification_id, generation, reason, attempts, correlation_id, state,
 replay_count, replayed_at, created_at"""
 
-# $1 channel kind or '', $2 reason text or '', $3 since, $4 until, $5 state or 0.
+# $1 channel kind or '', $2 reason text or '', $3 since, $4 until, $5 state or 0,
+# $6 notification id or '', $7 correlation id or '' (Filter.args, in this order).
 _WHERE = """
 ($1 = '' OR kind = $1)
 AND ($2 = '' OR strpos(lower(reason), lower($2)) > 0)

@@ -140,5 +140,16 @@ async def test_a_notification_or_a_correlation_id_finds_its_dead_letters(e2e: E2
     status, body = await e2e.api("GET", f"/v1/dead-letters?{both}")
     assert (status, body.get("deadLetters", [])) == (200, [])
 
+    status, body = await e2e.api("GET", f"/v1/dead-letters?filter.notificationId={first.upper()}")
+    assert [d["notificationId"] for d in body["deadLetters"]] == [first], "any case finds it"
+
     status, body = await e2e.api("GET", "/v1/dead-letters?filter.notificationId=nope")
     assert status == 400 and body["details"][0]["reason"] == "INVALID_REQUEST", body
+
+    # Replaying by the ticket's id replays that one, not every parked dead letter.
+    status, replayed = await e2e.api(
+        "POST", "/v1/dead-letters:replay", {"filter": {"notificationId": first}}
+    )
+    assert (status, replayed["replayed"], replayed["skipped"]) == (200, 1, 0), replayed
+    status, body = await e2e.api("GET", f"/v1/dead-letters?filter.correlationId={correlation_id}")
+    assert body["deadLetters"][0]["state"] == "DEAD_LETTER_STATE_PARKED"
