@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from notify_kit import metrics
 from notify_kit.amqp import Topology
@@ -49,7 +49,7 @@ class QueueWatch:
         self._queues = tuple(queues)
         self._interval = interval
         self._timeout = timeout
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -62,9 +62,7 @@ class QueueWatch:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(*_ERRORS):
-                await self._channel.close()
+        await self._drop_channel()
 
     async def refresh(self) -> bool:
         """Read every queue once; False (and the gauges left as they were) on failure."""
@@ -72,16 +70,28 @@ class QueueWatch:
             if self._channel is None or self._channel.is_closed:
                 self._channel = await asyncio.wait_for(self._connection.channel(), self._timeout)
             for name in self._queues:
-                queue = await self._channel.declare_queue(name, passive=True, timeout=self._timeout)
+                # robust=False: a robust channel answers a passive declare of a queue it
+                # already knows from its cache, never asking the broker again, and the
+                # gauges would keep their first values.
+                queue = await self._channel.declare_queue(
+                    name, passive=True, timeout=self._timeout, robust=False
+                )
                 result = queue.declaration_result
                 label = self._topology.label(name)
                 metrics.QUEUE_MESSAGES.labels(label).set(result.message_count or 0)
                 metrics.QUEUE_CONSUMERS.labels(label).set(result.consumer_count or 0)
         except _ERRORS as exc:
             log.debug("queue depth not read: %r", exc)
-            self._channel = None
+            await self._drop_channel()
             return False
         return True
+
+    async def _drop_channel(self) -> None:
+        """Close the channel (a timed-out one may still be open) and forget it."""
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(*_ERRORS):
+                await asyncio.wait_for(channel.close(), self._timeout)
 
     async def _loop(self) -> None:
         while True:

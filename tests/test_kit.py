@@ -460,3 +460,30 @@ def test_metrics_are_served_where_configured_and_not_when_empty(certs_dir: Path)
     assert CommonSettings.from_env("gateway", 1, moved).metrics_listen == "0.0.0.0:9000"
     off = {**env, "NOTIFY_GATEWAY_METRICS_LISTEN": ""}
     assert CommonSettings.from_env("gateway", 1, off).metrics_listen == ""
+
+
+async def test_queue_watch_reads_the_depth_afresh_each_time(
+    amqp_url: str, topology: Topology
+) -> None:
+    """Each refresh asks the broker (a robust channel's cached passive declare would
+    leave the gauges at their first values, and the backlog alert would never fire)."""
+    from notify_kit import metrics  # noqa: PLC0415
+    from notify_kit.queue_watch import QueueWatch  # noqa: PLC0415
+
+    name = f"{topology.prefix}watch-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, auto_delete=False)
+        watch = QueueWatch(connection, topology, [name])
+        gauge = metrics.QUEUE_MESSAGES.labels(topology.label(name))
+        depths = []
+        for _ in range(3):
+            assert await watch.refresh()
+            depths.append(gauge._value.get())
+            await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=name)
+        await watch.close()
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
+    assert depths == [0, 1, 2]
