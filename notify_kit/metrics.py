@@ -205,9 +205,12 @@ class PoolCollector(Collector):
 
 
 def _waiters(pool: Any) -> int:
+    """Callers waiting for a connection. Read on the scrape's thread while the event
+    loop changes the deque: ``list()`` copies it in one step (under the GIL), where
+    iterating it could meet "deque mutated during iteration"."""
     queue = getattr(pool, "_queue", None)
     getters = getattr(queue, "_getters", None)
-    return sum(1 for f in getters if not f.done()) if getters is not None else 0
+    return sum(1 for f in list(getters) if not f.done()) if getters is not None else 0
 
 
 POOLS = PoolCollector()
