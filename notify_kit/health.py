@@ -127,10 +127,23 @@ class DependencyHealth:
 
 
 def postgres(pool: asyncpg.Pool, timeout: float = 1.0) -> Dependency:
-    """The service's database answers a query (a free connection, or a new one)."""
+    """The service's database answers a query (a free connection, or a new one).
+
+    A pool whose every connection is open and busy for longer than ``timeout`` is a
+    loaded service, not a database outage: it stays in the rotation (leaving it would
+    move its load onto replicas that are as busy), and a dead database still shows, as
+    the busy connections' statements fail."""
 
     async def probe() -> bool:
-        return bool(await pool.fetchval("SELECT 1", timeout=timeout) == 1)
+        try:
+            connection = await pool.acquire(timeout=timeout)
+        except TimeoutError:
+            busy: bool = pool.get_size() >= pool.get_max_size() and pool.get_idle_size() == 0
+            return busy
+        try:
+            return bool(await connection.fetchval("SELECT 1", timeout=timeout) == 1)
+        finally:
+            await pool.release(connection)
 
     return Dependency("postgresql", probe)
 

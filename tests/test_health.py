@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from notify_kit import health, metrics, rpc
+from notify_kit.db import close_pool, create_pool
 from notify_kit.kv import redis_client
 from notify_kit.server import GrpcServer
 from notify_kit.settings import CommonSettings, TlsSettings
@@ -134,3 +135,37 @@ async def test_the_broker_and_redis_probes_say_down_when_they_are(
         assert watch.up == {"redis": False}
     finally:
         await gone.aclose()
+
+
+async def test_a_busy_pool_is_not_a_database_outage(
+    common_for: Callable[[str], CommonSettings],
+) -> None:
+    """Every connection taken for longer than the probe waits: still up. The same pool
+    pointed at nothing that answers: down."""
+    dsn = f"{PG_BASE}/postgres"
+    pool = await create_pool(dsn, application="health-test", min_size=1, max_size=1)
+    try:
+        probe = health.postgres(pool, timeout=0.2)
+        assert await probe.probe()
+        async with pool.acquire():
+            assert await probe.probe()  # waited 0.2 s for a connection, none came
+    finally:
+        await close_pool(pool)
+    base = urlsplit(PG_BASE)
+    link = DatabaseLink(base.hostname or "127.0.0.1", base.port or 5432)
+    await link.restore()
+    try:
+        pool = await create_pool(via(link, "postgres"), application="health-test", max_size=1)
+        try:
+            await link.cut()
+            watch = health.DependencyHealth(
+                GrpcServer(common_for("user_svc"), [], []).health,
+                [""],
+                [health.postgres(pool, timeout=0.2)],
+            )
+            assert await watch.check() is False
+            assert watch.up == {"postgresql": False}
+        finally:
+            await close_pool(pool)
+    finally:
+        await link.cut()
