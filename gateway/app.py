@@ -110,7 +110,7 @@ class App:
             dead_letter_admin = DeadLetterServicer(
                 dead_letters,
                 publisher,
-                delivery_service_pb2_grpc.DeliveryServiceStub(user_channel),
+                users,
                 upstream_timeout=config.upstream_timeout,
             )
             forwarding = ForwardingHandler(
@@ -163,7 +163,7 @@ class App:
             depth.start()
             stack.push_async_callback(depth.close)
             reconciler = Reconciler(
-                delivery_service_pb2_grpc.DeliveryServiceStub(user_channel),
+                users,
                 publisher,
                 dead_letters,
                 after=config.reconcile_after,

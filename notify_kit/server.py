@@ -62,7 +62,6 @@ class GrpcServer:
             interval=settings.health_interval,
         )
         self.port = 0
-        self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
         self._metrics: metrics.MetricsServer | None = None
 
@@ -94,7 +93,6 @@ class GrpcServer:
             except OSError:
                 await server.stop(None)
                 raise
-            self.metrics_port = self._metrics.port
         await self.dependencies.check()
         self.dependencies.start()
         self._server = server

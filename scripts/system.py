@@ -32,7 +32,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from notify_kit.settings import TlsSettings
+from notify_kit.settings import METRICS_PORTS, TlsSettings
 from notify_kit.tls import channel_credentials
 from scripts.backing import reachable
 
@@ -126,12 +126,12 @@ class Ports:
     fcm: int = 8089
     sendgrid: int = 8090
     onesignal: int = 8091
-    # Each process's Prometheus metrics (notify_kit.settings.METRICS_PORTS).
-    gateway_metrics: int = 9461
-    user_svc_metrics: int = 9462
-    template_svc_metrics: int = 9463
-    email_worker_metrics: int = 9464
-    push_worker_metrics: int = 9465
+    # Each process's Prometheus metrics.
+    gateway_metrics: int = METRICS_PORTS["gateway"]
+    user_svc_metrics: int = METRICS_PORTS["user_svc"]
+    template_svc_metrics: int = METRICS_PORTS["template_svc"]
+    email_worker_metrics: int = METRICS_PORTS["email_worker"]
+    push_worker_metrics: int = METRICS_PORTS["push_worker"]
 
     def metrics(self, service: str) -> int:
         """The metrics port of ``service``."""

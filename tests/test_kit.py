@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aio_pika
@@ -288,8 +289,9 @@ async def test_worker_stop_is_bounded_when_the_broker_is_gone() -> None:
     from notify_kit.jobs.settings import RunnerSettings  # noqa: PLC0415
 
     unused: Any = None  # stop() touches none of the collaborators
+    handler: Any = SimpleNamespace(kind=EMAIL)  # only its kind, for the queue's counters
     runner: JobRunner[Any] = JobRunner(
-        unused, Topology(), unused, unused, unused, unused, RunnerSettings(stop_timeout=0.2)
+        unused, Topology(), unused, handler, unused, unused, RunnerSettings(stop_timeout=0.2)
     )
     queue = _HangingQueue()
     runner._queue, runner._tag = queue, "ctag"  # type: ignore[assignment]

@@ -26,7 +26,6 @@ from notify_kit.kv import redis_client
 from notify_kit.server import GrpcServer
 from user_svc.cache import ProfileCache
 from user_svc.config import Config
-from user_svc.delivery import DeliveryServicer
 from user_svc.server import UserServicer
 from user_svc.store import UserStore
 
@@ -51,11 +50,13 @@ class App:
             redis = redis_client(config.redis_url)
             stack.push_async_callback(redis.aclose)
             store, cache = UserStore(pool), ProfileCache(redis, ttl=config.profile_cache_ttl)
-            delivery, users = DeliveryServicer(store, cache), UserServicer(store, cache)
+            # One servicer for both services: UserService's deprecated copies of the
+            # DeliveryService methods are the same code (UserServicer extends it).
+            users = UserServicer(store, cache)
 
             def register(server: grpc.aio.Server) -> None:
                 user_service_pb2_grpc.add_UserServiceServicer_to_server(users, server)
-                delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(delivery, server)
+                delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(users, server)
 
             server = GrpcServer(
                 config.common,

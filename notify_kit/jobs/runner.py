@@ -171,6 +171,11 @@ class JobRunner(Generic[J]):
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._rng = random.Random()
+        # This runner's queue counters, looked up once (each labels() takes a lock).
+        queue = topology.label(topology.queue(handler.kind))
+        self._consumed = metrics.QUEUE_CONSUMED.labels(queue)
+        self._acked = metrics.QUEUE_SETTLED.labels(queue, "acked")
+        self._requeued = metrics.QUEUE_SETTLED.labels(queue, "requeued")
         self.pause = Pause(
             self._cancel_consumer,
             self._consume,
@@ -231,8 +236,7 @@ class JobRunner(Generic[J]):
                 self._inflight.discard(task)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
-        queue = self._topology.label(self._topology.queue(self._handler.kind))
-        metrics.QUEUE_CONSUMED.labels(queue).inc()
+        self._consumed.inc()
         async with message.process(requeue=True, ignore_processed=True):
             try:
                 await self._handle(message)
@@ -242,10 +246,10 @@ class JobRunner(Generic[J]):
                 # consumption pauses for a backoff that grows while bugs repeat, so a
                 # crashing job does not spin the queue; its delivery limit parks it.
                 log.exception("job failed unexpectedly; requeued")
-                metrics.QUEUE_SETTLED.labels(queue, "requeued").inc()
+                self._requeued.inc()
                 await self.pause.trip("a job failed unexpectedly")
                 raise
-        metrics.QUEUE_SETTLED.labels(queue, "acked").inc()
+        self._acked.inc()
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
