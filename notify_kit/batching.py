@@ -5,8 +5,9 @@ two gRPC stacks and a statement: the workers' status reports, the gateway's noti
 records. Every caller still learns the fate of its own item.
 
 Traces: each caller's wait is a span in its own trace (named after the batcher), and the
-one call of a batch is a span that links to every item's, so a notification's trace
-shows its status report or record, and the batch call shows whose items it carried.
+one call of a batch is a span that links to every recorded item's, so a notification's
+trace shows its status report or record, and the batch call shows whose items it
+carried. A batch of items none of whose traces is recorded makes no span.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from opentelemetry import trace
 
-from notify_kit.telemetry import span
+from notify_kit.telemetry import span, within
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -102,10 +103,17 @@ class Batcher(Generic[T, R]):
 
     async def _apply(self, batch: list[_Pending[T, R]]) -> None:
         outcomes: Sequence[R | BaseException]
-        links = [trace.Link(p.caller) for p in batch if p.caller.is_valid]
+        links = [trace.Link(p.caller) for p in batch if p.caller.trace_flags.sampled]
         try:
             size: dict[str, Any] = {"batch.size": len(batch)}  # a dotted name, as OTel's
-            with span(f"{self._name} batch", links=links, **size):
+            # No caller's trace is recorded: the call is made in the first one's (so its
+            # server follows the "not sampled"), with no span of its own.
+            step = (
+                span(f"{self._name} batch", links=links, **size)
+                if links
+                else within(batch[0].caller)
+            )
+            with step:
                 outcomes = await self._flush([p.item for p in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} answers for a batch of {len(batch)}")

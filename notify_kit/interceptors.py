@@ -15,6 +15,7 @@ code (in the answer and the access log) and loses only transport detail.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,14 @@ from notify_kit.context import (
 )
 from notify_kit.errors import Internal, InvalidArgument, ServiceError, error_info, to_status
 from notify_kit.outage import DEPENDENCY_UNAVAILABLE, describe, is_outage, outage_error
-from notify_kit.telemetry import continue_unsampled, detach, pass_on_unsampled, tag_current_span
+from notify_kit.telemetry import (
+    continue_unsampled,
+    detach,
+    pass_on_unsampled,
+    tag_current_span,
+    traced_call,
+    traced_service,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +125,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        """Wrap unary-unary handlers; only health and reflection may stream."""
+        """Wrap unary-unary handlers; only health and reflection may stream. A call
+        being traced gets the server span around all of it (the instrumentation's
+        interceptor, outermost, as the instrumentor would have put it)."""
+        traced = traced_service(handler_call_details)
+        if traced is not None:
+            ours = functools.partial(self._intercept, continuation)
+            handler: grpc.RpcMethodHandler = await traced.intercept_service(
+                ours, handler_call_details
+            )
+            return handler
+        return await self._intercept(continuation, handler_call_details)
+
+    async def _intercept(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None:
@@ -263,7 +287,21 @@ class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         request: Any,
     ) -> Any:
         """Fill in what the caller left out; never override what it set. The call's time
-        and code go to ``notify_rpc_client_duration_seconds`` when it ends."""
+        and code go to ``notify_rpc_client_duration_seconds`` when it ends. Made inside
+        a recorded span, the call gets a client span around it (the instrumentation's
+        interceptor, which also puts the trace context into the metadata)."""
+        traced = traced_call()
+        if traced is not None:
+            ours = functools.partial(self._call, continuation)
+            return await traced.intercept_unary_unary(ours, client_call_details, request)
+        return await self._call(continuation, client_call_details, request)
+
+    async def _call(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
         metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
         if CORRELATION_HEADER not in metadata:
             metadata.add(CORRELATION_HEADER, get_correlation_id() or new_correlation_id())

@@ -29,6 +29,8 @@ class ExportedSpan:
     kind: int
     attributes: dict[str, str]
     links: tuple[str, ...]  # the span ids it links to
+    start_ns: int = 0  # Unix epoch nanoseconds, as exported
+    end_ns: int = 0
 
 
 class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
@@ -77,6 +79,8 @@ class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
                                 for a in s.attributes
                             },
                             links=tuple(link.span_id.hex() for link in s.links),
+                            start_ns=s.start_time_unix_nano,
+                            end_ns=s.end_time_unix_nano,
                         )
                     )
         async with self._changed:

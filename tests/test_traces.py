@@ -138,6 +138,13 @@ async def test_a_caller_that_does_not_sample_gets_no_span_anywhere(
     assert not [
         (s.service, s.name) for s in spans if s.attributes.get("correlation_id") == correlation_id
     ]
+    # Nor did a batch carrying only its items start one: the record and the status
+    # report went upstream in a batch call, and no server span anywhere is a root.
+    assert not [
+        (s.service, s.name)
+        for s in spans
+        if s.kind == SERVER and not s.parent_id and s.service != "envoy"
+    ]
 
 
 async def test_sql_redis_and_health_checks_make_no_traces_of_their_own(
