@@ -78,6 +78,20 @@ class Sent(Generic[R]):
     result: R
 
 
+# A try's outcome label, by what it raised: the first matching class wins, in the order
+# ``ProviderChain.send`` tells them apart; anything else is "error".
+_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (Skip, "skipped"),
+    (OutcomeUnknown, "unknown"),
+    (TransientError, "transient"),
+    (PermanentError, "permanent"),
+)
+
+
+def _outcome(exc: BaseException) -> str:
+    return next((label for kind, label in _OUTCOMES if isinstance(exc, kind)), "error")
+
+
 class ProviderChain(Generic[M, R]):
     """The failover policy of the module docstring over ``providers``.
 
@@ -148,27 +162,15 @@ class ProviderChain(Generic[M, R]):
     async def _try(self, provider: Provider[M, R], message: M) -> R:
         """One provider's try, timed by outcome (``notify_provider_call_duration_seconds``;
         a provider that skips the recipient made no call)."""
-        started, outcome = time.perf_counter(), "error"
+        started, outcome = time.perf_counter(), "ok"
         try:
             with span(
                 f"{self.channel} {provider.name}", channel=self.channel, provider=provider.name
             ):
-                result = await self._attempt(provider, message)
-        except Skip:
-            outcome = "skipped"
+                return await self._attempt(provider, message)
+        except BaseException as exc:
+            outcome = _outcome(exc)
             raise
-        except OutcomeUnknown:
-            outcome = "unknown"
-            raise
-        except TransientError:
-            outcome = "transient"
-            raise
-        except PermanentError:
-            outcome = "permanent"
-            raise
-        else:
-            outcome = "ok"
-            return result
         finally:
             if outcome != "skipped":
                 metrics.PROVIDER_CALLS.labels(self.channel, provider.name, outcome).observe(
