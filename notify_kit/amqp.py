@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -248,6 +249,7 @@ class Publisher:
             expiration=expiration,
         )
         target = self._channel.default_exchange if direct_to_queue else self._exchange
+        started = time.perf_counter()
         try:
             confirmation = await target.publish(
                 message, routing_key, mandatory=True, timeout=self._timeout
@@ -266,3 +268,4 @@ class Publisher:
         # Every routing key of the exchange is bound to the queue named after it.
         queue = self._topology.label(routing_key) if direct_to_queue else f"{routing_key}.queue"
         metrics.QUEUE_PUBLISHED.labels(queue).inc()
+        metrics.QUEUE_PUBLISH_SECONDS.labels(queue).observe(time.perf_counter() - started)

@@ -65,6 +65,13 @@ QUEUE_PUBLISHED = Counter(
     "Messages published and confirmed by the broker, by routing key (the queue).",
     ["queue"],
 )
+QUEUE_PUBLISH_SECONDS = Histogram(
+    "notify_queue_publish_duration_seconds",
+    "From a publish to the broker's confirm, by queue: the broker's share of a send's "
+    "latency (nothing is OK-ed before it).",
+    ["queue"],
+    buckets=_LATENCY,
+)
 QUEUE_CONSUMED = Counter("notify_queue_consumed", "Messages a worker took from a queue.", ["queue"])
 QUEUE_SETTLED = Counter(
     "notify_queue_settled",
