@@ -42,11 +42,19 @@ BACKING = ("postgres", "beam.smp", "redis-server")
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: Any) -> dict[str, Any]:
-    async with session.post(url, json=body, headers={"x-api-key": API_KEY}) as resp:
-        got: dict[str, Any] = await resp.json(content_type=None)
-        if resp.status != 200:
-            raise RuntimeError(f"{url}: {resp.status} {got}")
-        return got
+    """POST as a well-behaved client: a 429 is retried after its Retry-After (pre-filling
+    the queue with nobody consuming can outrun the key's default rate limit), any other
+    failure ends the run."""
+    while True:
+        async with session.post(url, json=body, headers={"x-api-key": API_KEY}) as resp:
+            got: dict[str, Any] = await resp.json(content_type=None)
+            if resp.status == 429:
+                wait = float(resp.headers.get("retry-after", "1"))
+            elif resp.status != 200:
+                raise RuntimeError(f"{url}: {resp.status} {got}")
+            else:
+                return got
+        await asyncio.sleep(wait)
 
 
 async def _accept(running: Running, users: list[str], count: int, concurrency: int) -> None:
