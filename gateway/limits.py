@@ -26,6 +26,7 @@ docs/SECURITY.md states the policy.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -207,18 +208,41 @@ class LeasedBuckets:
         self._max_chunk = max_chunk
         self._lease_seconds = lease_seconds
         self._leases: LruCache[str, _Lease] = LruCache(4096)
+        # A bucket's refill in flight; it resolves to the refusal's wait (0.0 when it
+        # leased tokens, None when its caller was cancelled).
+        self._refills: dict[str, asyncio.Future[float | None]] = {}
 
     async def take(self, bucket: str, rate: Rate) -> float:
-        """Admit one call (0.0), or the wait until one would fit."""
-        now = time.monotonic()
-        lease = self._leases.get(bucket)
-        if lease is not None and lease.tokens > 0 and lease.until > now:
-            lease.tokens -= 1
-            return 0.0
-        chunk = max(1, min(self._max_chunk, rate.burst, int(rate.per_second * self._chunk_seconds)))
-        granted, wait = await self._limiter.lease(bucket, rate, chunk)
-        if granted == 0:
-            return wait
-        if granted > 1:
-            self._leases.put(bucket, _Lease(granted - 1, now + self._lease_seconds))
-        return 0.0
+        """Admit one call (0.0), or the wait until one would fit.
+
+        One refill per bucket at a time: concurrent callers that find the lease spent
+        wait for the refill in flight and share its chunk. Each leasing a chunk of its
+        own (and each lease replacing the last) drained a key's bucket many times faster
+        than its calls did: 32 concurrent clients at 500/s were refused with a limit of
+        1000/s (bench.e2e, 2026-12-04)."""
+        while True:
+            now = time.monotonic()
+            lease = self._leases.get(bucket)
+            if lease is not None and lease.tokens > 0 and lease.until > now:
+                lease.tokens -= 1
+                return 0.0
+            refill = self._refills.get(bucket)
+            if refill is None:
+                break
+            wait = await asyncio.shield(refill)
+            if wait:  # the refill found no room: neither is there any for this call
+                return wait
+        refill = asyncio.get_running_loop().create_future()
+        self._refills[bucket] = refill
+        wait = None  # a cancelled refill: its waiters try again
+        try:
+            chunk = max(
+                1, min(self._max_chunk, rate.burst, int(rate.per_second * self._chunk_seconds))
+            )
+            granted, wait = await self._limiter.lease(bucket, rate, chunk)
+            if granted > 1:
+                self._leases.put(bucket, _Lease(granted - 1, now + self._lease_seconds))
+            return wait if granted == 0 else 0.0
+        finally:
+            del self._refills[bucket]
+            refill.set_result(wait)

@@ -315,3 +315,19 @@ async def test_leased_buckets_never_admit_more_than_the_limit(
     waits = [await one.take(slow_bucket, slow) for _ in range(4)]
     assert waits[:3] == [0.0, 0.0, 0.0] and waits[3] > 0
     assert await two.take(slow_bucket, slow) > 0  # nothing was leased away unseen
+
+
+async def test_concurrent_calls_of_one_key_share_its_leases(
+    limiter: tuple[RateLimiter, aioredis.Redis],
+) -> None:
+    """Callers arriving together while the lease is spent wait for one refill and share
+    its chunk: a burst of 100 admits all 100 concurrent calls and the 101st is refused
+    (with a refill each, the first 20 callers' chunks of 5 spent the burst and 80 of the
+    100 were refused)."""
+    rl, _ = limiter
+    bucket = f"test:rl:{uuid.uuid4().hex}"
+    rate = Rate(per_second=0.01, burst=100)  # no refill to speak of; chunks of 1...
+    gateway = LeasedBuckets(rl, chunk_seconds=500.0)  # ...made 5 (500 s of 0.01/s)
+    waits = await asyncio.gather(*(gateway.take(bucket, rate) for _ in range(100)))
+    assert sum(1 for wait in waits if wait == 0.0) == 100
+    assert await gateway.take(bucket, rate) > 0
