@@ -102,7 +102,11 @@ class Topology:
 
     def queue(self, kind: JobKind) -> str:
         """The work queue of ``kind``."""
-        return f"{self.prefix}{kind.key}.queue"
+        return self.bound_queue(kind.key)
+
+    def bound_queue(self, routing_key: str) -> str:
+        """The queue a routing key of the jobs exchange is bound to (one per key)."""
+        return f"{self.prefix}{routing_key}.queue"
 
     def retry_queue(self, kind: JobKind, attempt: int) -> str:
         """The delay queue a job waits in after failing ``attempt`` (1-based)."""
@@ -265,7 +269,8 @@ class Publisher:
             raise Unavailable("QUEUE_UNAVAILABLE", "the message broker did not confirm") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise Unavailable("QUEUE_REJECTED", f"the broker refused the message: {confirmation!r}")
-        # Every routing key of the exchange is bound to the queue named after it.
-        queue = self._topology.label(routing_key) if direct_to_queue else f"{routing_key}.queue"
+        queue = self._topology.label(
+            routing_key if direct_to_queue else self._topology.bound_queue(routing_key)
+        )
         metrics.QUEUE_PUBLISHED.labels(queue).inc()
         metrics.QUEUE_PUBLISH_SECONDS.labels(queue).observe(time.perf_counter() - started)

@@ -39,10 +39,11 @@ def env_str(name: str, default: str | None = None, env: Mapping[str, str] | None
     return value
 
 
-def env_optional(name: str, env: Mapping[str, str] | None = None) -> str:
-    """Return ``name`` from the environment, or an empty string when unset."""
+def env_optional(name: str, env: Mapping[str, str] | None = None, default: str = "") -> str:
+    """Return ``name`` from the environment, or ``default`` when unset; set but empty
+    stays empty (a way to turn off what the default turns on)."""
     source = os.environ if env is None else env
-    return source.get(name, "")
+    return source.get(name, default)
 
 
 def env_int(name: str, default: int | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -150,8 +151,9 @@ class CommonSettings:
             otlp_endpoint=endpoint,
             trace_sample_ratio=ratio,
             # Set but empty: not served.
-            metrics_listen=(os.environ if env is None else env).get(
+            metrics_listen=env_optional(
                 f"NOTIFY_{key}_METRICS_LISTEN",
+                env,
                 f"127.0.0.1:{METRICS_PORTS[service]}" if service in METRICS_PORTS else "",
             ),
             health_interval=env_float("NOTIFY_HEALTH_INTERVAL", 2.0, env),
