@@ -253,7 +253,10 @@ class Publisher:
             expiration=expiration,
         )
         target = self._channel.default_exchange if direct_to_queue else self._exchange
-        started = time.perf_counter()
+        queue = self._topology.label(
+            routing_key if direct_to_queue else self._topology.bound_queue(routing_key)
+        )
+        started, outcome = time.perf_counter(), "failed"
         try:
             confirmation = await target.publish(
                 message, routing_key, mandatory=True, timeout=self._timeout
@@ -267,10 +270,15 @@ class Publisher:
         ) as exc:
             log.warning("publish failed", extra={"routing_key": routing_key, "error": repr(exc)})
             raise Unavailable("QUEUE_UNAVAILABLE", "the message broker did not confirm") from exc
-        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+        else:
+            confirmed = isinstance(confirmation, aiormq.spec.Basic.Ack)
+            outcome = "confirmed" if confirmed else "rejected"
+        finally:
+            # Every publish, however it ended: a slow or timing-out broker is the tail
+            # this is read for, not only the publishes that it confirmed in the end.
+            metrics.QUEUE_PUBLISH_SECONDS.labels(queue, outcome).observe(
+                time.perf_counter() - started
+            )
+        if not confirmed:
             raise Unavailable("QUEUE_REJECTED", f"the broker refused the message: {confirmation!r}")
-        queue = self._topology.label(
-            routing_key if direct_to_queue else self._topology.bound_queue(routing_key)
-        )
         metrics.QUEUE_PUBLISHED.labels(queue).inc()
-        metrics.QUEUE_PUBLISH_SECONDS.labels(queue).observe(time.perf_counter() - started)

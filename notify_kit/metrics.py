@@ -67,9 +67,10 @@ QUEUE_PUBLISHED = Counter(
 )
 QUEUE_PUBLISH_SECONDS = Histogram(
     "notify_queue_publish_duration_seconds",
-    "From a publish to the broker's confirm, by queue: the broker's share of a send's "
-    "latency (nothing is OK-ed before it).",
-    ["queue"],
+    "From a publish to the broker's answer, by queue and outcome (confirmed, rejected, "
+    "failed: no answer in time or no connection): the broker's share of a send's latency "
+    "(nothing is OK-ed before its confirm).",
+    ["queue", "outcome"],
     buckets=_LATENCY,
 )
 QUEUE_CONSUMED = Counter("notify_queue_consumed", "Messages a worker took from a queue.", ["queue"])

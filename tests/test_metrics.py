@@ -50,7 +50,7 @@ async def test_a_delivery_moves_its_metrics(e2e: E2E) -> None:
     assert delta("gateway", gateway, "notify_queue_published_total", queue="email.queue") == 1
     assert delta("gateway", gateway, "notify_queue_published_total", queue="push.queue") == 1
     assert delta("gateway", gateway, "notify_queue_publish_duration_seconds_count",
-                 queue="email.queue") == 1  # fmt: skip
+                 queue="email.queue", outcome="confirmed") == 1  # fmt: skip
     assert delta("gateway", gateway, "notify_rpc_client_duration_seconds_count",
                  method="/notify.v1.DeliveryService/CreateNotificationRecords") >= 1  # fmt: skip
     for service, channel, provider in (
