@@ -135,13 +135,16 @@ def postgres(pool: asyncpg.Pool, timeout: float = 1.0) -> Dependency:
     the busy connections' statements fail."""
 
     async def probe() -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout  # one budget for both steps, within the check's
         try:
             connection = await pool.acquire(timeout=timeout)
         except TimeoutError:
             busy: bool = pool.get_size() >= pool.get_max_size() and pool.get_idle_size() == 0
             return busy
         try:
-            return bool(await connection.fetchval("SELECT 1", timeout=timeout) == 1)
+            left = max(deadline - loop.time(), 0.05)
+            return bool(await connection.fetchval("SELECT 1", timeout=left) == 1)
         finally:
             await pool.release(connection)
 

@@ -140,8 +140,9 @@ async def test_the_broker_and_redis_probes_say_down_when_they_are(
 async def test_a_busy_pool_is_not_a_database_outage(
     common_for: Callable[[str], CommonSettings],
 ) -> None:
-    """Every connection taken for longer than the probe waits: still up. The same pool
-    pointed at nothing that answers: down."""
+    """Every connection taken for longer than the probe waits: still up. A pool with
+    room whose new connection hangs (the database host answers nothing), or is refused:
+    down."""
     dsn = f"{PG_BASE}/postgres"
     pool = await create_pool(dsn, application="health-test", min_size=1, max_size=1)
     try:
@@ -157,14 +158,21 @@ async def test_a_busy_pool_is_not_a_database_outage(
     try:
         pool = await create_pool(via(link, "postgres"), application="health-test", max_size=1)
         try:
-            await link.cut()
             watch = health.DependencyHealth(
                 GrpcServer(common_for("user_svc"), [], []).health,
                 [""],
                 [health.postgres(pool, timeout=0.2)],
             )
+            assert await watch.check() is True
+            await link.stall()
+            await pool.expire_connections()  # the next acquire connects, and hangs: the
+            # acquire times out with the pool not full, which is no load
             assert await watch.check() is False
             assert watch.up == {"postgresql": False}
+            await link.restore()
+            assert await watch.check() is True
+            await link.cut()
+            assert await watch.check() is False
         finally:
             await close_pool(pool)
     finally:
