@@ -6,19 +6,23 @@ or ``NOTIFY_TRACING=console``. Without either nothing is instrumented at all: sp
 are made and dropped are not free (the grpc.aio interceptors alone took 11-27% of the
 Python samples on the send path, py-spy, bench.e2e, 2026-12-02).
 
-When tracing is on: grpc.aio servers and clients, asyncpg and Redis are instrumented
-(the kept OpenTelemetry instrumentations); the trace context crosses RabbitMQ in the job
-(``inject_trace_context`` at publish, ``extract_trace_context`` at consume, the W3C
-headers in ``JobMeta.trace_context``); renders and each provider call get spans of
-their own (``span``). Sampling is parent-based: a trace Envoy started (or a caller
-continued) keeps its decision across every hop; a root made here (a job without
-context) is kept at ``NOTIFY_TRACE_SAMPLE_RATIO``. Every span carries the correlation id
-of the work it belongs to (``correlation_id``), so a trace and the logs find each other.
+When tracing is on: asyncpg and Redis are instrumented (the kept OpenTelemetry
+instrumentations, gated to run inside recorded traces only), and our shared gRPC
+interceptors call the grpc.aio instrumentation's server and client interceptors for the
+calls that are recorded (``traced_service``, ``traced_call``); the trace context
+crosses RabbitMQ in the job (``inject_trace_context`` at publish,
+``extract_trace_context`` at consume, the W3C headers in ``JobMeta.trace_context``);
+renders and each provider call get spans of their own (``span``). Sampling is
+parent-based: a trace Envoy started (or a caller continued) keeps its decision across
+every hop; a root made here (a job without context) is kept at
+``NOTIFY_TRACE_SAMPLE_RATIO``. Every span carries the correlation id of the work it
+belongs to (``correlation_id``), so a trace and the logs find each other.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -150,24 +154,27 @@ def _traceparent(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+
+
 def sampled_or_new(traceparent: str | None) -> bool:
     """Whether a request carrying ``traceparent`` is traced here: its caller sampled it,
-    or it has no (readable) trace context and starts a trace, sampled at the ratio."""
-    if traceparent is None or len(traceparent) < 2:
+    or it has no valid trace context (none, or malformed: the W3C format, version 00,
+    ids not all zero) and starts a trace, sampled at the ratio. Only a well-formed
+    "not sampled" is followed without a span of ours."""
+    if traceparent is None or not _TRACEPARENT.fullmatch(traceparent):
         return True
-    try:
-        return bool(int(traceparent[-2:], 16) & 1)  # the flags' "sampled" bit
-    except ValueError:
-        return True
+    return bool(int(traceparent[-2:], 16) & 1)  # the flags' "sampled" bit
 
 
 def continue_unsampled(metadata: Iterable[tuple[str, str | bytes]] | None) -> object | None:
     """Make a request's unsampled trace context current, without a span; returns the
     token for ``detach`` (None when there is nothing to do).
 
-    The gRPC instrumentations skip requests their caller did not sample, so that the
-    90% not recorded cost a header read instead of two interceptor layers, a span and a
-    servicer-context wrapper each (0.5 ms CPU per notification, bench.e2e, 2026-12-03).
+    The gRPC instrumentation's interceptors run only for recorded calls
+    (``traced_service``), so that the 90% not recorded cost a header read instead of two
+    interceptor layers, a span and a servicer-context wrapper each (0.5 ms CPU per
+    notification, bench.e2e, 2026-12-03).
     The decision must still travel: with this context current, the calls and jobs the
     request makes say "not sampled" too (``pass_on_unsampled``, ``inject_trace_context``),
     and no service downstream starts a trace of its own for it.

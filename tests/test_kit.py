@@ -489,3 +489,23 @@ async def test_queue_watch_reads_the_depth_afresh_each_time(
     finally:
         await connection.close()
     assert depths == [0, 1, 2]
+
+
+def test_only_a_well_formed_traceparent_says_not_sampled() -> None:
+    """A malformed one (or none) starts a trace here, sampled at the ratio, as the W3C
+    spec says; only a valid "not sampled" is followed without a span."""
+    from notify_kit.telemetry import sampled_or_new  # noqa: PLC0415
+
+    trace_id, span_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    assert sampled_or_new(f"00-{trace_id}-{span_id}-00") is False
+    assert sampled_or_new(f"00-{trace_id}-{span_id}-01") is True
+    for malformed in (
+        None,
+        "",
+        "garbage-00",
+        f"00-{'0' * 32}-{span_id}-00",  # an all-zero trace id is invalid
+        f"00-{trace_id}-{'0' * 16}-00",
+        f"00-{trace_id.upper()}-{span_id}-00",
+        f"00-{trace_id}-{span_id}-00-extra",
+    ):
+        assert sampled_or_new(malformed) is True, malformed
