@@ -32,6 +32,7 @@ from notify_kit.amqp import KIND_BY_KEY, Publisher
 from notify_kit.errors import ServiceError
 from notify_kit.outage import INFRA_ERRORS
 from notify_kit.status import is_past
+from notify_kit.telemetry import span
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,10 @@ class Reconciler:
         while True:
             await asyncio.sleep(self._interval)  # a period, not a wait for a condition
             try:
-                done = await self.run_once()
+                # A pass is work of its own, with no request around it: a trace of its
+                # own (sampled at the ratio), so the calls it makes are not roots.
+                with span("reconcile"):
+                    done = await self.run_once()
             except _PASS_ERRORS as exc:
                 log.warning("reconciler pass failed: %r; next pass in %.0fs", exc, self._interval)
                 continue

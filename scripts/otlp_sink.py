@@ -29,6 +29,7 @@ class ExportedSpan:
     kind: int
     attributes: dict[str, str]
     links: tuple[str, ...]  # the span ids it links to
+    linked_traces: tuple[str, ...] = ()  # and the trace ids of those spans
     start_ns: int = 0  # Unix epoch nanoseconds, as exported
     end_ns: int = 0
 
@@ -79,6 +80,7 @@ class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
                                 for a in s.attributes
                             },
                             links=tuple(link.span_id.hex() for link in s.links),
+                            linked_traces=tuple(link.trace_id.hex() for link in s.links),
                             start_ns=s.start_time_unix_nano,
                             end_ns=s.end_time_unix_nano,
                         )

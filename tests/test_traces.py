@@ -39,6 +39,7 @@ async def traced(
         "NOTIFY_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
         "NOTIFY_TRACE_SAMPLE_RATIO": "1",
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s instead of 5 s
+        "NOTIFY_RECONCILE_INTERVAL": "1",  # its passes run while the tests do
     }
     async with e2e_system(
         tmp_path_factory.mktemp("traced"), certs_dir, f"t{RUN_ID}tr", extra_env=env
@@ -138,8 +139,11 @@ async def test_a_caller_that_does_not_sample_gets_no_span_anywhere(
     assert not [
         (s.service, s.name) for s in spans if s.attributes.get("correlation_id") == correlation_id
     ]
-    # Nor did a batch carrying only its items start one: the record and the status
-    # report went upstream in a batch call, and no server span anywhere is a root.
+    # Nor did a batch carrying only its items make a span (linking to the unrecorded
+    # trace) or start a trace upstream: the record and the status report went in batch
+    # calls, and no server span anywhere is a root (the reconciler's passes, the only
+    # other calls without a request, are traces of their own).
+    assert not [(s.service, s.name) for s in spans if trace_id in s.linked_traces]
     assert not [
         (s.service, s.name)
         for s in spans
