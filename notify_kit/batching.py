@@ -5,9 +5,10 @@ two gRPC stacks and a statement: the workers' status reports, the gateway's noti
 records. Every caller still learns the fate of its own item.
 
 Traces: each caller's wait is a span in its own trace (named after the batcher), and the
-one call of a batch is a span that links to every recorded item's, so a notification's
-trace shows its status report or record, and the batch call shows whose items it
-carried. A batch of items none of whose traces is recorded makes no span.
+one call of a batch is a span in the first recorded caller's trace that links to the
+other recorded items' waits, so a recorded notification's trace shows its status report
+or record and, for one caller of each batch, the call upstream; the batch call shows
+whose items it carried. A batch of items none of whose traces is recorded makes no span.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from opentelemetry import trace
 
+from notify_kit.context import bound_correlation_id, get_correlation_id
 from notify_kit.telemetry import span, within
 
 T = TypeVar("T")
@@ -36,6 +38,7 @@ class _Pending(Generic[T, R]):
     item: T
     answer: asyncio.Future[R]
     caller: trace.SpanContext  # the submitting caller's wait, linked from the batch call
+    correlation_id: str  # the caller's
 
 
 class Batcher(Generic[T, R]):
@@ -85,7 +88,7 @@ class Batcher(Generic[T, R]):
             raise self._closed
         answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         with span(self._name) as waiting:
-            self._waiting.append(_Pending(item, answer, waiting))
+            self._waiting.append(_Pending(item, answer, waiting, get_correlation_id()))
             self._arrived.set()
             return await answer
 
@@ -103,17 +106,29 @@ class Batcher(Generic[T, R]):
 
     async def _apply(self, batch: list[_Pending[T, R]]) -> None:
         outcomes: Sequence[R | BaseException]
-        links = [trace.Link(p.caller) for p in batch if p.caller.trace_flags.sampled]
+        recorded = [p for p in batch if p.caller.trace_flags.sampled]
         try:
-            size: dict[str, Any] = {"batch.size": len(batch)}  # a dotted name, as OTel's
-            # No caller's trace is recorded: the call is made in the first one's (so its
-            # server follows the "not sampled"), with no span of its own.
-            step = (
-                span(f"{self._name} batch", links=links, **size)
-                if links
-                else within(batch[0].caller)
-            )
-            with step:
+            with contextlib.ExitStack() as step:
+                if recorded:
+                    # The call is part of the first recorded caller's trace (a child of
+                    # its wait: recorded whenever one of its items is, with that
+                    # caller's correlation id, so its server's span and log lines are
+                    # found by it) and links to the other recorded callers' waits.
+                    first, others = recorded[0], recorded[1:]
+                    size: dict[str, Any] = {"batch.size": len(batch)}  # OTel's dotted name
+                    step.enter_context(bound_correlation_id(first.correlation_id))
+                    step.enter_context(
+                        span(
+                            f"{self._name} batch",
+                            child_of=first.caller,
+                            links=[trace.Link(p.caller) for p in others],
+                            **size,
+                        )
+                    )
+                else:
+                    # No caller's trace is recorded: the call is made in the first one's
+                    # (so its server follows the "not sampled"), with no span of its own.
+                    step.enter_context(within(batch[0].caller))
                 outcomes = await self._flush([p.item for p in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} answers for a batch of {len(batch)}")

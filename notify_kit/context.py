@@ -8,6 +8,8 @@ publisher, so every log line, outbound RPC and queue message of one request shar
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 CORRELATION_HEADER = "x-correlation-id"
@@ -27,6 +29,16 @@ def get_correlation_id() -> str:
 def set_correlation_id(value: str) -> None:
     """Bind ``value`` for the rest of the current task."""
     _correlation_id.set(value)
+
+
+@contextmanager
+def bound_correlation_id(value: str) -> Iterator[None]:
+    """Bind ``value`` for the block only (a long-lived task doing one caller's work)."""
+    token = _correlation_id.set(value)
+    try:
+        yield
+    finally:
+        _correlation_id.reset(token)
 
 
 def sanitize_correlation_id(value: str | None) -> str:

@@ -246,12 +246,15 @@ def span(
     name: str,
     *,
     parent: Mapping[str, str] | None = None,
+    child_of: trace.SpanContext | None = None,
     links: Sequence[trace.Link] = (),
     **attributes: Any,
 ) -> Iterator[trace.SpanContext]:
     """A span of our own around a step (a render, a provider call, a job, a batch), made
     current; it yields the span's context (to link to). ``parent`` continues a trace a
-    queue job carried (``inject_trace_context``). Exceptions are recorded on it and
+    queue job carried (``inject_trace_context``); ``child_of`` makes it the child of a
+    span of this process that is not current here (another task's). Exceptions are
+    recorded on it and
     re-raised. Without tracing it is nothing at all, not even the API's no-op span, whose
     context attach and detach per step cost the untraced build 18% of its CPU per
     notification (bench.e2e, 2026-12-03)."""
@@ -269,6 +272,8 @@ def span(
                 otel_context.detach(token)
             return
         context: otel_context.Context | None = extract_trace_context(parent)
+    elif child_of is not None:
+        context = trace.set_span_in_context(trace.NonRecordingSpan(child_of))
     else:
         enclosing = trace.get_current_span().get_span_context()
         if enclosing.is_valid and not enclosing.trace_flags.sampled:

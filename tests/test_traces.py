@@ -76,7 +76,11 @@ async def _traced_send(traced: E2E, sink: OtlpSink, correlation_id: str) -> list
         return (
             ("email_worker", "email smtp") in names
             and any(s.service == "envoy" for s in trace)
-            and any(s.name == "status report batch" and set(s.links) & reports for s in spans)
+            and any(
+                s.name == "status report batch"
+                and (s.parent_id in reports or set(s.links) & reports)
+                for s in spans
+            )
         )
 
     return _trace_of(await sink.wait_for(complete), correlation_id)
@@ -114,6 +118,12 @@ async def test_one_notification_is_one_trace_from_envoy_to_the_provider(
     # batch; the batch call links back to them), and so are SQL and Redis.
     assert any(s.name == "status report" and s.service == "email_worker" for s in trace)
     assert any(s.name == "notification record" and s.service == "gateway" for s in trace)
+    # The batch calls carrying them are in the trace too, down to user_svc's side (a
+    # batch call belongs to its first recorded caller's trace, whatever the ratio).
+    for method in ("UpdateDeliveryStatuses", "CreateNotificationRecords"):
+        assert any(
+            s.service == "user_svc" and s.kind == SERVER and s.name.endswith(method) for s in trace
+        ), method
     assert any(s.attributes.get("db.system") == "postgresql" for s in trace)
     assert any(s.attributes.get("db.system") == "redis" for s in trace)
     ours = [s for s in trace if s.service != "envoy"]
