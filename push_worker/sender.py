@@ -1,4 +1,4 @@
-"""Push providers: FCM HTTP v1 through firebase-admin, and an in-memory one.
+"""Push through FCM HTTP v1 with firebase-admin (OneSignal is `push_worker.onesignal`).
 
 A push goes to every device of the user; a provider reports what happened per device
 and the handler decides what that means for the job (delivered when any device took
@@ -15,7 +15,6 @@ import functools
 import logging
 import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,42 +144,3 @@ def _classify(token: str, response: Any) -> TargetResult:
     if isinstance(error, _TRANSIENT_FCM):
         return TargetResult(token, Outcome.TRANSIENT, f"{type(error).__name__}: {error}")
     return TargetResult(token, Outcome.INVALID, f"{type(error).__name__}: {error}")
-
-
-@dataclass
-class InMemoryPushProvider:
-    """Records pushes instead of sending them.
-
-    Addresses in ``unregistered`` (or starting with ``unregistered``) come back
-    UNREGISTERED; ``fail_next(n)`` makes every target of the next ``n`` sends TRANSIENT.
-    """
-
-    name: str = "memory"
-    kinds: frozenset[TargetKind] = frozenset(TargetKind)
-    sent: list[tuple[Target, OutgoingPush]] = field(default_factory=list)
-    unregistered: set[str] = field(default_factory=set)
-    _failures: int = field(default=0, init=False, repr=False)
-
-    def fail_next(self, count: int = 1) -> None:
-        """Make the next ``count`` sends fail transiently on every target."""
-        self._failures = count
-
-    async def send(self, push: OutgoingPush) -> PushResult:
-        """Record each deliverable target; report the others as told."""
-        if self._failures > 0:
-            self._failures -= 1
-            return PushResult(
-                [TargetResult(t.address, Outcome.TRANSIENT, "told to fail") for t in push.targets]
-            )
-        results = []
-        for target in push.targets:
-            address = target.address
-            if address in self.unregistered or address.startswith("unregistered"):
-                results.append(TargetResult(address, Outcome.UNREGISTERED, "unregistered"))
-                continue
-            self.sent.append((target, push))
-            results.append(TargetResult(address, Outcome.DELIVERED, f"in-memory-{len(self.sent)}"))
-        return PushResult(results)
-
-    async def close(self) -> None:
-        """Nothing to release."""

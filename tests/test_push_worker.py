@@ -36,7 +36,7 @@ from push_worker import app as push_app
 from push_worker import consumer, sender
 from push_worker.config import DEFAULT_FCM_URL, Config, FcmConfig
 from push_worker.outgoing import Outcome, OutgoingPush, PushResult, Target, TargetKind, TargetResult
-from push_worker.sender import FcmProvider, InMemoryPushProvider
+from push_worker.sender import FcmProvider
 from scripts.fcm_fake import FcmFake
 from tests import worker_support
 from tests.worker_support import (
@@ -332,20 +332,6 @@ def push_of(*addresses: str, kind: TargetKind = TargetKind.FCM_TOKEN) -> Outgoin
     return OutgoingPush(
         str(uuid.uuid4()), USER_1, tuple(Target(a, kind) for a in addresses), "t", "b", {"k": "v"}
     )
-
-
-async def test_in_memory_sender_records_and_fails_as_told() -> None:
-    memory = InMemoryPushProvider(unregistered={"old"})
-    memory.fail_next(1)
-    failed = await memory.send(push_of("a"))
-    assert failed.of(Outcome.TRANSIENT)[0].address == "a"
-    sent = await memory.send(push_of("a", "old", "unregistered-1"))
-    assert [r.outcome for r in sent.results] == [
-        Outcome.DELIVERED,
-        Outcome.UNREGISTERED,
-        Outcome.UNREGISTERED,
-    ]
-    assert [(t.address, p.data) for t, p in memory.sent] == [("a", {"k": "v"})]
 
 
 def test_config_from_env(certs_dir: Path, tmp_path: Path) -> None:
