@@ -1,4 +1,4 @@
-"""E-mail providers: SMTP (a small pool of reused connections) and an in-memory one.
+"""E-mail providers: SMTP (a small pool of reused connections; SendGrid is `email_worker.sendgrid`).
 
 Every provider takes an ``OutgoingEmail``; which failures are worth a retry is decided
 here, at the boundary, from the SMTP reply (one table, ``_classify``):
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiosmtplib
 
@@ -156,35 +156,3 @@ async def _reset(smtp: aiosmtplib.SMTP | None, timeout: float) -> aiosmtplib.SMT
         smtp.close()
         return None
     return smtp
-
-
-@dataclass
-class InMemoryEmailProvider:
-    """Records e-mails instead of sending them; can be told to fail first.
-
-    ``fail_next(n)`` makes the next ``n`` sends raise ``TransientError`` (or
-    ``PermanentError`` with ``permanent=True``) before anything is recorded.
-    """
-
-    name: str = "memory"
-    sent: list[OutgoingEmail] = field(default_factory=list)
-    _failures: int = field(default=0, init=False, repr=False)
-    _permanent: bool = field(default=False, init=False, repr=False)
-
-    def fail_next(self, count: int = 1, *, permanent: bool = False) -> None:
-        """Make the next ``count`` sends fail."""
-        self._failures = count
-        self._permanent = permanent
-
-    async def send(self, email: OutgoingEmail) -> str:
-        """Record the e-mail, or fail as told."""
-        if self._failures > 0:
-            self._failures -= 1
-            if self._permanent:
-                raise PermanentError("in-memory provider told to fail permanently")
-            raise TransientError("in-memory provider told to fail transiently")
-        self.sent.append(email)
-        return f"in-memory-{len(self.sent)}"
-
-    async def close(self) -> None:
-        """Nothing to release."""

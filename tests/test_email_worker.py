@@ -36,7 +36,7 @@ from email_worker import app as email_app
 from email_worker import mime, sendgrid
 from email_worker.config import Config
 from email_worker.outgoing import OutgoingEmail
-from email_worker.sender import InMemoryEmailProvider, SmtpProvider, SmtpSettings
+from email_worker.sender import SmtpProvider, SmtpSettings
 from notify_kit import rpc
 from notify_kit.amqp import EMAIL, Topology
 from notify_kit.breaker import BreakerSettings
@@ -156,6 +156,38 @@ async def mail_for(catcher: MailCatcher, nid: str) -> EmailMessage:
 
 
 # --- the worker -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class InMemoryEmailProvider:
+    """A provider for the failover tests: records e-mails, or fails as told first.
+
+    ``fail_next(n)`` makes the next ``n`` sends raise ``TransientError`` (or
+    ``PermanentError`` with ``permanent=True``) before anything is recorded.
+    """
+
+    name: str = "memory"
+    sent: list[OutgoingEmail] = dataclasses.field(default_factory=list)
+    _failures: int = dataclasses.field(default=0, init=False, repr=False)
+    _permanent: bool = dataclasses.field(default=False, init=False, repr=False)
+
+    def fail_next(self, count: int = 1, *, permanent: bool = False) -> None:
+        """Make the next ``count`` sends fail."""
+        self._failures = count
+        self._permanent = permanent
+
+    async def send(self, email: OutgoingEmail) -> str:
+        """Record the e-mail, or fail as told."""
+        if self._failures > 0:
+            self._failures -= 1
+            if self._permanent:
+                raise PermanentError("in-memory provider told to fail permanently")
+            raise TransientError("in-memory provider told to fail transiently")
+        self.sent.append(email)
+        return f"in-memory-{len(self.sent)}"
+
+    async def close(self) -> None:
+        """Nothing to release."""
 
 
 async def test_delivers_rendered_mail_and_reports_delivered(
