@@ -4,6 +4,11 @@ PYTHON_BOOT ?= $(shell command -v /usr/bin/python3.11 || command -v python3.11 |
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Every process started from here (tests, the launcher, benchmarks) starts services as
+# subprocesses while its own gRPC channels are open: gRPC's fork support would restart
+# its poller in the forked child, where subprocess closes it, and the child aborts
+# before exec (grpc/grpc#43055). Nothing uses gRPC in a forked child.
+export GRPC_ENABLE_FORK_SUPPORT := false
 
 .PHONY: run test venv gen gen-check certs lint typecheck buf pytest nightly bench lock clean
 
