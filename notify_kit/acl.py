@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     from google.protobuf.descriptor_pb2 import EnumValueOptions
     from google.protobuf.internal.extension_dict import _ExtensionFieldDescriptor
 
-OPEN_TO_MESH = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+HEALTH_METHODS = "/grpc.health.v1.Health/"  # the prefix of the health service's methods
+OPEN_TO_MESH = (HEALTH_METHODS, "/grpc.reflection.")
 SERVICE_KEY_HEADER = "x-service-key"
 # Every generated module that defines a service of ours.
 SERVICE_MODULES: tuple[ModuleType, ...] = (

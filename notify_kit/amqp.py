@@ -271,14 +271,13 @@ class Publisher:
             log.warning("publish failed", extra={"routing_key": routing_key, "error": repr(exc)})
             raise Unavailable("QUEUE_UNAVAILABLE", "the message broker did not confirm") from exc
         else:
-            confirmed = isinstance(confirmation, aiormq.spec.Basic.Ack)
-            outcome = "confirmed" if confirmed else "rejected"
+            outcome = "confirmed" if isinstance(confirmation, aiormq.spec.Basic.Ack) else "rejected"
         finally:
             # Every publish, however it ended: a slow or timing-out broker is the tail
             # this is read for, not only the publishes that it confirmed in the end.
             metrics.QUEUE_PUBLISH_SECONDS.labels(queue, outcome).observe(
                 time.perf_counter() - started
             )
-        if not confirmed:
+        if outcome == "rejected":
             raise Unavailable("QUEUE_REJECTED", f"the broker refused the message: {confirmation!r}")
         metrics.QUEUE_PUBLISHED.labels(queue).inc()

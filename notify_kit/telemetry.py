@@ -31,6 +31,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from notify_kit.acl import HEALTH_METHODS
 from notify_kit.context import get_correlation_id
 
 if TYPE_CHECKING:
@@ -115,7 +116,6 @@ def setup_tracing(
 
 
 TRACEPARENT = "traceparent"  # W3C Trace Context: version-trace_id-parent_id-flags
-_HEALTH = "/grpc.health.v1.Health/"
 _tracing_on = False  # whether setup_tracing turned tracing on in this process
 _server_spans: grpc.aio.ServerInterceptor | None = None  # the instrumentation's, once on
 _client_spans: grpc.aio.UnaryUnaryClientInterceptor | None = None
@@ -131,7 +131,7 @@ def traced_service(details: grpc.HandlerCallDetails) -> grpc.aio.ServerIntercept
     header read, not an interceptor layer and a filter chain each (2% of the gateway's
     samples, py-spy at saturation, 2026-12-04). The caller's decision still travels
     (``continue_unsampled``)."""
-    if _server_spans is None or details.method.startswith(_HEALTH):
+    if _server_spans is None or details.method.startswith(HEALTH_METHODS):
         return None
     if not sampled_or_new(_traceparent(details.invocation_metadata)):
         return None
