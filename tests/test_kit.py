@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from notify.v1 import user_service_pb2, user_service_pb2_grpc
+from prometheus_client import REGISTRY
 
 from notify_kit import db, formats
 from notify_kit.amqp import EMAIL, Publisher, Topology
@@ -127,6 +128,13 @@ async def test_unroutable_publish_is_an_error_not_a_silent_drop(amqp_url: str) -
                 "no-such-key", b"x", message_type="t", message_id="m", correlation_id="c"
             )
         assert err.value.reason in {"QUEUE_UNAVAILABLE", "QUEUE_REJECTED"}
+        # A publish that did not end in a confirm is timed too, under its outcome.
+        outcome = "failed" if err.value.reason == "QUEUE_UNAVAILABLE" else "rejected"
+        observed = REGISTRY.get_sample_value(
+            "notify_queue_publish_duration_seconds_count",
+            {"queue": "no-such-key.queue", "outcome": outcome},
+        )
+        assert observed is not None and observed >= 1
     finally:
         await connection.close()
         await delete_topology(amqp_url, topo)
