@@ -42,7 +42,7 @@ from gateway.server import CHANNEL_OF_KIND, KIND_OF_CHANNEL
 from notify_kit import metrics, rpc
 from notify_kit.amqp import EMAIL, KIND_BY_KEY, KIND_BY_TYPE, Publisher, Topology
 from notify_kit.errors import InvalidArgument, NotFound, PermissionDenied
-from notify_kit.outage import INFRA_ERRORS
+from notify_kit.outage import infra_errors
 from notify_kit.paging import Cursor, decode_page_token, encode_page_token
 from notify_kit.tenancy import DEFAULT_TENANT
 
@@ -131,7 +131,7 @@ class DeadLetterConsumer:
         try:
             letter = incoming(message)
             await self._store.put(letter)
-        except INFRA_ERRORS:
+        except infra_errors():
             self._failures += 1
             pause = min(self._max_pause, 0.5 * 2 ** min(self._failures, 10))
             log.exception("could not file a dead letter; requeued in %.1fs", pause)

@@ -30,14 +30,16 @@ from gateway.server import KIND_OF_CHANNEL
 from notify_kit import rpc
 from notify_kit.amqp import KIND_BY_KEY, Publisher
 from notify_kit.errors import ServiceError
-from notify_kit.outage import INFRA_ERRORS
+from notify_kit.outage import infra_errors
 from notify_kit.status import is_past
 from notify_kit.telemetry import span
 
 log = logging.getLogger(__name__)
 
-# A pass that meets our own outage (or an upstream refusing) is tried again next period.
-_PASS_ERRORS: tuple[type[BaseException], ...] = (ServiceError, *INFRA_ERRORS)
+
+def _pass_errors() -> tuple[type[BaseException], ...]:
+    """What a pass may meet and try again next period: our own outage, an upstream refusing."""
+    return (ServiceError, *infra_errors())
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Reconciler:
                 # own (sampled at the ratio), so the calls it makes are not roots.
                 with span("reconcile"):
                     done = await self.run_once()
-            except _PASS_ERRORS as exc:
+            except _pass_errors() as exc:
                 log.warning("reconciler pass failed: %r; next pass in %.0fs", exc, self._interval)
                 continue
             if done.republished or done.expired or done.failed:

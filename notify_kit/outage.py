@@ -9,41 +9,92 @@ deadline (``outage_error``). Anything not in the table is a bug and answers INTE
 
 from __future__ import annotations
 
-import aiormq.exceptions
-import asyncpg
-import redis.exceptions
+import functools
+import sys
 
 from notify_kit.errors import DeadlineExceeded, ServiceError, Unavailable
 
 DEPENDENCY_UNAVAILABLE = "DEPENDENCY_UNAVAILABLE"
 """The ErrorInfo reason of every answer to an outage of one of our dependencies."""
 
-TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (
-    TimeoutError,  # asyncio.timeout/wait_for, socket timeouts, pool.acquire(timeout=)
-    asyncpg.QueryCanceledError,  # statement_timeout (57014)
-    redis.exceptions.TimeoutError,
-)
-"""The infrastructure errors that mean "too slow" rather than "gone"."""
+Errors = tuple[type[BaseException], ...]
 
-INFRA_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # connection refused/reset, includes ConnectionError
-    *TIMEOUT_ERRORS,
-    # PostgreSQL (asyncpg)
-    asyncpg.PostgresConnectionError,  # class 08: connection failure, does not exist
-    asyncpg.InterfaceError,  # connection closed under us, pool closing
-    asyncpg.exceptions.OperatorInterventionError,  # 57: admin/crash shutdown, cannot connect now
-    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
-    asyncpg.ReadOnlySQLTransactionError,  # a failed-over primary answering as a replica
-    # Redis
-    redis.exceptions.ConnectionError,  # includes busy loading, max connections
-    redis.exceptions.ReadOnlyError,  # a replica after failover
-    redis.exceptions.ClusterDownError,  # includes MasterDownError
-    redis.exceptions.TryAgainError,
-    # RabbitMQ (aio-pika re-exports aiormq's classes)
-    aiormq.exceptions.AMQPConnectionError,  # an OSError too; listed for the reader
-    aiormq.exceptions.ChannelInvalidStateError,  # the channel closed under a call
-    Unavailable,  # our own services and the broker, already mapped
-)
+
+def _asyncpg() -> tuple[Errors, Errors]:
+    import asyncpg  # noqa: PLC0415 (loaded already: see _table)
+
+    timeouts: Errors = (asyncpg.QueryCanceledError,)  # statement_timeout (57014)
+    return timeouts, (
+        asyncpg.PostgresConnectionError,  # class 08: connection failure, does not exist
+        asyncpg.InterfaceError,  # connection closed under us, pool closing
+        asyncpg.exceptions.OperatorInterventionError,  # 57: admin/crash shutdown, starting up
+        asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+        asyncpg.ReadOnlySQLTransactionError,  # a failed-over primary answering as a replica
+    )
+
+
+def _redis() -> tuple[Errors, Errors]:
+    import redis.exceptions  # noqa: PLC0415 (loaded already: see _table)
+
+    timeouts: Errors = (redis.exceptions.TimeoutError,)
+    return timeouts, (
+        redis.exceptions.ConnectionError,  # includes busy loading, max connections
+        redis.exceptions.ReadOnlyError,  # a replica after failover
+        redis.exceptions.ClusterDownError,  # includes MasterDownError
+        redis.exceptions.TryAgainError,
+    )
+
+
+def _aiormq() -> tuple[Errors, Errors]:
+    import aiormq.exceptions  # noqa: PLC0415 (loaded already: see _table)
+
+    return (), (
+        # aio-pika re-exports aiormq's classes
+        aiormq.exceptions.AMQPConnectionError,  # an OSError too; listed for the reader
+        aiormq.exceptions.ChannelInvalidStateError,  # the channel closed under a call
+    )
+
+
+_LIBRARIES = (("asyncpg", _asyncpg), ("redis", _redis), ("aiormq", _aiormq))
+
+
+@functools.cache
+def _table(loaded: tuple[str, ...]) -> tuple[Errors, Errors]:
+    """(timeouts, every infrastructure error) with the errors of the ``loaded`` libraries.
+
+    A library's errors are named only once the process has loaded it: nothing else can
+    raise them, and importing a client only to name its exceptions costs its whole
+    package (redis: 8-11 MB in each service that never talks to Redis, push_worker,
+    email_worker and template_svc among them).
+    """
+    timeouts: Errors = (TimeoutError,)  # asyncio.timeout/wait_for, socket timeouts, acquire
+    others: Errors = (
+        OSError,  # connection refused/reset, includes ConnectionError
+        Unavailable,  # our own services and the broker, already mapped
+    )
+    for name, errors in _LIBRARIES:
+        if name in loaded:
+            more_timeouts, more = errors()
+            timeouts += more_timeouts
+            others += more
+    return timeouts, timeouts + others
+
+
+def _current() -> tuple[Errors, Errors]:
+    return _table(tuple(name for name, _ in _LIBRARIES if name in sys.modules))
+
+
+def timeout_errors() -> Errors:
+    """The infrastructure errors that mean "too slow" rather than "gone"."""
+    return _current()[0]
+
+
+def infra_errors() -> Errors:
+    """Every infrastructure error of this process's libraries (for ``except`` and
+    ``suppress``: evaluated when an exception is matched, so a library loaded later is
+    covered from then on)."""
+    return _current()[1]
+
 
 DEADLINE_MARGIN = 0.05
 """Seconds: a timeout with less than this left of the caller's deadline used it up."""
@@ -53,7 +104,7 @@ def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` is an infrastructure failure (a group: when all its members are)."""
     if isinstance(exc, BaseExceptionGroup):
         return all(is_outage(inner) for inner in exc.exceptions)
-    return isinstance(exc, INFRA_ERRORS)
+    return isinstance(exc, infra_errors())
 
 
 def describe(exc: BaseException) -> str:
@@ -69,7 +120,7 @@ def describe(exc: BaseException) -> str:
 def _is_timeout(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_timeout(inner) for inner in exc.exceptions)
-    return isinstance(exc, TIMEOUT_ERRORS)
+    return isinstance(exc, timeout_errors())
 
 
 def outage_error(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -517,3 +519,41 @@ def test_only_a_well_formed_traceparent_says_not_sampled() -> None:
         f"00-{trace_id}-{span_id}-00-extra",
     ):
         assert sampled_or_new(malformed) is True, malformed
+
+
+def _modules_loaded(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has loaded after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {modules!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize(
+    ("service", "unused"),
+    [
+        ("push_worker", ("redis", "aiohttp")),
+        ("email_worker", ("redis",)),
+        ("template_svc", ("redis", "aiormq")),
+    ],
+)
+def test_a_service_loads_no_client_it_does_not_use(service: str, unused: tuple[str, ...]) -> None:
+    """A client loaded only to name its exceptions or to instrument it costs the whole
+    package (redis 8-11 MB, aiohttp 7 MB): push_worker's RSS was over its 80 MB budget."""
+    tracing_on = "from notify_kit.telemetry import setup_tracing\nsetup_tracing('t', 'console')"
+    assert _modules_loaded(f"import {service}.app\n{tracing_on}", unused) == []
+
+
+def test_a_librarys_errors_count_as_outages_from_when_it_is_loaded() -> None:
+    code = (
+        "from notify_kit import outage\n"
+        "before = outage.infra_errors()\n"
+        "import redis.exceptions\n"
+        "error = redis.exceptions.ConnectionError('refused')\n"
+        "assert not isinstance(error, before), before\n"
+        "assert outage.is_outage(error)\n"
+        "assert outage.outage_error(redis.exceptions.TimeoutError(), 0.0).code.name"
+        " == 'DEADLINE_EXCEEDED'\n"
+    )
+    assert _modules_loaded(code, ()) == []

@@ -20,7 +20,7 @@ providers) and the runner owns the delivery guarantees, written once:
   and after ``Topology.max_attempts`` the job goes to ``failed.queue`` (FAILED);
   ``PermanentError`` and ``OutcomeUnknown`` go there at once;
 * our own outage (``Blocked``, or an infrastructure error while recording or
-  reporting: ``notify_kit.outage.INFRA_ERRORS``) never spends an attempt and never
+  reporting: ``notify_kit.outage.infra_errors``) never spends an attempt and never
   requeues: the job is held, unacked, consumption pauses (``Pause``), and the same
   step is tried again when the outage ends;
 * anything else (a bug): the message is requeued at once by ``message.process`` and
@@ -55,7 +55,7 @@ from notify_kit.jobs.pause import Pause
 from notify_kit.jobs.providers import ProviderChain, Sent
 from notify_kit.jobs.settings import RunnerSettings
 from notify_kit.jobs.upstream import Status, StatusReport
-from notify_kit.outage import INFRA_ERRORS
+from notify_kit.outage import infra_errors
 from notify_kit.status import is_past
 from notify_kit.telemetry import span
 
@@ -73,13 +73,9 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-# What a send may raise that is not a bug: job outcomes, holds, our outages.
-_OUTCOMES: tuple[type[BaseException], ...] = (
-    Blocked,
-    TransientError,
-    PermanentError,
-    *INFRA_ERRORS,
-)
+def _outcomes() -> tuple[type[BaseException], ...]:
+    """What a send may raise that is not a bug: job outcomes, holds, our outages."""
+    return (Blocked, TransientError, PermanentError, *infra_errors())
 
 
 class _ClaimedElsewhere(Exception):
@@ -281,7 +277,7 @@ class JobRunner(Generic[J]):
             except Blocked as exc:
                 held = True
                 await self.pause.hold(str(exc), exc.retry_after)
-            except INFRA_ERRORS as exc:
+            except infra_errors() as exc:
                 held = True
                 await self.pause.hold(f"{getattr(step, '__name__', 'step')}: {exc!r}")
             else:
@@ -358,18 +354,18 @@ class JobRunner(Generic[J]):
         async def renew() -> None:
             while True:
                 await asyncio.sleep(lease / 3)  # a timer, not a wait for a condition
-                with contextlib.suppress(*INFRA_ERRORS):
+                with contextlib.suppress(*infra_errors()):
                     await claim(turn.nid, turn.attempt, turn.replay, owner, lease)
 
         renewal = asyncio.create_task(renew())
         try:
             return await self._handler.send(job)
-        except _OUTCOMES:
+        except _outcomes():
             raise  # the claim is extended on the retry, or released with the outcome
         except Exception:
             # A bug: the message is requeued, and its next copy must not wait out the
             # lease of a claim nobody holds any more.
-            with contextlib.suppress(*INFRA_ERRORS):
+            with contextlib.suppress(*infra_errors()):
                 await self._ledger.release(turn.nid, turn.attempt, turn.replay, owner)
             raise
         finally:
