@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import aio_pika
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -70,6 +71,44 @@ async def test_migrations_are_not_bound_by_the_request_statement_timeout(
         assert await db.migrate(pool, tmp_path) == ["001_slow.sql"]
         assert await pool.fetchval("SHOW statement_timeout") == "300ms"  # reset after
     finally:
+        await db.close_pool(pool)
+
+
+async def test_a_failed_migration_leaves_no_lock_and_no_timeout_on_the_pooled_connection(
+    database: Callable[[str], Awaitable[str]], tmp_path: Path
+) -> None:
+    """The pool does not reset a released connection: migrate must undo its own."""
+    (tmp_path / "001_broken.sql").write_text("SELECT no_such_function();")
+    dsn = await database("kit_broken")
+    pool = await db.create_pool(dsn, application="t", max_size=1, statement_timeout_ms=300)
+    other = await asyncpg.connect(dsn)
+    try:
+        with pytest.raises(asyncpg.UndefinedFunctionError):
+            await db.migrate(pool, tmp_path)
+        assert await pool.fetchval("SHOW statement_timeout") == "300ms"
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", db._LOCK_KEY) is True
+    finally:
+        await other.close()
+        await db.close_pool(pool)
+
+
+async def test_a_released_connection_costs_no_reset_round_trip_and_keeps_no_transaction(
+    database: Callable[[str], Awaitable[str]],
+) -> None:
+    dsn = await database("kit_reset")
+    pool = await db.create_pool(dsn, application="kit-reset", max_size=1)
+    other = await asyncpg.connect(dsn)
+    try:
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 41 + 1")
+        last = "SELECT query FROM pg_stat_activity WHERE application_name = 'kit-reset'"
+        assert await other.fetchval(last) == "SELECT 41 + 1"  # not asyncpg's reset query
+        async with pool.acquire() as conn:
+            await conn.transaction().start()  # left open: a bug, but not the next caller's
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+    finally:
+        await other.close()
         await db.close_pool(pool)
 
 
