@@ -794,6 +794,42 @@ async def test_a_batch_of_reports_applies_each_in_order(gateway: Stub, push_work
     assert got.notification.deliveries[0].status == S.NOTIFICATION_STATUS_DELIVERED
 
 
+async def test_a_batch_applied_in_one_statement_answers_each_report_in_its_place(
+    gateway: Stub, push_worker: Stub
+) -> None:
+    """Reports to distinct deliveries go in one statement, in key order: each answer must
+    still land in its report's place, and a delivery reported twice changes twice."""
+    user = await create_user(gateway)
+    notes = [await record(gateway, notification(user.id)) for _ in range(8)]
+    reports = [
+        pb.UpdateDeliveryStatusRequest(
+            notification_id=n.id,
+            channel=S.CHANNEL_EMAIL,
+            status=S.NOTIFICATION_STATUS_SENDING,
+            detail=f"report {i}",
+            attempt=1,
+        )
+        for i, n in enumerate(reversed(notes))
+    ]
+    reports.append(
+        pb.UpdateDeliveryStatusRequest(
+            notification_id=notes[-1].id,  # the first report's delivery, again
+            channel=S.CHANNEL_EMAIL,
+            status=S.NOTIFICATION_STATUS_DELIVERED,
+            detail="report 8",
+            attempt=1,
+        )
+    )
+    response = await push_worker.delivery.UpdateDeliveryStatuses(
+        pb.UpdateDeliveryStatusesRequest(reports=reports), timeout=TIMEOUT
+    )
+    assert [r.delivery.detail for r in response.results] == [f"report {i}" for i in range(9)]
+    assert [r.delivery.status for r in response.results] == [
+        *[S.NOTIFICATION_STATUS_SENDING] * 8,
+        S.NOTIFICATION_STATUS_DELIVERED,
+    ]
+
+
 async def test_a_batch_of_records_is_recorded_each_as_alone(gateway: Stub) -> None:
     """CreateNotificationRecords: new records inserted with their deliveries and outbox,
     an id recorded before (or twice in the batch) answered with what is stored, a record

@@ -25,6 +25,7 @@ from notify_kit.status import ACCEPTED, QUEUED, TERMINAL, Status, aggregate_stat
 from notify_kit.timestamps import to_timestamp
 
 _ACQUIRE_TIMEOUT = 5.0
+_DEADLOCK_TRIES = 3  # runs of one status statement PostgreSQL aborted as a deadlock victim
 
 INSERT_USER = """
 INSERT INTO users (email, display_name, locale, timezone, email_opt_out, push_opt_out, tenant)
@@ -149,29 +150,39 @@ WHERE notification_id = ANY($1::uuid[])
 ORDER BY notification_id, channel
 """
 
-# One statement, so no report can slip between a read of the status and the write. Within
-# one replay generation the UPDATE skips terminal rows (and a QUEUED report once a worker
-# has moved on: $7/$8); a report of a newer generation ($9, an operator's replay of a
-# dead letter) reopens anything but DELIVERED and restarts the attempt count; a report of
-# an older generation changes nothing. The second branch returns the row as stored when
-# the UPDATE skipped it (it reads the snapshot from before the UPDATE, hence NOT EXISTS).
-UPDATE_DELIVERY = """
-WITH updated AS (
-    UPDATE deliveries
-    SET status = $3, detail = $4, updated_at = now(), replay = $9,
-        attempts = CASE WHEN $9 > replay THEN $5 ELSE greatest(attempts, $5) END
-    WHERE notification_id = $1 AND channel = $2
+# One statement for a batch of reports, each to a different delivery, so no report can
+# slip between a read of the status and the write. Within one replay generation the
+# UPDATE skips terminal rows (and a QUEUED report once a worker has moved on: $7/$8); a
+# report of a newer generation (an operator's replay of a dead letter) reopens anything
+# but DELIVERED ($9) and restarts the attempt count; a report of an older generation
+# changes nothing. The second branch returns the row as stored when the UPDATE skipped
+# it (it reads the snapshot from before the UPDATE, hence NOT EXISTS). A report that
+# finds no delivery returns no row. ``i`` is the report's place in the batch.
+UPDATE_DELIVERIES = """
+WITH r AS (
+    SELECT * FROM unnest($1::uuid[], $2::smallint[], $3::smallint[], $4::text[],
+                         $5::integer[], $6::integer[])
+        WITH ORDINALITY AS r (notification_id, channel, status, detail, attempt, replay, i)
+),
+updated AS (
+    UPDATE deliveries d
+    SET status = r.status, detail = r.detail, updated_at = now(), replay = r.replay,
+        attempts = CASE WHEN r.replay > d.replay THEN r.attempt
+                        ELSE greatest(d.attempts, r.attempt) END
+    FROM r
+    WHERE d.notification_id = r.notification_id AND d.channel = r.channel
       AND (
-        ($9 > replay AND status <> $10::smallint)
-        OR ($9 = replay AND NOT (status = ANY($6::smallint[]))
-            AND ($3::smallint <> $7::smallint OR status = $8::smallint))
+        (r.replay > d.replay AND d.status <> $9::smallint)
+        OR (r.replay = d.replay AND NOT (d.status = ANY($10::smallint[]))
+            AND (r.status <> $7::smallint OR d.status = $8::smallint))
       )
-    RETURNING channel, status, detail, attempts, updated_at
+    RETURNING r.i, d.channel, d.status, d.detail, d.attempts, d.updated_at
 )
-SELECT channel, status, detail, attempts, updated_at FROM updated
+SELECT i, channel, status, detail, attempts, updated_at FROM updated
 UNION ALL
-SELECT channel, status, detail, attempts, updated_at FROM deliveries
-WHERE notification_id = $1 AND channel = $2 AND NOT EXISTS (SELECT 1 FROM updated)
+SELECT r.i, d.channel, d.status, d.detail, d.attempts, d.updated_at
+FROM r JOIN deliveries d ON d.notification_id = r.notification_id AND d.channel = r.channel
+WHERE NOT EXISTS (SELECT 1 FROM updated u WHERE u.i = r.i)
 """
 
 
@@ -466,29 +477,60 @@ class UserStore:
     async def update_deliveries(
         self, reports: Sequence[StatusReport]
     ) -> list[common_pb2.Delivery | None]:
-        """Apply each report as ``update_delivery`` does, in order, on one connection.
+        """Apply each report as ``update_delivery`` does, in order: one statement per
+        round of reports to distinct deliveries (one round unless a batch carries two
+        reports of one delivery, SENDING then DELIVERED, which apply one after the other).
 
-        Each report stands alone (no transaction around them): a report that finds no
-        delivery is answered None and the others still apply.
+        Each report stands alone (no transaction around the rounds): a report that finds
+        no delivery is answered None and the others still apply.
         """
-        stored: list[common_pb2.Delivery | None] = []
+        stored: list[common_pb2.Delivery | None] = [None] * len(reports)
         async with self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
-            for report in reports:
-                row = await conn.fetchrow(
-                    UPDATE_DELIVERY,
-                    report.notification_id,
-                    report.channel,
-                    report.status,
-                    report.detail,
-                    report.attempt,
-                    sorted(TERMINAL),
-                    QUEUED,
-                    ACCEPTED,
-                    report.replay,
-                    common_pb2.NOTIFICATION_STATUS_DELIVERED,
-                )
-                stored.append(None if row is None else _delivery(row))
+            for places in _rounds(reports):
+                batch = [reports[i] for i in places]
+                for tries_left in reversed(range(_DEADLOCK_TRIES)):
+                    try:
+                        rows = await conn.fetch(
+                            UPDATE_DELIVERIES,
+                            [r.notification_id for r in batch],
+                            [r.channel for r in batch],
+                            [r.status for r in batch],
+                            [r.detail for r in batch],
+                            [r.attempt for r in batch],
+                            [r.replay for r in batch],
+                            QUEUED,
+                            ACCEPTED,
+                            common_pb2.NOTIFICATION_STATUS_DELIVERED,
+                            sorted(TERMINAL),
+                        )
+                        break
+                    except asyncpg.DeadlockDetectedError:
+                        # Two batches sharing rows (copies of one job reported by two
+                        # workers) locked them in opposite orders; PostgreSQL aborted
+                        # this statement whole, so it is simply run again.
+                        if not tries_left:
+                            raise
+                for row in rows:
+                    stored[places[row["i"] - 1]] = _delivery(row)
         return stored
+
+
+def _rounds(reports: Sequence[StatusReport]) -> list[list[int]]:
+    """Places of ``reports`` grouped so that no round holds two reports of one delivery
+    (one UPDATE cannot change a row twice) and a delivery's reports keep their order;
+    each round in key order, the order its rows are locked in (fewer deadlocks)."""
+    rounds: list[list[int]] = []
+    seen: dict[tuple[uuid.UUID, int], int] = {}
+    for place, report in enumerate(reports):
+        key = (report.notification_id, report.channel)
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(place)
+    for places in rounds:
+        places.sort(key=lambda i: (reports[i].notification_id, reports[i].channel))
+    return rounds
 
 
 def _user_not_found(user_id: uuid.UUID) -> NotFound:
