@@ -550,6 +550,32 @@ async def test_a_bug_requeues_the_job_and_pauses_consumption_until_it_is_fixed(
     assert nid not in broker[1].counts  # requeued, never dead-lettered
 
 
+async def test_a_jobs_first_step_reads_the_outcome_or_takes_the_claim_in_one_statement(
+    database: Callable[[str], Awaitable[str]],
+) -> None:
+    dsn = await database("outcome_or_claim")
+    pool = await db.create_pool(dsn, application="test")
+    try:
+        await db.migrate(pool, MIGRATIONS)
+        ledger = DeliveryLog(pool)
+        assert await ledger.outcome_or_claim("n-1", 1, 0, "first", 30) == (None, True)
+        assert await ledger.outcome_or_claim("n-1", 1, 0, "first", 30) == (None, True)
+        assert await ledger.outcome_or_claim("n-1", 1, 0, "second", 30) == (None, False)
+        await ledger.record("n-1", 1, RETRYING, "try again", "smtp")
+        assert await ledger.outcome_or_claim("n-1", 1, 0, "second", 30) == (
+            (RETRYING, "try again"),
+            False,
+        )
+        assert await ledger.claim("n-1", 1, 0, "third", 30)  # an outcome takes no claim
+        await ledger.record("n-1", 2, DELIVERED, "ok", "smtp")
+        assert await ledger.outcome_or_claim("n-1", 3, 0, "fourth", 30) == (
+            (DELIVERED, "ok"),
+            False,
+        )
+    finally:
+        await db.close_pool(pool)
+
+
 async def test_a_claim_is_a_lease_that_a_dead_holder_loses(
     database: Callable[[str], Awaitable[str]],
 ) -> None:
@@ -571,3 +597,13 @@ async def test_a_claim_is_a_lease_that_a_dead_holder_loses(
         assert await ledger.claim("n-1", 1, 0, "third", lease=30)  # recorded: claim released
     finally:
         await db.close_pool(pool)
+
+
+def test_the_claim_taken_with_the_outcome_check_stands_in_once_and_only_while_young() -> None:
+    from notify_kit.jobs.runner import _FirstClaim  # noqa: PLC0415 (the runner's own rule)
+
+    claim = _FirstClaim(True, at=100.0, lease=15.0)
+    assert claim.use(104.9) is True
+    assert claim.use(104.9) is False  # a send run again (after a hold) claims again
+    assert _FirstClaim(True, at=100.0, lease=15.0).use(105.0) is False  # held too long
+    assert _FirstClaim(False, at=100.0, lease=15.0).use(100.0) is False  # another held it

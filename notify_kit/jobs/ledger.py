@@ -55,6 +55,32 @@ WHERE delivery_claims.claimed_until < now() OR delivery_claims.owner = EXCLUDED.
 RETURNING claimed_until
 """
 
+# A job's first step in one round trip: the outcome already recorded (as SELECT_OUTCOME),
+# else the attempt's lease (as CLAIM, taken only when there is no outcome). One row
+# always: status and detail null without an outcome, claimed false while another owner's
+# lease runs (or when there was an outcome).
+OUTCOME_OR_CLAIM = """
+WITH earlier AS (
+    SELECT status, detail FROM delivery_logs
+    WHERE notification_id = $1
+      AND (status = 'DELIVERED'
+           OR (replay = $3 AND attempt = $2 AND status IN ('RETRYING', 'FAILED', 'EXPIRED')))
+    ORDER BY (status = 'DELIVERED') DESC, id DESC
+    LIMIT 1
+),
+claimed AS (
+    INSERT INTO delivery_claims (notification_id, replay, attempt, owner, claimed_until)
+    SELECT $1, $3, $2, $4, now() + $5 * interval '1 second'
+    WHERE NOT EXISTS (SELECT 1 FROM earlier)
+    ON CONFLICT (notification_id, replay, attempt) DO UPDATE
+    SET owner = EXCLUDED.owner, claimed_until = EXCLUDED.claimed_until
+    WHERE delivery_claims.claimed_until < now() OR delivery_claims.owner = EXCLUDED.owner
+    RETURNING claimed_until
+)
+SELECT (SELECT status FROM earlier) AS status, (SELECT detail FROM earlier) AS detail,
+       EXISTS (SELECT 1 FROM claimed) AS claimed
+"""
+
 # A holder giving its claim back without an outcome (its send raised a bug).
 RELEASE_CLAIM = """
 DELETE FROM delivery_claims
@@ -94,6 +120,12 @@ class DeliveryLedger(Protocol):
         dead-lettered a second time.
         """
 
+    async def outcome_or_claim(
+        self, notification_id: str, attempt: int, replay: int, owner: str, lease: float
+    ) -> tuple[tuple[Status, str] | None, bool]:
+        """``outcome``, and when there is none, ``claim`` too, in one round trip: a job's
+        first step. (outcome, False) with an outcome; (None, claimed) without."""
+
     async def record(
         self,
         notification_id: str,
@@ -115,6 +147,11 @@ class DeliveryLedger(Protocol):
 
     async def release(self, notification_id: str, attempt: int, replay: int, owner: str) -> None:
         """Give back ``owner``'s claim without an outcome (the copy requeued takes it)."""
+
+
+def _status(name: str) -> Status:
+    """``DELIVERED`` -> ``NOTIFICATION_STATUS_DELIVERED`` (from the table)."""
+    return common_pb2.NotificationStatus.Value(_STATUS_PREFIX + name)
 
 
 def status_name(status: Status) -> str:
@@ -142,8 +179,25 @@ class DeliveryLog:
             )
         if row is None:
             return None
-        status: Status = common_pb2.NotificationStatus.Value(_STATUS_PREFIX + row["status"])
-        return status, row["detail"]
+        return _status(row["status"]), row["detail"]
+
+    async def outcome_or_claim(
+        self, notification_id: str, attempt: int, replay: int, owner: str, lease: float
+    ) -> tuple[tuple[Status, str] | None, bool]:
+        """The recorded outcome, else the lease taken if free (one statement)."""
+        async with self._pool.acquire(timeout=self._timeout) as conn:
+            row = await conn.fetchrow(
+                OUTCOME_OR_CLAIM,
+                notification_id,
+                attempt,
+                replay,
+                owner,
+                lease,
+                timeout=self._timeout,
+            )
+        if row["status"] is not None:
+            return (_status(row["status"]), row["detail"]), False
+        return None, bool(row["claimed"])
 
     async def record(
         self,

@@ -82,6 +82,24 @@ class _ClaimedElsewhere(Exception):
     """Another copy of this job holds the claim on its attempt."""
 
 
+class _FirstClaim:
+    """The claim a job took with its outcome check (``outcome_or_claim``), usable once.
+
+    It saves the send its own claim round trip while it is younger than a third of the
+    lease, the age at which a held claim is renewed anyway: a job held through an
+    outage in between claims again, as it always did.
+    """
+
+    def __init__(self, taken: bool, at: float, lease: float) -> None:
+        self._taken = taken
+        self._until = at + lease / 3
+
+    def use(self, now: float) -> bool:
+        """Whether the first claim still stands (True at most once)."""
+        usable, self._taken = self._taken and now < self._until, False
+        return usable
+
+
 @dataclass(frozen=True, slots=True)
 class Turn:
     """Which try of which notification a message is: what every record and report names."""
@@ -288,7 +306,12 @@ class JobRunner(Generic[J]):
     async def _run(self, job: J, meta: jobs_pb2.JobMeta) -> None:
         turn = Turn(meta.notification_id, meta.attempt or 1, meta.replay)
         nid, attempt = turn.nid, turn.attempt
-        earlier = await self._ours(self._ledger.outcome, nid, attempt, turn.replay)
+        owner = uuid.uuid4().hex
+        lease = self._settings.claim_lease
+        earlier, claimed = await self._ours(
+            self._ledger.outcome_or_claim, nid, attempt, turn.replay, owner, lease
+        )
+        first_claim = _FirstClaim(claimed, asyncio.get_running_loop().time(), lease)
         if earlier is not None:
             log.info("outcome already recorded; re-reported", extra={"notification_id": nid})
             await self._ours(self._report, turn, earlier[0], earlier[1])
@@ -298,12 +321,11 @@ class JobRunner(Generic[J]):
             await self._ours(self._report, turn, EXPIRED, "expired before sending")
             return
         sending = await self._sending(turn)
-        owner = uuid.uuid4().hex
         try:
             try:
                 while True:
                     try:
-                        sent = await self._ours(self._claimed_send, job, turn, owner)
+                        sent = await self._ours(self._claimed_send, job, turn, owner, first_claim)
                         break
                     except _ClaimedElsewhere:
                         earlier = await self._ours(self._outcome_elsewhere, turn)
@@ -338,17 +360,23 @@ class JobRunner(Generic[J]):
             self._settings.sending_report_after,
         ).begin()
 
-    async def _claimed_send(self, job: J, turn: Turn, owner: str) -> Sent[str]:
+    async def _claimed_send(
+        self, job: J, turn: Turn, owner: str, first_claim: _FirstClaim
+    ) -> Sent[str]:
         """Claim the attempt, then send while keeping the claim alive.
 
         Two copies of one job never send at once. The lease is short and renewed every
         third of it while the send runs, so a worker killed mid-send loses its claims
         within one lease, and a copy redelivered after the kill takes over quickly.
-        Run again after a hold, so a long outage never sends on a stale claim.
+        Run again after a hold, so a long outage never sends on a stale claim; the
+        claim taken with the job's outcome check stands in for the first one only while
+        it is that young.
         """
         lease = self._settings.claim_lease
         claim = self._ledger.claim
-        if not await claim(turn.nid, turn.attempt, turn.replay, owner, lease):
+        if not first_claim.use(asyncio.get_running_loop().time()) and not await claim(
+            turn.nid, turn.attempt, turn.replay, owner, lease
+        ):
             raise _ClaimedElsewhere
 
         async def renew() -> None:
