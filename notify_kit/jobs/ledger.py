@@ -44,42 +44,37 @@ VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (notification_id) WHERE status = 'DELIVERED' DO NOTHING
 """
 
-# Take the attempt's lease, or extend our own; nothing comes back while another owner's
-# lease is still running.
-CLAIM = """
-INSERT INTO delivery_claims (notification_id, replay, attempt, owner, claimed_until)
-VALUES ($1, $2, $3, $4, now() + $5 * interval '1 second')
+# Taking an attempt's lease when it is free or already ours: nothing is written (and
+# nothing comes back) while another owner's lease is still running.
+_LEASE_CONFLICT = """
 ON CONFLICT (notification_id, replay, attempt) DO UPDATE
 SET owner = EXCLUDED.owner, claimed_until = EXCLUDED.claimed_until
 WHERE delivery_claims.claimed_until < now() OR delivery_claims.owner = EXCLUDED.owner
 RETURNING claimed_until
 """
 
-# A job's first step in one round trip: the outcome already recorded (as SELECT_OUTCOME),
-# else the attempt's lease (as CLAIM, taken only when there is no outcome). One row
-# always: status and detail null without an outcome, claimed false while another owner's
-# lease runs (or when there was an outcome).
-OUTCOME_OR_CLAIM = """
-WITH earlier AS (
-    SELECT status, detail FROM delivery_logs
-    WHERE notification_id = $1
-      AND (status = 'DELIVERED'
-           OR (replay = $3 AND attempt = $2 AND status IN ('RETRYING', 'FAILED', 'EXPIRED')))
-    ORDER BY (status = 'DELIVERED') DESC, id DESC
-    LIMIT 1
-),
+# Take the attempt's lease, or extend our own.
+CLAIM = f"""
+INSERT INTO delivery_claims (notification_id, replay, attempt, owner, claimed_until)
+VALUES ($1, $2, $3, $4, now() + $5 * interval '1 second')
+{_LEASE_CONFLICT}
+"""  # noqa: S608 (composed of the constants above only, no caller text)
+
+# A job's first step in one round trip: the outcome already recorded (SELECT_OUTCOME,
+# same parameters), else the attempt's lease, taken only when there is no outcome. One
+# row always: status and detail null without an outcome, claimed false while another
+# owner's lease runs (or when there was an outcome).
+OUTCOME_OR_CLAIM = f"""
+WITH earlier AS ({SELECT_OUTCOME}),
 claimed AS (
     INSERT INTO delivery_claims (notification_id, replay, attempt, owner, claimed_until)
     SELECT $1, $3, $2, $4, now() + $5 * interval '1 second'
     WHERE NOT EXISTS (SELECT 1 FROM earlier)
-    ON CONFLICT (notification_id, replay, attempt) DO UPDATE
-    SET owner = EXCLUDED.owner, claimed_until = EXCLUDED.claimed_until
-    WHERE delivery_claims.claimed_until < now() OR delivery_claims.owner = EXCLUDED.owner
-    RETURNING claimed_until
+    {_LEASE_CONFLICT}
 )
 SELECT (SELECT status FROM earlier) AS status, (SELECT detail FROM earlier) AS detail,
        EXISTS (SELECT 1 FROM claimed) AS claimed
-"""
+"""  # noqa: S608 (composed of the constants above only, no caller text)
 
 # A holder giving its claim back without an outcome (its send raised a bug).
 RELEASE_CLAIM = """
