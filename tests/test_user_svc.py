@@ -23,8 +23,10 @@ import pytest
 import redis.asyncio as aioredis
 from notify.v1 import common_pb2, delivery_service_pb2_grpc, user_service_pb2, user_service_pb2_grpc
 
+import user_svc.app
 from email_worker import mime
 from gateway.records import RecordWriter
+from notify_kit import db
 from notify_kit.acl import SERVICE_KEY_HEADER
 from notify_kit.errors import InvalidArgument, NotFound, error_info, field_violations
 from notify_kit.kv import redis_client
@@ -33,9 +35,11 @@ from notify_kit.rpc import secure_channel
 from notify_kit.settings import CommonSettings, SettingsError, TlsSettings
 from notify_kit.status import aggregate_status
 from notify_kit.tls import channel_credentials
+from scripts.system import poll
 from user_svc.app import App
 from user_svc.cache import ProfileCache
 from user_svc.config import Config
+from user_svc.store import NewDelivery, NewNotification, NewUser, StatusReport, UserStore
 
 if TYPE_CHECKING:
     # The async stub types exist for type checkers only.
@@ -1121,3 +1125,47 @@ async def test_user_service_still_answers_the_methods_that_moved(
     ):
         err = await failure(denied)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+
+
+async def test_a_status_batch_that_loses_a_deadlock_is_run_again(
+    database: Callable[[str], Awaitable[str]],
+) -> None:
+    """A batch locks its rows one by one; another session holding one of them and then
+    wanting one the batch took makes PostgreSQL abort one statement. When that is the
+    batch's, it runs again and every report still lands."""
+    dsn = await database("status_deadlock")
+    pool = await db.create_pool(dsn, application="t", max_size=2)
+    holder = await asyncpg.connect(dsn, server_settings={"deadlock_timeout": "30s"})
+    try:
+        await db.migrate(pool, Path(user_svc.app.__file__).with_name("migrations"))
+        store = UserStore(pool)
+        new_user = NewUser("dl@example.com", "", "en", "UTC", False, False)
+        user = await store.create_user(new_user, "default")
+        queued = (NewDelivery(S.CHANNEL_EMAIL, S.NOTIFICATION_STATUS_QUEUED, "", 0),)
+        first, second = sorted(uuid.uuid4() for _ in range(2))  # the batch locks first, first
+        await store.create_notifications(
+            [NewNotification(n, uuid.UUID(user.id), "t", "", queued) for n in (first, second)]
+        )
+        touch = "UPDATE deliveries SET detail = 'held' WHERE notification_id = $1"
+        held = holder.transaction()
+        await held.start()
+        await holder.execute(touch, second)
+        reports = [
+            StatusReport(n, S.CHANNEL_EMAIL, S.NOTIFICATION_STATUS_DELIVERED, "ok", 1)
+            for n in (first, second)
+        ]
+        batch = asyncio.create_task(store.update_deliveries(reports))
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 't' AND wait_event_type = 'Lock'"
+        )
+        await poll(lambda: holder.fetchval(waiting), bool, timeout=10, what="the batch waiting")
+        await holder.execute(touch, first)  # a deadlock: the batch's session checks first
+        await held.commit()
+        stored = await asyncio.wait_for(batch, 10)
+        assert [(d.status, d.detail) for d in stored if d is not None] == [
+            (S.NOTIFICATION_STATUS_DELIVERED, "ok")
+        ] * 2
+    finally:
+        await holder.close()
+        await db.close_pool(pool)
