@@ -73,9 +73,15 @@ async def _traced_send(traced: E2E, sink: OtlpSink, correlation_id: str) -> list
         trace = _trace_of(spans, correlation_id)
         names = {(s.service, s.name) for s in trace}
         reports = {s.span_id for s in trace if s.name == "status report"}
+        # Each service exports on its own schedule: wait for every one the tests read,
+        # user_svc's side of the batch calls included (it may come after the caller's).
+        upstream = {
+            s.name.rsplit("/", 1)[-1] for s in trace if s.service == "user_svc" and s.kind == SERVER
+        }
         return (
             ("email_worker", "email smtp") in names
             and any(s.service == "envoy" for s in trace)
+            and {"UpdateDeliveryStatuses", "CreateNotificationRecords"} <= upstream
             and any(
                 s.name == "status report batch"
                 and (s.parent_id in reports or set(s.links) & reports)
